@@ -1,0 +1,277 @@
+//! `weir dev`: the local stack in one process. Uses the NATS server on
+//! 127.0.0.1:4222 (or starts one with a store under `target/weir-dev`),
+//! creates the `weir_dev` database, deploys the example functions, generates
+//! orders and card transactions, and prints what flows out.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use weir_host::config::{
+    FunctionSpec, HostConfig, KeySource, Limits, RetryPolicy, StreamSpec, TimeSource,
+};
+use weir_host::control::StaticFunctions;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Events per second the generator publishes (orders and card
+    /// transactions together).
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Stop after this many seconds; runs until Ctrl-C when absent.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Postgres server (the `weir_dev` database is created on it).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres: String,
+    /// NATS server; started here when nothing listens on it.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Directory of the built components.
+    #[arg(long, default_value = "target/wasm32-wasip2/component")]
+    components: PathBuf,
+}
+
+pub async fn run(args: DevArgs) -> Result<()> {
+    let _nats = ensure_nats(&args.nats)?;
+    let database_url = ensure_database(&args.postgres, "weir_dev").await?;
+    let config = dev_config(&args, database_url.clone())?;
+    let shutdown = weir_host::shutdown::on_signal();
+    if let Some(seconds) = args.seconds {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            stop.cancel();
+        });
+    }
+    let host = tokio::spawn(weir_host::serve::serve(
+        config.clone(),
+        StaticFunctions(config.functions.clone()),
+        shutdown.clone(),
+    ));
+    let client = async_nats::connect(args.nats.as_str()).await?;
+    let js = jetstream::new(client);
+    wait_for_streams(&js, &shutdown).await?;
+    let generator = tokio::spawn(generate(js.clone(), args.rate, shutdown.clone()));
+    let pool = sqlx::PgPool::connect(&database_url).await?;
+    report(&js, &pool, &shutdown).await;
+    generator.await??;
+    host.await??;
+    Ok(())
+}
+
+/// A child nats-server, killed when dropped.
+struct OwnedNats(Child);
+
+impl Drop for OwnedNats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ensure_nats(url: &str) -> Result<Option<OwnedNats>> {
+    let address = url.trim_start_matches("nats://");
+    if std::net::TcpStream::connect(address).is_ok() {
+        println!("using the NATS server at {url}");
+        return Ok(None);
+    }
+    let port = address.rsplit(':').next().unwrap_or("4222");
+    let store = Path::new("target/weir-dev/nats");
+    std::fs::create_dir_all(store)?;
+    println!(
+        "starting nats-server on port {port} (store {})",
+        store.display()
+    );
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server (run scripts/ensure-services.sh to install it)")?;
+    let owned = OwnedNats(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(address).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start on {address}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(owned))
+}
+
+async fn ensure_database(server: &str, name: &str) -> Result<String> {
+    let server = server.trim_end_matches('/');
+    let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+        .await
+        .with_context(|| format!("connecting to Postgres at {server}"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&admin)
+            .await?;
+    if !exists {
+        // Database names cannot be bound as parameters; `name` is ours.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await?;
+        println!("created database {name}");
+    }
+    Ok(format!("{server}/{name}"))
+}
+
+fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
+    let module = |crate_name: &str| -> Result<PathBuf> {
+        let path = args
+            .components
+            .join(format!("{}.wasm", crate_name.replace('-', "_")));
+        if !path.exists() {
+            bail!(
+                "{} is missing: build the examples with `cargo xtask build-components`",
+                path.display()
+            );
+        }
+        Ok(path)
+    };
+    let stream = |name: &str, subject: &str| StreamSpec {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        duplicate_window_secs: 120,
+    };
+    Ok(HostConfig {
+        nats_url: args.nats.clone(),
+        database_url,
+        artifact_dir: PathBuf::from("target/weir-dev/artifacts"),
+        streams: vec![
+            stream("DEV_ORDERS", "orders.created"),
+            stream("DEV_ENRICHED", "orders.enriched"),
+            stream("DEV_CARDS", "cards.tx"),
+            stream("DEV_ALERTS", "alerts.velocity"),
+        ],
+        functions: vec![
+            FunctionSpec {
+                name: "enrich".into(),
+                module: module("enrich")?,
+                stream: "DEV_ORDERS".into(),
+                subject: "orders.created".into(),
+                key: KeySource::JsonPointer("/order_id".into()),
+                event_time: TimeSource::MessageTimestamp,
+                outputs: vec!["orders.enriched".into()],
+                limits: Limits::default(),
+                retry: RetryPolicy::default(),
+                batch_size: 500,
+            },
+            FunctionSpec {
+                name: "fraud-velocity".into(),
+                module: module("fraud-velocity")?,
+                stream: "DEV_CARDS".into(),
+                subject: "cards.tx".into(),
+                key: KeySource::JsonPointer("/card".into()),
+                event_time: TimeSource::JsonPointer("/ts".into()),
+                outputs: vec!["alerts.velocity".into()],
+                limits: Limits::default(),
+                retry: RetryPolicy::default(),
+                batch_size: 500,
+            },
+        ],
+        ..HostConfig::default()
+    })
+}
+
+async fn wait_for_streams(js: &jetstream::Context, shutdown: &CancellationToken) -> Result<()> {
+    while js.get_stream("DEV_ALERTS").await.is_err() {
+        if shutdown.is_cancelled() {
+            bail!("stopped before the host was ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Publishes orders (one in a hundred malformed) and card transactions
+/// (bursty, so some cards trip the velocity rule) at `rate` per second.
+async fn generate(js: jetstream::Context, rate: u32, shutdown: CancellationToken) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let per_tick = (rate / 10).max(1) as u64;
+    let mut n: u64 = 0;
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    while !shutdown.is_cancelled() {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            n += 1;
+            let (subject, payload) = if n.is_multiple_of(3) {
+                let payload = if n.is_multiple_of(300) {
+                    format!("{{broken order {n}")
+                } else {
+                    serde_json::json!({
+                        "order_id": format!("order-{n}"),
+                        "items": [{"sku": "widget", "qty": 1 + n % 4, "price_cents": 1999}],
+                    })
+                    .to_string()
+                };
+                ("orders.created", payload)
+            } else {
+                // 50 cards, one transaction every ~17 s of event time each;
+                // now and then one card has a burst that trips the rule.
+                let card = if n % 1_000 < 40 { 7 } else { n % 50 };
+                let ts = started_ms + n as i64 * 1_000 / 3;
+                let payload = serde_json::json!({
+                    "card": format!("card-{card:02}"),
+                    "amount_cents": 100 + n % 9_000,
+                    "ts": ts,
+                })
+                .to_string();
+                ("cards.tx", payload)
+            };
+            let ack = js.publish(subject, payload.into()).await?;
+            std::future::IntoFuture::into_future(ack).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn report(js: &jetstream::Context, pool: &sqlx::PgPool, shutdown: &CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let count = |stream: &'static str| {
+            let js = js.clone();
+            async move {
+                match js.get_stream(stream).await {
+                    Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+                    Err(_) => 0,
+                }
+            }
+        };
+        let top: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT key, value FROM weir_state WHERE function_name = 'fraud-velocity' AND name = 'count'
+             ORDER BY length(value) DESC, value DESC LIMIT 3",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        let top: Vec<String> = top
+            .into_iter()
+            .map(|(card, count)| format!("{card}={}", String::from_utf8_lossy(&count)))
+            .collect();
+        println!(
+            "orders in {:>6} | enriched {:>6} | card txs {:>6} | velocity alerts {:>5} | dead letters {:>4} | busiest cards {}",
+            count("DEV_ORDERS").await,
+            count("DEV_ENRICHED").await,
+            count("DEV_CARDS").await,
+            count("DEV_ALERTS").await,
+            count(weir_host::serve::DEAD_LETTER_STREAM).await,
+            top.join(" "),
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! Host configuration: built-in defaults, then a TOML file, then `WEIR__`
+//! environment variables (`WEIR__DATABASE_URL`, `WEIR__NATS_URL`, ...).
+//!
+//! Owns [`HostConfig`] (where NATS and Postgres are, engine limits) and the
+//! function binding types [`FunctionSpec`], [`KeySource`] and [`TimeSource`].
+//! Unknown fields are errors, so a typo never becomes a silent default.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration is invalid: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("function `{function}`: {problem}")]
+    Function { function: String, problem: String },
+}
+
+/// Everything `weir serve` needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// NATS server URL, e.g. `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Postgres URL, e.g. `postgres://postgres@127.0.0.1:5432/weir`.
+    pub database_url: String,
+    /// Where compiled component artifacts are cached, keyed by module digest
+    /// and engine build, so a restart does not recompile.
+    pub artifact_dir: PathBuf,
+    /// Upper bound of the state cache, in bytes of cached values.
+    pub state_cache_bytes: u64,
+    /// Streams to create (or leave as they are) at start-up.
+    pub streams: Vec<StreamSpec>,
+    /// Function bindings to run. The control plane replaces this source later.
+    pub functions: Vec<FunctionSpec>,
+    /// Subject prefix of dead letters: `<prefix>.<function>`.
+    pub dead_letter_prefix: String,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/weir".into(),
+            artifact_dir: std::env::temp_dir().join("weir-artifacts"),
+            state_cache_bytes: 256 * 1024 * 1024,
+            streams: Vec::new(),
+            functions: Vec::new(),
+            dead_letter_prefix: "weir.dlq".into(),
+        }
+    }
+}
+
+/// A JetStream stream the host makes sure exists.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// How long JetStream remembers `Nats-Msg-Id`s to drop duplicates.
+    #[serde(default = "default_duplicate_window_secs")]
+    pub duplicate_window_secs: u64,
+}
+
+fn default_duplicate_window_secs() -> u64 {
+    120
+}
+
+/// Where an event's key comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeySource {
+    /// The subject token at this zero-based position (`cards.tx.<card>` → 2).
+    SubjectToken(usize),
+    /// The value of this message header.
+    Header(String),
+    /// A JSON pointer into the payload (RFC 6901), e.g. `/card`; strings and
+    /// numbers are accepted.
+    JsonPointer(String),
+}
+
+/// Where an event's time comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TimeSource {
+    /// The time JetStream stored the message.
+    #[default]
+    MessageTimestamp,
+    /// A header holding milliseconds since the Unix epoch.
+    Header(String),
+    /// A JSON pointer to an integer of milliseconds since the Unix epoch.
+    JsonPointer(String),
+}
+
+/// One function binding: which component runs over which subjects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// Unique name; names the durable consumer and scopes the state.
+    pub name: String,
+    /// Path of the component file (a wasm32-wasip2 component).
+    pub module: PathBuf,
+    /// The stream to consume.
+    pub stream: String,
+    /// The subject filter inside that stream (NATS wildcards allowed).
+    pub subject: String,
+    pub key: KeySource,
+    #[serde(default)]
+    pub event_time: TimeSource,
+    /// Subjects the function may publish to (NATS wildcards allowed).
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Events fetched and committed together.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_batch_size() -> usize {
+    500
+}
+
+/// Sandbox limits of one function.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Wall-clock budget of one invocation.
+    pub deadline_ms: u64,
+    /// Largest linear memory a guest may grow to.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 1_000,
+            memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What happens when an invocation asks to be retried, traps or times out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Deliveries before the event goes to the dead-letter subject.
+    pub max_attempts: u32,
+    /// Delay before the second delivery; doubles per attempt.
+    pub initial_backoff_ms: u64,
+    /// Cap of the doubling.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl HostConfig {
+    /// Loads defaults, then `file` if given, then `WEIR__*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(HostConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: HostConfig = figment
+            .merge(Env::prefixed("WEIR__").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, sizes and subjects that make sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for function in &self.functions {
+            let problem = |problem: &str| ConfigError::Function {
+                function: function.name.clone(),
+                problem: problem.to_string(),
+            };
+            if !seen.insert(function.name.as_str()) {
+                return Err(problem("the name is used by another function"));
+            }
+            if function.name.is_empty()
+                || !function
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(problem(
+                    "name must be non-empty ASCII letters, digits, `-` or `_` (it names a NATS consumer)",
+                ));
+            }
+            if function.batch_size == 0 || function.batch_size > 10_000 {
+                return Err(problem("batch_size must be between 1 and 10000"));
+            }
+            if function.retry.max_attempts == 0 {
+                return Err(problem("retry.max_attempts must be at least 1"));
+            }
+            if function.limits.deadline_ms == 0 {
+                return Err(problem("limits.deadline_ms must be at least 1"));
+            }
+            if function
+                .outputs
+                .iter()
+                .any(|s| s.is_empty() || s.contains(' '))
+            {
+                return Err(problem("outputs must be NATS subjects"));
+            }
+            if let KeySource::JsonPointer(p) | KeySource::Header(p) = &function.key
+                && p.is_empty()
+            {
+                return Err(problem("key source must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (PathBuf, impl Drop) {
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path = std::env::temp_dir().join(format!(
+            "weir-config-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, text).expect("write config");
+        (path.clone(), Remove(path))
+    }
+
+    #[test]
+    fn the_deploy_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/weir.toml");
+        let config = HostConfig::load(Some(&path)).expect("deploy/weir.toml is valid");
+        assert_eq!(config.functions.len(), 2);
+        let fraud = &config.functions[1];
+        assert_eq!(fraud.key, KeySource::JsonPointer("/card".into()));
+        assert_eq!(fraud.event_time, TimeSource::JsonPointer("/ts".into()));
+        assert_eq!(fraud.batch_size, 500);
+        assert_eq!(fraud.retry.max_attempts, 5);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let (path, _guard) = write("nats_ulr = \"nats://x:4222\"\n");
+        let error = HostConfig::load(Some(&path)).expect_err("typo");
+        assert!(error.to_string().contains("nats_ulr"), "{error}");
+    }
+
+    #[test]
+    fn bad_function_specs_name_the_problem() {
+        let base = r#"
+[[functions]]
+name = "NAME"
+module = "f.wasm"
+stream = "S"
+subject = "s"
+key = { subject_token = 0 }
+"#;
+        let cases = [
+            (base.replace("NAME", "has space"), "name must be"),
+            (
+                format!("{}batch_size = 0\n", base.replace("NAME", "f")),
+                "batch_size",
+            ),
+            (
+                format!(
+                    "{}retry = {{ max_attempts = 0 }}\n",
+                    base.replace("NAME", "f")
+                ),
+                "max_attempts",
+            ),
+            (
+                format!("{}{}", base.replace("NAME", "f"), base.replace("NAME", "f")),
+                "used by another function",
+            ),
+        ];
+        for (text, expected) in cases {
+            let (path, _guard) = write(&text);
+            let error = HostConfig::load(Some(&path)).expect_err(expected);
+            assert!(
+                error.to_string().contains(expected),
+                "{error} should mention {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_required_field_is_named() {
+        let (path, _guard) = write(
+            "[[functions]]\nname = \"f\"\nmodule = \"m\"\nstream = \"S\"\nkey = { header = \"k\" }\n",
+        );
+        let error = HostConfig::load(Some(&path)).expect_err("no subject");
+        assert!(error.to_string().contains("subject"), "{error}");
+    }
+}

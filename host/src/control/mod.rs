@@ -1,0 +1,32 @@
+//! Where the host learns which functions to run.
+//!
+//! The data path depends only on [`FunctionSource`]; today the source is the
+//! static list from the config file ([`StaticFunctions`]). The control plane
+//! (HTTP API, versions, rollouts) plugs in as another implementation.
+
+use std::future::Future;
+
+use crate::config::FunctionSpec;
+
+/// Why the function list could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("function source unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A source of function bindings.
+pub trait FunctionSource: Send + Sync + 'static {
+    /// The functions that should be running now.
+    fn functions(&self) -> impl Future<Output = Result<Vec<FunctionSpec>, ControlError>> + Send;
+}
+
+/// A fixed list of functions, from the config file.
+#[derive(Debug, Clone)]
+pub struct StaticFunctions(pub Vec<FunctionSpec>);
+
+impl FunctionSource for StaticFunctions {
+    async fn functions(&self) -> Result<Vec<FunctionSpec>, ControlError> {
+        Ok(self.0.clone())
+    }
+}

@@ -1,0 +1,437 @@
+//! Dispatch: runs one function over its consumer, a batch at a time.
+//!
+//! One batch reads in one direction: drop redeliveries whose effect is
+//! already committed → load the state of the batch's keys → run every event
+//! in stream order on a warm instance (on a blocking thread) → commit the
+//! state changes, their sequences and the outputs in one transaction →
+//! publish outputs and dead letters → ack, nak or terminate each input.
+//! If the commit fails nothing is acked; if a publish fails after the commit
+//! the outputs stay in the outbox and are published again before anything
+//! else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{AckDecision, decide};
+use crate::config::FunctionSpec;
+use crate::ingest::{Delivery, Ingest};
+use crate::outcome::{EventOutcome, Failure, FailureKind};
+use crate::output::{
+    OutputRecord, dead_letter_headers as dlq, dead_letter_msg_id, header_text, output_msg_id,
+    publish_all,
+};
+use crate::sandbox::{Event, FunctionCode, FunctionInstance, Handled, InstanceSettings};
+use crate::state::{BatchCommit, BatchView, StateStore};
+
+/// Delay before a batch that could not be committed is delivered again.
+const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Applied sequences are pruned after this many batches.
+const PRUNE_EVERY_BATCHES: u64 = 200;
+
+/// Everything one function's worker needs.
+pub struct FunctionWorker {
+    name: Arc<str>,
+    spec: FunctionSpec,
+    ingest: Ingest,
+    code: FunctionCode,
+    settings: InstanceSettings,
+    instance: Option<FunctionInstance>,
+    state: StateStore,
+    js: jetstream::Context,
+    dead_letter_subject: String,
+    /// Outputs of the last committed batch are published but still in the
+    /// outbox table.
+    outbox_dirty: bool,
+    batches: u64,
+}
+
+impl std::fmt::Debug for FunctionWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionWorker")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One input message of a batch and what became of it.
+struct Slot {
+    delivery: Delivery,
+    outcome: Option<EventOutcome>,
+    handled: Option<Handled>,
+}
+
+impl FunctionWorker {
+    pub fn new(
+        spec: FunctionSpec,
+        ingest: Ingest,
+        code: FunctionCode,
+        state: StateStore,
+        js: jetstream::Context,
+        dead_letter_prefix: &str,
+    ) -> Self {
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        let settings = InstanceSettings {
+            function: name.clone(),
+            allowed_outputs: spec.outputs.clone().into(),
+            deadline: Duration::from_millis(spec.limits.deadline_ms),
+            memory_bytes: spec.limits.memory_bytes,
+        };
+        Self {
+            dead_letter_subject: format!("{dead_letter_prefix}.{}", spec.name),
+            name,
+            spec,
+            ingest,
+            code,
+            settings,
+            instance: None,
+            state,
+            js,
+            outbox_dirty: false,
+            batches: 0,
+        }
+    }
+
+    /// Runs until `cancel` fires, then returns after the batch in hand is
+    /// committed, published and acked.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        tracing::info!(function = %self.name, digest = %self.code.digest(), "function started");
+        if !self.flush_outbox(&cancel).await {
+            return;
+        }
+        while let Some(batch) = self.ingest.next_batch(&cancel).await {
+            self.process(batch, &cancel).await;
+            self.batches += 1;
+            if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
+                self.prune_applied().await;
+            }
+        }
+        if self.outbox_dirty {
+            self.clear_outbox().await;
+        }
+        tracing::info!(function = %self.name, "function stopped");
+    }
+
+    /// Publishes what a previous run committed but may not have published.
+    /// Returns false if cancelled first.
+    async fn flush_outbox(&mut self, cancel: &CancellationToken) -> bool {
+        loop {
+            let flushed = async {
+                let records = self.state.outbox(&self.name).await.map_err(|e| e.to_string())?;
+                if !records.is_empty() {
+                    tracing::info!(function = %self.name, outputs = records.len(), "publishing outputs left by the previous run");
+                    publish_all(&self.js, &records).await.map_err(|e| e.to_string())?;
+                    self.state.clear_outbox(&self.name).await.map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            match flushed {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::warn!(function = %self.name, %error, "cannot flush the outbox yet; retrying");
+                    if !pause(cancel, BATCH_RETRY_DELAY).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
+        let mut slots: Vec<Slot> = batch
+            .into_iter()
+            .map(|delivery| Slot {
+                outcome: delivery
+                    .event
+                    .as_ref()
+                    .err()
+                    .map(|f| EventOutcome::Failed(f.clone())),
+                delivery,
+                handled: None,
+            })
+            .collect();
+
+        // A redelivery may be an event whose batch committed but was not
+        // acked before a crash: its effect is already in Postgres.
+        let redelivered: Vec<u64> = slots
+            .iter()
+            .filter(|s| s.outcome.is_none() && s.delivery.delivered > 1)
+            .map(|s| s.delivery.sequence)
+            .collect();
+        let applied = match self.state.already_applied(&self.name, &redelivered).await {
+            Ok(applied) => applied,
+            Err(error) => return self.give_back(slots, &error.to_string(), cancel).await,
+        };
+        for slot in &mut slots {
+            if slot.outcome.is_none() && applied.contains(&slot.delivery.sequence) {
+                slot.outcome = Some(EventOutcome::AlreadyApplied);
+            }
+        }
+
+        let to_run: Vec<(usize, Event)> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.outcome.is_none())
+            .filter_map(|(i, s)| s.delivery.event.as_ref().ok().map(|e| (i, e.clone())))
+            .collect();
+        let keys: Vec<&str> = to_run.iter().map(|(_, e)| e.key.as_str()).collect();
+        let view = match self.state.view(&self.name, &keys).await {
+            Ok(view) => view,
+            Err(error) => return self.give_back(slots, &error.to_string(), cancel).await,
+        };
+
+        let (instance, view, results) = self.invoke(view, to_run).await;
+        self.instance = instance;
+        for (index, result) in results {
+            let slot = &mut slots[index];
+            match result {
+                Ok(handled) => {
+                    slot.outcome = Some(EventOutcome::Applied);
+                    slot.handled = Some(handled);
+                }
+                Err(failure) => slot.outcome = Some(EventOutcome::Failed(failure)),
+            }
+        }
+
+        let mut outputs = Vec::new();
+        let mut applied_sequences = Vec::new();
+        for slot in &mut slots {
+            let Some(handled) = slot.handled.take() else {
+                continue;
+            };
+            let sequence = slot.delivery.sequence;
+            if handled.wrote {
+                applied_sequences.push(sequence);
+            }
+            outputs.extend(
+                handled
+                    .outputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, o)| OutputRecord {
+                        msg_id: output_msg_id(&self.name, sequence, i),
+                        subject: o.subject,
+                        payload: o.payload,
+                        headers: o.headers,
+                    }),
+            );
+        }
+        let decisions: Vec<AckDecision> = slots
+            .iter()
+            .map(|s| match &s.outcome {
+                Some(outcome) => decide(outcome, s.delivery.delivered, &self.spec.retry),
+                // Every slot has an outcome by now; treat a gap as retryable.
+                None => AckDecision::Nak {
+                    delay: BATCH_RETRY_DELAY,
+                },
+            })
+            .collect();
+
+        let deltas = view.into_deltas();
+        let committed = !deltas.is_empty();
+        if committed {
+            let commit = BatchCommit {
+                deltas,
+                applied: applied_sequences,
+                outbox: outputs.clone(),
+            };
+            if let Err(error) = self.state.commit(&self.name, &commit).await {
+                return self.give_back(slots, &error.to_string(), cancel).await;
+            }
+        }
+
+        let mut to_publish = outputs;
+        for (slot, decision) in slots.iter().zip(&decisions) {
+            if *decision == AckDecision::DeadLetter {
+                to_publish.push(self.dead_letter(slot));
+            }
+        }
+        while let Err(error) = publish_all(&self.js, &to_publish).await {
+            if !committed {
+                // Nothing is committed: redelivery runs the events again and
+                // the message ids drop what did get through.
+                return self.give_back(slots, &error.to_string(), cancel).await;
+            }
+            tracing::warn!(function = %self.name, %error, "publishing committed outputs failed; retrying");
+            if !pause(cancel, BATCH_RETRY_DELAY).await {
+                // Shutting down: the outbox keeps the outputs, the inputs
+                // stay unacked, and the next start publishes them first.
+                return;
+            }
+        }
+        if committed {
+            self.outbox_dirty = true;
+        } else if self.outbox_dirty {
+            self.clear_outbox().await;
+        }
+
+        for (slot, decision) in slots.iter().zip(decisions) {
+            self.log_outcome(slot, decision);
+            let kind = match decision {
+                AckDecision::Ack => AckKind::Ack,
+                AckDecision::Nak { delay } => AckKind::Nak(Some(delay)),
+                AckDecision::DeadLetter => AckKind::Term,
+            };
+            if let Err(error) = slot.delivery.message.ack_with(kind).await {
+                // JetStream delivers it again; the applied set or the
+                // message ids keep that from doubling anything.
+                tracing::warn!(function = %self.name, sequence = slot.delivery.sequence, %error, "ack failed");
+            }
+        }
+    }
+
+    /// Runs `events` in order on a blocking thread, replacing the instance
+    /// after a trap.
+    async fn invoke(
+        &mut self,
+        view: BatchView,
+        events: Vec<(usize, Event)>,
+    ) -> (
+        Option<FunctionInstance>,
+        BatchView,
+        Vec<(usize, Result<Handled, Failure>)>,
+    ) {
+        let code = self.code.clone();
+        let settings = self.settings.clone();
+        let instance = self.instance.take();
+        let ran = tokio::task::spawn_blocking(move || {
+            let mut instance = instance;
+            let mut view = view;
+            let mut results = Vec::with_capacity(events.len());
+            for (index, event) in events {
+                let live = match instance.take() {
+                    Some(live) if !live.is_poisoned() => Ok(live),
+                    _ => FunctionInstance::new(&code, &settings),
+                };
+                let mut live = match live {
+                    Ok(live) => live,
+                    Err(error) => {
+                        results.push((
+                            index,
+                            Err(Failure::new(FailureKind::Trap, error.to_string())),
+                        ));
+                        continue;
+                    }
+                };
+                live.begin_batch(view);
+                results.push((index, live.handle(&event)));
+                view = live.end_batch();
+                instance = Some(live);
+            }
+            (instance, view, results)
+        })
+        .await;
+        match ran {
+            Ok(ran) => ran,
+            Err(error) => {
+                // The blocking task panicked: a host bug, not the guest's.
+                tracing::error!(function = %self.name, %error, "invocation task failed");
+                (None, BatchView::default(), Vec::new())
+            }
+        }
+    }
+
+    fn dead_letter(&self, slot: &Slot) -> OutputRecord {
+        let message = &slot.delivery.message;
+        let failure = match &slot.outcome {
+            Some(EventOutcome::Failed(failure)) => failure.clone(),
+            _ => Failure::new(FailureKind::Trap, "no outcome"),
+        };
+        let mut headers: Vec<(String, String)> = message
+            .headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (name.to_string(), v.as_str().to_string()))
+            })
+            .filter(|(name, _)| !name.eq_ignore_ascii_case("Nats-Msg-Id"))
+            .collect();
+        headers.extend([
+            (dlq::FUNCTION.to_string(), self.name.to_string()),
+            (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
+            (dlq::REASON.to_string(), header_text(&failure.message)),
+            (
+                dlq::ATTEMPTS.to_string(),
+                slot.delivery.delivered.to_string(),
+            ),
+            (dlq::SUBJECT.to_string(), message.subject.to_string()),
+            (
+                dlq::SEQUENCE.to_string(),
+                slot.delivery.sequence.to_string(),
+            ),
+        ]);
+        OutputRecord {
+            subject: self.dead_letter_subject.clone(),
+            payload: message.payload.clone(),
+            headers,
+            msg_id: dead_letter_msg_id(&self.name, slot.delivery.sequence),
+        }
+    }
+
+    fn log_outcome(&self, slot: &Slot, decision: AckDecision) {
+        let Some(EventOutcome::Failed(failure)) = &slot.outcome else {
+            return;
+        };
+        let sequence = slot.delivery.sequence;
+        match decision {
+            AckDecision::DeadLetter => tracing::warn!(
+                function = %self.name, sequence, kind = %failure.kind, error = %failure.message,
+                subject = %self.dead_letter_subject, "event dead-lettered"
+            ),
+            AckDecision::Nak { delay } => tracing::info!(
+                function = %self.name, sequence, kind = %failure.kind, error = %failure.message,
+                delay_ms = delay.as_millis() as u64, "event will be retried"
+            ),
+            AckDecision::Ack => {}
+        }
+    }
+
+    /// Hands a batch back to JetStream untouched: nothing was committed.
+    async fn give_back(&mut self, slots: Vec<Slot>, reason: &str, cancel: &CancellationToken) {
+        tracing::warn!(function = %self.name, events = slots.len(), error = reason, "batch not committed; it will be delivered again");
+        for slot in &slots {
+            let _ = slot
+                .delivery
+                .message
+                .ack_with(AckKind::Nak(Some(BATCH_RETRY_DELAY)))
+                .await;
+        }
+        pause(cancel, BATCH_RETRY_DELAY).await;
+    }
+
+    async fn clear_outbox(&mut self) {
+        match self.state.clear_outbox(&self.name).await {
+            Ok(()) => self.outbox_dirty = false,
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot clear the published outbox yet")
+            }
+        }
+    }
+
+    async fn prune_applied(&mut self) {
+        let pruned = async {
+            let floor = self.ingest.ack_floor().await.map_err(|e| e.to_string())?;
+            self.state
+                .prune_applied(&self.name, floor)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(error) = pruned {
+            tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
+        }
+    }
+}
+
+/// Sleeps for `delay` unless cancelled first; returns false if cancelled.
+async fn pause(cancel: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}

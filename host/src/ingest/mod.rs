@@ -1,0 +1,236 @@
+//! Ingest: one durable JetStream pull consumer per function, read in
+//! batches.
+//!
+//! A batch is every message available now, up to the function's batch size,
+//! or, when none is, the first one to arrive plus what came with it: low
+//! latency when traffic is light, large batches when it is heavy. Nothing is
+//! prefetched: the host holds only the batch it works on, so a function that
+//! falls behind leaves its backlog in JetStream instead of in memory.
+
+mod extract;
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::{self, Message};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+pub use extract::{Extractor, MAX_KEY_BYTES, RawMessage};
+
+use crate::config::FunctionSpec;
+use crate::outcome::Failure;
+use crate::sandbox::Event;
+
+/// Longest a pull request waits for a message when the consumer is idle;
+/// also the longest a graceful shutdown waits for the request in flight.
+pub const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// How long JetStream waits for an ack before delivering a message again.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Why the consumer could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("stream `{stream}` of function `{function}` is not available: {reason}")]
+    Stream {
+        function: String,
+        stream: String,
+        reason: String,
+    },
+    #[error("consumer of function `{function}`: {reason}")]
+    Consumer { function: String, reason: String },
+}
+
+/// One delivered message and what extraction made of it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message: Message,
+    pub sequence: u64,
+    /// 1 on first delivery.
+    pub delivered: u64,
+    pub event: Result<Event, Failure>,
+}
+
+/// The consumer of one function.
+pub struct Ingest {
+    function: String,
+    consumer: PullConsumer,
+    batch_size: usize,
+    extractor: Extractor,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("function", &self.function)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The durable consumer name of a function.
+pub fn consumer_name(function: &str) -> String {
+    format!("weir-{function}")
+}
+
+impl Ingest {
+    /// Creates (or reuses) the function's durable consumer.
+    pub async fn bind(js: &jetstream::Context, spec: &FunctionSpec) -> Result<Self, IngestError> {
+        let stream_error = |reason: String| IngestError::Stream {
+            function: spec.name.clone(),
+            stream: spec.stream.clone(),
+            reason,
+        };
+        let stream = js
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        let name = consumer_name(&spec.name);
+        let max_ack_pending = i64::try_from(spec.batch_size * 4).unwrap_or(i64::MAX);
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                PullConfig {
+                    durable_name: Some(name.clone()),
+                    filter_subject: spec.subject.clone(),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    // Weir counts attempts itself and dead-letters after the
+                    // last one; a server-side limit would drop events silently.
+                    max_deliver: -1,
+                    max_ack_pending,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| IngestError::Consumer {
+                function: spec.name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            function: spec.name.clone(),
+            consumer,
+            batch_size: spec.batch_size,
+            extractor: Extractor::new(spec.key.clone(), spec.event_time.clone()),
+        })
+    }
+
+    /// The next batch, or `None` once `cancel` fires. Takes whatever is
+    /// available now, up to the batch size; when nothing is, waits for the
+    /// first message in requests of [`IDLE_WAIT`]. A pull request is never
+    /// abandoned half-way, so no delivered message is stranded until the ack
+    /// wait: shutdown waits for the request in flight instead.
+    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Option<Vec<Delivery>> {
+        loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            let pulled = match self.fetch_available(self.batch_size).await {
+                Ok(batch) if batch.is_empty() => self.wait_for_first().await,
+                other => other,
+            };
+            match pulled {
+                Ok(batch) if batch.is_empty() => continue,
+                Ok(batch) => return Some(batch),
+                Err(error) => {
+                    tracing::warn!(function = %self.function, %error, "cannot pull messages; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `max` messages that are available now, without waiting.
+    async fn fetch_available(&self, max: usize) -> Result<Vec<Delivery>, String> {
+        let messages = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.collect(messages).await
+    }
+
+    /// Waits up to [`IDLE_WAIT`] for one message, then takes what else is
+    /// available up to the batch size.
+    async fn wait_for_first(&self) -> Result<Vec<Delivery>, String> {
+        let messages = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(IDLE_WAIT)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut batch = self.collect(messages).await?;
+        if !batch.is_empty() && self.batch_size > 1 {
+            batch.extend(self.fetch_available(self.batch_size - 1).await?);
+        }
+        Ok(batch)
+    }
+
+    async fn collect(
+        &self,
+        mut messages: impl futures::Stream<Item = Result<Message, impl std::fmt::Display>> + Unpin,
+    ) -> Result<Vec<Delivery>, String> {
+        let mut batch = Vec::new();
+        while let Some(next) = messages.next().await {
+            match next {
+                Ok(message) => batch.extend(self.delivery(message)),
+                // Keep what arrived; the error shows again on the next pull.
+                Err(_) if !batch.is_empty() => break,
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        Ok(batch)
+    }
+
+    fn delivery(&self, message: Message) -> Option<Delivery> {
+        let info = match message.info() {
+            Ok(info) => info,
+            Err(error) => {
+                // Only JetStream sets the reply subject it parses; without
+                // it the message can be neither acked nor sequenced.
+                tracing::error!(function = %self.function, %error, "message without JetStream metadata");
+                return None;
+            }
+        };
+        let sequence = info.stream_sequence;
+        let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+        let stored_at_ms =
+            i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or_default();
+        let event = self.extractor.event(&RawMessage {
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+            sequence,
+            stored_at_ms,
+        });
+        Some(Delivery {
+            message,
+            sequence,
+            delivered,
+            event,
+        })
+    }
+
+    /// The highest stream sequence at or below which every message of this
+    /// consumer is acknowledged.
+    pub async fn ack_floor(&mut self) -> Result<u64, IngestError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| IngestError::Consumer {
+                function: self.function.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(info.ack_floor.stream_sequence)
+    }
+}

@@ -1,0 +1,26 @@
+//! Weir's host: runs WebAssembly component functions over NATS JetStream with
+//! keyed state in Postgres.
+//!
+//! One event's path through the modules: [`ingest`] pulls it from the
+//! function's durable consumer and extracts its key and time → [`dispatch`]
+//! batches it and drops it if a redelivery was already applied → [`state`]
+//! loads its key's entries (moka, then Postgres) → [`sandbox`] runs the
+//! component on a warm instance under limits → [`state`] commits the batch's
+//! changes with their sequences and outputs in one transaction → [`output`]
+//! publishes outputs and dead letters with deterministic message ids →
+//! [`ack`] decides ack, nak or dead letter. Beside the path: [`config`],
+//! [`control`] (where function bindings come from), [`serve`] (wiring and
+//! start-up), [`shutdown`] and [`telemetry`].
+
+pub mod ack;
+pub mod config;
+pub mod control;
+pub mod dispatch;
+pub mod ingest;
+pub mod outcome;
+pub mod output;
+pub mod sandbox;
+pub mod serve;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,89 @@
+//! The typed result of handling one event, shared by the stages that produce
+//! it (ingest, sandbox) and the one that acts on it (ack).
+
+use std::fmt;
+
+/// Why an event was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The key or event time could not be extracted.
+    BadEvent,
+    /// The guest returned `error::retry`.
+    GuestRetry,
+    /// The guest returned `error::reject`.
+    GuestReject,
+    /// The guest trapped (panic, unreachable, bad memory access, ...).
+    Trap,
+    /// The invocation ran past its deadline.
+    Timeout,
+    /// The guest tried to grow its memory past the limit.
+    OutOfMemory,
+    /// The guest overflowed its stack.
+    StackOverflow,
+    /// The guest used a capability it was not granted (an undeclared output
+    /// subject) or passed a host limit (state value size).
+    Denied,
+}
+
+impl FailureKind {
+    /// Whether delivering the event again may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            FailureKind::GuestRetry | FailureKind::Trap | FailureKind::Timeout
+        )
+    }
+
+    /// The stable name used in headers, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::BadEvent => "bad-event",
+            FailureKind::GuestRetry => "retry",
+            FailureKind::GuestReject => "reject",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::OutOfMemory => "out-of-memory",
+            FailureKind::StackOverflow => "stack-overflow",
+            FailureKind::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event that was not applied, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// The handler succeeded; its writes and outputs are part of the batch.
+    Applied,
+    /// A redelivery of an event whose effect is already committed.
+    AlreadyApplied,
+    /// The handler (or the host, before it) did not apply the event.
+    Failed(Failure),
+}

@@ -1,0 +1,149 @@
+//! A warm instance of one function: a store and its instantiated component,
+//! reused across events and batches, replaced after a trap.
+
+use std::sync::Arc;
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::weir::function::types::Error as GuestError;
+use super::host::{PendingOutput, Violation};
+use super::{EPOCH_TICK, Event, EventHandler, FunctionCode, InvocationState, SandboxError};
+use crate::outcome::{Failure, FailureKind};
+use crate::state::BatchView;
+
+/// What an applied event produced.
+#[derive(Debug)]
+pub struct Handled {
+    pub outputs: Vec<PendingOutput>,
+    /// Whether it changed state.
+    pub wrote: bool,
+}
+
+/// A live instance with its own store.
+pub struct FunctionInstance {
+    store: Store<InvocationState>,
+    handler: EventHandler,
+    deadline_ticks: u64,
+    /// Set after a trap: the guest's memory may be inconsistent, so the
+    /// instance must not run again.
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for FunctionInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionInstance")
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limits and capabilities of one function's instances.
+#[derive(Debug, Clone)]
+pub struct InstanceSettings {
+    pub function: Arc<str>,
+    pub allowed_outputs: Arc<[String]>,
+    pub deadline: std::time::Duration,
+    pub memory_bytes: usize,
+}
+
+impl FunctionInstance {
+    /// Instantiates `code`; the start function runs under the same deadline
+    /// as an invocation.
+    pub fn new(code: &FunctionCode, settings: &InstanceSettings) -> Result<Self, SandboxError> {
+        let state = InvocationState::new(
+            settings.function.clone(),
+            settings.allowed_outputs.clone(),
+            settings.memory_bytes,
+        );
+        let mut store = Store::new(&code.engine, state);
+        store.limiter(|state| state);
+        store.epoch_deadline_trap();
+        let deadline_ticks = (settings.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(deadline_ticks);
+        let handler = code
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| SandboxError::Instantiate {
+                digest: code.digest.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        Ok(Self {
+            store,
+            handler,
+            deadline_ticks,
+            poisoned: false,
+        })
+    }
+
+    /// Whether a trap made this instance unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Gives the instance the state of the batch it is about to run.
+    pub fn begin_batch(&mut self, view: BatchView) {
+        self.store.data_mut().view = view;
+    }
+
+    /// Takes the batch's state back after the last event.
+    pub fn end_batch(&mut self) -> BatchView {
+        std::mem::take(&mut self.store.data_mut().view)
+    }
+
+    /// Runs the handler on `event`. On success the event's state writes join
+    /// the batch view; on failure its writes and outputs are discarded.
+    pub fn handle(&mut self, event: &Event) -> Result<Handled, Failure> {
+        debug_assert!(!self.poisoned, "a poisoned instance was reused");
+        {
+            let data = self.store.data_mut();
+            data.view.begin_event(&event.key);
+            data.outputs.clear();
+            data.violation = None;
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let result = self.handler.call_handle(&mut self.store, event);
+        let outcome = match result {
+            Ok(Ok(())) => Ok(std::mem::take(&mut self.store.data_mut().outputs)),
+            Ok(Err(GuestError::Retry(message))) => {
+                Err(Failure::new(FailureKind::GuestRetry, message))
+            }
+            Ok(Err(GuestError::Reject(message))) => {
+                Err(Failure::new(FailureKind::GuestReject, message))
+            }
+            Err(error) => {
+                self.poisoned = true;
+                Err(self.classify_trap(&error))
+            }
+        };
+        let data = self.store.data_mut();
+        let wrote = data.view.finish_event(outcome.is_ok());
+        data.outputs.clear();
+        outcome.map(|outputs| Handled { outputs, wrote })
+    }
+
+    fn classify_trap(&mut self, error: &wasmtime::Error) -> Failure {
+        match self.store.data_mut().violation.take() {
+            Some(Violation::Denied(message)) => return Failure::new(FailureKind::Denied, message),
+            Some(Violation::MemoryLimit { desired, limit }) => {
+                return Failure::new(
+                    FailureKind::OutOfMemory,
+                    format!("the guest asked for {desired} bytes of memory; the limit is {limit}"),
+                );
+            }
+            None => {}
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Failure::new(
+                FailureKind::Timeout,
+                format!(
+                    "the invocation ran past its deadline of {} ms",
+                    self.deadline_ticks * EPOCH_TICK.as_millis() as u64
+                ),
+            ),
+            Some(Trap::StackOverflow) => {
+                Failure::new(FailureKind::StackOverflow, "the guest overflowed its stack")
+            }
+            _ => Failure::new(FailureKind::Trap, format!("{error:#}")),
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The wasmtime sandbox: one [`Engine`] per process (pooling allocator, epoch
+//! interruption with one ticker thread), compiled components cached on disk
+//! by module digest, one `InstancePre` per loaded function, and warm
+//! [`FunctionInstance`]s that run one event at a time.
+//!
+//! WASI p2 is linked because language runtimes import it, but nothing is
+//! granted: no preopened directories, no network, no environment.
+
+mod bindings;
+mod host;
+mod instance;
+pub use instance::{Handled, InstanceSettings};
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use bindings::weir::function::types::Event;
+pub use host::{InvocationState, MAX_STATE_VALUE_BYTES, PendingOutput};
+pub use instance::FunctionInstance;
+
+use bindings::{EventHandler, EventHandlerPre};
+
+/// How often the epoch advances; invocation deadlines are counted in ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Why a component could not be loaded or instantiated.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot read component {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("artifact cache {path}: {source}")]
+    ArtifactCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("engine setup failed: {0}")]
+    Engine(String),
+    #[error("module {digest} is not a valid Weir component: {reason}")]
+    Invalid { digest: String, reason: String },
+    #[error("instantiating module {digest} failed: {reason}")]
+    Instantiate { digest: String, reason: String },
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub artifact_dir: PathBuf,
+    /// Instances alive at once across all functions.
+    pub max_instances: u32,
+    /// Largest memory any function may be given.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            artifact_dir: std::env::temp_dir().join("weir-artifacts"),
+            max_instances: 128,
+            max_memory_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The process-wide engine and linker.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<InvocationState>,
+    artifact_dir: PathBuf,
+    engine_tag: String,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("artifact_dir", &self.artifact_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A loaded component, ready to instantiate.
+#[derive(Clone)]
+pub struct FunctionCode {
+    digest: String,
+    pre: EventHandlerPre<InvocationState>,
+    engine: Engine,
+}
+
+impl std::fmt::Debug for FunctionCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionCode")
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FunctionCode {
+    /// The sha256 of the component bytes, hex-encoded.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+impl Sandbox {
+    pub fn new(config: &SandboxConfig) -> Result<Self, SandboxError> {
+        let engine_error = |e: wasmtime::Error| SandboxError::Engine(format!("{e:#}"));
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances * 8)
+            .total_memories(config.max_instances * 2)
+            .total_tables(config.max_instances * 4)
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.max_memory_bytes);
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            // Weir calls guests synchronously; async-call bookkeeping costs
+            // about half of a small call (see docs/design.md).
+            .concurrency_support(false)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(engine_error)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+        EventHandler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(engine_error)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_tag = format!("{:016x}", hasher.finish());
+        std::fs::create_dir_all(&config.artifact_dir).map_err(|source| {
+            SandboxError::ArtifactCache {
+                path: config.artifact_dir.clone(),
+                source,
+            }
+        })?;
+        let ticker = EpochTicker::start(engine.clone())
+            .map_err(|e| SandboxError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Self {
+            engine,
+            linker,
+            artifact_dir: config.artifact_dir.clone(),
+            engine_tag,
+            _ticker: ticker,
+        })
+    }
+
+    /// Loads the component at `path`, from the artifact cache when it was
+    /// compiled before.
+    pub fn load_file(&self, path: &Path) -> Result<FunctionCode, SandboxError> {
+        let bytes = std::fs::read(path).map_err(|source| SandboxError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load(&bytes)
+    }
+
+    /// Loads component `bytes`, from the artifact cache when it was compiled
+    /// before.
+    pub fn load(&self, bytes: &[u8]) -> Result<FunctionCode, SandboxError> {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let invalid = |e: wasmtime::Error| SandboxError::Invalid {
+            digest: digest.clone(),
+            reason: format!("{e:#}"),
+        };
+        let component = match self.cached_artifact(&digest) {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes).map_err(invalid)?;
+                self.store_artifact(&digest, &component);
+                component
+            }
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
+        let pre = EventHandlerPre::new(pre).map_err(invalid)?;
+        Ok(FunctionCode {
+            digest,
+            pre,
+            engine: self.engine.clone(),
+        })
+    }
+
+    fn artifact_path(&self, digest: &str) -> PathBuf {
+        self.artifact_dir
+            .join(format!("{digest}-{}.cwasm", self.engine_tag))
+    }
+
+    fn cached_artifact(&self, digest: &str) -> Option<Component> {
+        let path = self.artifact_path(digest);
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: artifacts are written only by `store_artifact` below, from
+        // a component this same engine build compiled (the file name carries
+        // the engine's compatibility hash), into the host's private cache
+        // directory. wasmtime also checks the engine settings on load.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
+        match loaded {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), error = %error, "ignoring unusable compiled artifact; recompiling");
+                None
+            }
+        }
+    }
+
+    fn store_artifact(&self, digest: &str, component: &Component) {
+        let path = self.artifact_path(digest);
+        let written = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|bytes| {
+                let partial = path.with_extension(format!("partial-{}", std::process::id()));
+                std::fs::write(&partial, bytes)?;
+                std::fs::rename(&partial, &path)
+            });
+        if let Err(error) = written {
+            // The cache only saves compile time on the next start.
+            tracing::warn!(path = %path.display(), %error, "could not cache compiled artifact");
+        }
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on one thread, so every
+/// store's deadline is checked without a timer per call.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `weir serve`: connects to NATS and Postgres (waiting for them while they
+//! are down), makes sure the configured streams exist, loads every function
+//! and runs one [`FunctionWorker`] per function until shutdown.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{FunctionSpec, HostConfig, StreamSpec};
+use crate::control::FunctionSource;
+use crate::dispatch::FunctionWorker;
+use crate::ingest::Ingest;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::state::StateStore;
+
+/// The stream that keeps every function's dead letters.
+pub const DEAD_LETTER_STREAM: &str = "WEIR_DEAD_LETTERS";
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+    #[error("stream `{stream}`: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error(
+        "function `{function}` declares output `{subject}`, but no JetStream stream captures it: its outputs could never be stored"
+    )]
+    OutputNotCaptured { function: String, subject: String },
+    #[error("loading function `{function}` failed: {reason}")]
+    Load { function: String, reason: String },
+}
+
+/// Runs the host until `shutdown` is cancelled.
+pub async fn serve<S: FunctionSource>(
+    config: HostConfig,
+    source: S,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let Some(client) = wait_for("NATS", &config.nats_url, &shutdown, || {
+        async_nats::connect(config.nats_url.as_str())
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let Some(pool) = wait_for("Postgres", &config.database_url, &shutdown, || {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&config.database_url)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let state = StateStore::open(pool, config.state_cache_bytes).await?;
+    let js = jetstream::new(client);
+
+    let dead_letters = StreamSpec {
+        name: DEAD_LETTER_STREAM.into(),
+        subjects: vec![format!("{}.>", config.dead_letter_prefix)],
+        duplicate_window_secs: 120,
+    };
+    for spec in config.streams.iter().chain(std::iter::once(&dead_letters)) {
+        ensure_stream(&js, spec).await?;
+    }
+
+    let functions = source.functions().await?;
+    let max_memory = functions
+        .iter()
+        .map(|f| f.limits.memory_bytes)
+        .max()
+        .unwrap_or(0)
+        .max(64 << 20);
+    let sandbox = std::sync::Arc::new(Sandbox::new(&SandboxConfig {
+        artifact_dir: config.artifact_dir.clone(),
+        max_memory_bytes: max_memory,
+        ..SandboxConfig::default()
+    })?);
+
+    let tracker = TaskTracker::new();
+    for spec in functions {
+        let worker = start_function(&spec, &sandbox, &js, &state, &config).await?;
+        tracker.spawn(worker.run(shutdown.clone()));
+    }
+    tracker.close();
+    tracing::info!("weir is running");
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn start_function(
+    spec: &FunctionSpec,
+    sandbox: &std::sync::Arc<Sandbox>,
+    js: &jetstream::Context,
+    state: &StateStore,
+    config: &HostConfig,
+) -> Result<FunctionWorker, ServeError> {
+    for subject in spec.outputs.iter().filter(|s| !s.contains(['*', '>'])) {
+        if js.stream_by_subject(subject.as_str()).await.is_err() {
+            return Err(ServeError::OutputNotCaptured {
+                function: spec.name.clone(),
+                subject: subject.clone(),
+            });
+        }
+    }
+    let module = spec.module.clone();
+    let loader = sandbox.clone();
+    // Compiling is CPU-bound; keep it off the async workers.
+    let code = tokio::task::spawn_blocking(move || loader.load_file(&module))
+        .await
+        .map_err(|e| ServeError::Load {
+            function: spec.name.clone(),
+            reason: e.to_string(),
+        })??;
+    let ingest = Ingest::bind(js, spec).await?;
+    Ok(FunctionWorker::new(
+        spec.clone(),
+        ingest,
+        code,
+        state.clone(),
+        js.clone(),
+        &config.dead_letter_prefix,
+    ))
+}
+
+async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), ServeError> {
+    js.get_or_create_stream(stream::Config {
+        name: spec.name.clone(),
+        subjects: spec.subjects.clone(),
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(spec.duplicate_window_secs),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ServeError::Stream {
+        stream: spec.name.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// Calls `connect` until it succeeds, saying what it waits for; `None` if
+/// shut down first.
+async fn wait_for<T, E, F, Fut>(
+    what: &str,
+    url: &str,
+    shutdown: &CancellationToken,
+    mut connect: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match connect().await {
+            Ok(connected) => return Some(connected),
+            Err(error) => {
+                tracing::warn!(%error, "waiting for {what} at {}", redact(url));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// `url` without a password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_not_logged() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+}
