@@ -1,0 +1,464 @@
+//! `cargo xtask bench`: Weir's throughput and latency, measured side by side
+//! on one nats-server in one run.
+//!
+//! Scenarios, interleaved over several rounds on fresh streams of the same
+//! pre-published backlog:
+//! (a) raw: an async-nats pull consumer that publishes one output per input
+//!     (with a message id) and acks each input — Weir's batch size and ack
+//!     policy, no Wasm, no state;
+//! (b) weir/passthrough: Weir running a pass-through Rust component;
+//! (c) weir/fraud: Weir running `fraud-velocity`, state in Postgres.
+//! Prints events/s, the median ratios b/a and c/a, Weir's CPU-µs per event,
+//! and end-to-end latency percentiles at a fixed offered rate.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use weir_e2e::*;
+use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+
+const BATCH: usize = 500;
+
+struct Options {
+    events: usize,
+    rounds: usize,
+    rate: u64,
+    latency_secs: u64,
+}
+
+fn options() -> Result<Options> {
+    let mut options = Options {
+        events: 100_000,
+        rounds: 3,
+        rate: 5_000,
+        latency_secs: 10,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).context("every option takes a value")?;
+        match args[i].as_str() {
+            "--events" => options.events = value.parse()?,
+            "--rounds" => options.rounds = value.parse()?,
+            "--rate" => options.rate = value.parse()?,
+            "--latency-secs" => options.latency_secs = value.parse()?,
+            other => anyhow::bail!(
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N"
+            ),
+        }
+        i += 2;
+    }
+    Ok(options)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    weir_host::telemetry::init_logging();
+    let options = options()?;
+    let nats = NatsServer::start()?;
+    let js = nats.jetstream().await?;
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let database = format!("weir_bench_{}", std::process::id());
+    let admin = sqlx::PgPool::connect(&server).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&admin)
+        .await?;
+    let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(&server);
+    let url = format!("{base}/{database}");
+    let artifacts = tempdir::TempDir::new("weir-bench-artifacts")?;
+
+    let result = run(&options, &nats, &js, &url, artifacts.path()).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {database} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
+    result
+}
+
+async fn run(
+    options: &Options,
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+) -> Result<()> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    println!(
+        "weir bench: {} events per scenario, {} rounds, batch {BATCH}, explicit acks, {} cores",
+        options.events,
+        options.rounds,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let passthrough_payload = vec![b'x'; 100];
+    let mut raw_rates = Vec::new();
+    let mut pass_rates = Vec::new();
+    let mut fraud_rates = Vec::new();
+    let mut pass_cpu = Vec::new();
+    let mut fraud_cpu = Vec::new();
+    for round in 0..options.rounds {
+        let raw = raw_consumer(js, round, options.events, &passthrough_payload).await?;
+        let (pass, pass_us) = weir_passthrough(
+            nats,
+            js,
+            url,
+            artifacts,
+            round,
+            options.events,
+            &passthrough_payload,
+        )
+        .await?;
+        let (fraud, fraud_us) =
+            weir_fraud(nats, js, url, &pool, artifacts, round, options.events).await?;
+        println!(
+            "round {}: raw {raw:>8.0} ev/s | weir/passthrough {pass:>8.0} ev/s ({pass_us:.1} CPU-µs/ev) | weir/fraud {fraud:>8.0} ev/s ({fraud_us:.1} CPU-µs/ev)",
+            round + 1
+        );
+        raw_rates.push(raw);
+        pass_rates.push(pass);
+        fraud_rates.push(fraud);
+        pass_cpu.push(pass_us);
+        fraud_cpu.push(fraud_us);
+    }
+    let b_over_a: Vec<f64> = pass_rates
+        .iter()
+        .zip(&raw_rates)
+        .map(|(b, a)| b / a)
+        .collect();
+    let c_over_a: Vec<f64> = fraud_rates
+        .iter()
+        .zip(&raw_rates)
+        .map(|(c, a)| c / a)
+        .collect();
+    println!(
+        "median raw (a):              {:>8.0} ev/s",
+        median(&raw_rates)
+    );
+    println!(
+        "median weir/passthrough (b): {:>8.0} ev/s",
+        median(&pass_rates)
+    );
+    println!(
+        "median weir/fraud (c):       {:>8.0} ev/s",
+        median(&fraud_rates)
+    );
+    println!("median ratio b/a: {:.2}", median(&b_over_a));
+    println!("median ratio c/a: {:.2}", median(&c_over_a));
+    println!(
+        "weir CPU per event: passthrough {:.1} µs, fraud {:.1} µs (host process, user+system)",
+        median(&pass_cpu),
+        median(&fraud_cpu)
+    );
+    let histogram = latency(nats, js, url, artifacts, options.rate, options.latency_secs).await?;
+    println!(
+        "end-to-end latency at {} ev/s offered (weir/passthrough, publish → output received): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} events",
+        options.rate,
+        histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        histogram.value_at_quantile(0.99) as f64 / 1000.0,
+        histogram.max() as f64 / 1000.0,
+        histogram.len()
+    );
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// CPU time (user + system) of this process so far, from /proc.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of them, in clock ticks of 1/100 s on Linux.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+async fn fresh_stream(js: &jetstream::Context, name: &str, subject: &str) -> Result<()> {
+    let _ = js.delete_stream(name).await;
+    ensure_stream(js, name, &[subject]).await
+}
+
+async fn wait_for_len(js: &jetstream::Context, stream: &str, n: u64) -> Result<()> {
+    eventually(Duration::from_secs(600), stream, || async {
+        Ok(stream_len(js, stream).await? >= n)
+    })
+    .await
+}
+
+async fn raw_consumer(
+    js: &jetstream::Context,
+    round: usize,
+    events: usize,
+    payload: &[u8],
+) -> Result<f64> {
+    let input = format!("RAW_IN_{round}");
+    let in_subject = format!("raw.{round}.in");
+    let out_subject = format!("raw.{round}.out");
+    fresh_stream(js, &input, &in_subject).await?;
+    fresh_stream(js, "RAW_OUT", "raw.*.out").await?;
+    publish_all(js, &in_subject, (0..events).map(|_| payload.to_vec())).await?;
+
+    let started = Instant::now();
+    let consumer: consumer::PullConsumer = js
+        .get_stream(&input)
+        .await?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: (BATCH * 4) as i64,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(BATCH)
+        .messages()
+        .await?;
+    let mut done = 0;
+    while done < events {
+        let mut batch = Vec::with_capacity(BATCH);
+        let first = messages.next().await.context("stream ended")??;
+        batch.push(first);
+        while batch.len() < BATCH {
+            match futures::FutureExt::now_or_never(messages.next()) {
+                Some(Some(message)) => batch.push(message?),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for message in &batch {
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("raw:{round}:{sequence}:0").as_str());
+            acks.push(
+                js.publish_with_headers(out_subject.clone(), headers, message.payload.clone())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.into_future().await?;
+        }
+        for message in &batch {
+            message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        done += batch.len();
+    }
+    let elapsed = started.elapsed();
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
+fn passthrough_function(name: &str, stream: &str, subject: &str) -> Result<FunctionSpec> {
+    Ok(FunctionSpec {
+        name: name.into(),
+        module: component("passthrough")?,
+        stream: stream.into(),
+        subject: subject.into(),
+        key: KeySource::SubjectToken(0),
+        event_time: TimeSource::MessageTimestamp,
+        outputs: vec!["bench.out".into()],
+        limits: Limits::default(),
+        retry: RetryPolicy::default(),
+        batch_size: BATCH,
+    })
+}
+
+async fn weir_passthrough(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+    round: usize,
+    events: usize,
+    payload: &[u8],
+) -> Result<(f64, f64)> {
+    let input = format!("PASS_IN_{round}");
+    let subject = format!("pass.{round}.in");
+    fresh_stream(js, &input, &subject).await?;
+    fresh_stream(js, "BENCH_OUT", "bench.out").await?;
+    publish_all(js, &subject, (0..events).map(|_| payload.to_vec())).await?;
+
+    let mut config = host_config(nats, url, artifacts);
+    config.functions = vec![passthrough_function(
+        &format!("pass-{round}"),
+        &input,
+        &subject,
+    )?];
+    let cpu = process_cpu();
+    let started = Instant::now();
+    let host = RunningHost::start(config);
+    wait_for_len(js, "BENCH_OUT", events as u64).await?;
+    let elapsed = started.elapsed();
+    let cpu_used = process_cpu().saturating_sub(cpu);
+    host.stop().await?;
+    Ok((
+        events as f64 / elapsed.as_secs_f64(),
+        cpu_used.as_secs_f64() * 1e6 / events as f64,
+    ))
+}
+
+async fn weir_fraud(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    pool: &sqlx::PgPool,
+    artifacts: &std::path::Path,
+    round: usize,
+    events: usize,
+) -> Result<(f64, f64)> {
+    let input = format!("FRAUD_IN_{round}");
+    let subject = format!("fraud.{round}.in");
+    fresh_stream(js, &input, &subject).await?;
+    ensure_stream(js, "BENCH_ALERTS", &["alerts.velocity"]).await?;
+    let base = 1_700_000_000_000i64;
+    let payloads: Vec<Vec<u8>> = (0..events)
+        .map(|i| {
+            let card = (i * 7_919) % 10_000;
+            serde_json::json!({"card": format!("card-{card}"), "amount_cents": 100 + i % 5_000, "ts": base + i as i64 * 50})
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    let sequences = publish_all(js, &subject, payloads).await?;
+    let last = *sequences.last().unwrap_or(&0) as i64;
+    let name = format!("fraud-{round}");
+    let mut config = host_config(nats, url, artifacts);
+    config.functions = vec![FunctionSpec {
+        name: name.clone(),
+        module: component("fraud-velocity")?,
+        stream: input,
+        subject,
+        key: KeySource::JsonPointer("/card".into()),
+        event_time: TimeSource::JsonPointer("/ts".into()),
+        outputs: vec!["alerts.velocity".into()],
+        limits: Limits::default(),
+        retry: RetryPolicy::default(),
+        batch_size: BATCH,
+    }];
+    let cpu = process_cpu();
+    let started = Instant::now();
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(600), "fraud backlog", || async {
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT applied_seq FROM weir_progress WHERE function_name = $1")
+                .bind(&name)
+                .fetch_optional(pool)
+                .await?;
+        Ok(applied.unwrap_or(0) >= last)
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let cpu_used = process_cpu().saturating_sub(cpu);
+    host.stop().await?;
+    Ok((
+        events as f64 / elapsed.as_secs_f64(),
+        cpu_used.as_secs_f64() * 1e6 / events as f64,
+    ))
+}
+
+/// Weir/passthrough fed at `rate` events/s for `seconds`; latency from just
+/// before the publish to the output's arrival at a subscriber.
+async fn latency(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+    rate: u64,
+    seconds: u64,
+) -> Result<Histogram<u64>> {
+    fresh_stream(js, "LAT_IN", "lat.in").await?;
+    fresh_stream(js, "BENCH_OUT", "bench.out").await?;
+    let mut config = host_config(nats, url, artifacts);
+    config.functions = vec![passthrough_function("latency", "LAT_IN", "lat.in")?];
+    let host = RunningHost::start(config);
+    // Let the host bind its consumer before the clock starts.
+    eventually(Duration::from_secs(60), "the latency consumer", || async {
+        Ok(js
+            .get_stream("LAT_IN")
+            .await?
+            .consumer_info("weir-latency")
+            .await
+            .is_ok())
+    })
+    .await?;
+
+    let client = async_nats::connect(nats.url()).await?;
+    let mut outputs = client.subscribe("bench.out").await?;
+    let total = rate * seconds;
+    let receiver = tokio::spawn(async move {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut received = 0;
+        while received < total {
+            let Ok(Some(message)) =
+                tokio::time::timeout(Duration::from_secs(30), outputs.next()).await
+            else {
+                break;
+            };
+            let sent_us: u64 = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Bench-Sent-Us"))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            let now_us = now_micros();
+            histogram.record(now_us.saturating_sub(sent_us).max(1))?;
+            received += 1;
+        }
+        anyhow::Ok(histogram)
+    });
+
+    let publisher = jetstream::new(client);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..total {
+        let due = started + interval.mul_f64(i as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Bench-Sent-Us", now_micros().to_string().as_str());
+        pending.push(
+            publisher
+                .publish_with_headers("lat.in", headers, vec![b'x'; 100].into())
+                .await?,
+        );
+        if pending.len() >= 256 {
+            for ack in pending.drain(..) {
+                ack.into_future().await?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.into_future().await?;
+    }
+    let histogram = receiver.await??;
+    host.stop().await?;
+    Ok(histogram)
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,155 @@
+//! `enrich`: every valid order yields exactly one enriched output; malformed
+//! inputs land on the dead-letter subject with the reason in headers, and
+//! the orders behind them flow on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::output::dead_letter_headers as dlq;
+
+#[sqlx::test(migrations = false)]
+async fn valid_orders_are_enriched_and_bad_ones_dead_lettered(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let nats = NatsServer::start()?;
+    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let mut config = host_config(&nats, &database_url(&db), artifacts.path());
+    config.streams = vec![
+        stream("ORDERS", &["orders.created"]),
+        stream("ENRICHED", &["orders.enriched"]),
+    ];
+    config.functions = vec![FunctionSpec {
+        name: "enrich".into(),
+        module: component("enrich")?,
+        stream: "ORDERS".into(),
+        subject: "orders.created".into(),
+        key: KeySource::JsonPointer("/order_id".into()),
+        event_time: TimeSource::MessageTimestamp,
+        outputs: vec!["orders.enriched".into()],
+        limits: Limits::default(),
+        retry: RetryPolicy::default(),
+        batch_size: 100,
+    }];
+    let host = RunningHost::start(config);
+    let js = nats.jetstream().await?;
+    eventually(
+        Duration::from_secs(60),
+        "the host to create its streams",
+        || async { Ok(js.get_stream("ORDERS").await.is_ok()) },
+    )
+    .await?;
+
+    // 1,000 good orders; every 50th input is not JSON (the host cannot find
+    // the key: bad-event), every 100th has no items (the guest rejects it).
+    let mut inputs = Vec::new();
+    let mut expected_totals = BTreeMap::new();
+    let mut not_json = 0;
+    let mut no_items = 0;
+    for i in 0..1_000u64 {
+        if i % 50 == 25 {
+            inputs.push(format!("{{not json {i}").into_bytes());
+            not_json += 1;
+        }
+        if i % 100 == 75 {
+            inputs.push(format!(r#"{{"order_id":"bad-{i}","note":"no items"}}"#).into_bytes());
+            no_items += 1;
+        }
+        let order_id = format!("order-{i}");
+        let items = serde_json::json!([
+            {"sku": "a", "qty": 1 + i % 3, "price_cents": 250},
+            {"sku": "b", "qty": 2, "price_cents": 1_000 + i},
+        ]);
+        let total = (1 + i % 3) * 250 + 2 * (1_000 + i);
+        expected_totals.insert(order_id.clone(), (total, 1 + i % 3 + 2));
+        inputs.push(
+            serde_json::json!({"order_id": order_id, "items": items, "customer": "c"})
+                .to_string()
+                .into_bytes(),
+        );
+    }
+    let sequences = publish_all(&js, "orders.created", inputs.clone()).await?;
+    let bad_sequences: BTreeSet<u64> = inputs
+        .iter()
+        .zip(&sequences)
+        .filter(|(payload, _)| {
+            payload.starts_with(b"{not") || payload.windows(8).any(|w| w == b"no items")
+        })
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(bad_sequences.len(), not_json + no_items);
+
+    let dead_total = (not_json + no_items) as u64;
+    eventually(
+        Duration::from_secs(60),
+        "all outputs and dead letters",
+        || async {
+            Ok(stream_len(&js, "ENRICHED").await? >= 1_000
+                && stream_len(&js, weir_host::serve::DEAD_LETTER_STREAM).await? >= dead_total)
+        },
+    )
+    .await?;
+    host.stop().await?;
+
+    let enriched = read_stream(&js, "ENRICHED").await?;
+    assert_eq!(enriched.len(), 1_000, "exactly one output per valid order");
+    let mut seen = BTreeMap::new();
+    for message in &enriched {
+        let order: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        let id = order["order_id"].as_str().unwrap_or_default().to_string();
+        assert_eq!(order["customer"], "c", "original fields are kept");
+        let totals = (
+            order["total_cents"].as_u64().unwrap_or(u64::MAX),
+            order["item_count"].as_u64().unwrap_or(u64::MAX),
+        );
+        assert!(
+            seen.insert(id, totals).is_none(),
+            "an order was enriched twice"
+        );
+    }
+    assert_eq!(seen, expected_totals);
+
+    let dead = read_stream(&js, weir_host::serve::DEAD_LETTER_STREAM).await?;
+    assert_eq!(dead.len() as u64, dead_total);
+    let mut kinds = BTreeMap::new();
+    let mut dead_sequences = BTreeSet::new();
+    for message in &dead {
+        assert_eq!(message.subject.as_str(), "weir.dlq.enrich");
+        let headers = message
+            .headers
+            .as_ref()
+            .expect("dead letters carry headers");
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(header(dlq::FUNCTION), "enrich");
+        assert_eq!(header(dlq::SUBJECT), "orders.created");
+        assert_eq!(header(dlq::ATTEMPTS), "1");
+        let kind = header(dlq::KIND);
+        let reason = header(dlq::REASON);
+        match kind.as_str() {
+            "bad-event" => {
+                assert!(reason.contains("not JSON"), "reason: {reason}");
+                assert!(
+                    message.payload.starts_with(b"{not"),
+                    "the original payload is kept"
+                );
+            }
+            "reject" => assert!(reason.contains("items"), "reason: {reason}"),
+            other => panic!("unexpected dead-letter kind {other}: {reason}"),
+        }
+        *kinds.entry(kind).or_insert(0) += 1;
+        dead_sequences.insert(header(dlq::SEQUENCE).parse::<u64>()?);
+    }
+    assert_eq!(kinds.get("bad-event"), Some(&not_json));
+    assert_eq!(kinds.get("reject"), Some(&no_items));
+    assert_eq!(dead_sequences, bad_sequences);
+    Ok(())
+}

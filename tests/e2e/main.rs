@@ -1,0 +1,7 @@
+//! End-to-end tests of Weir: real nats-server (started per test), real
+//! Postgres (a fresh database per test through `#[sqlx::test]`), the example
+//! components built from source. One binary, one module per area.
+
+mod enrich;
+mod fraud;
+mod restart;

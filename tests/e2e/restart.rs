@@ -1,0 +1,134 @@
+//! Restarts: a host stopped gracefully mid-stream and started again loses
+//! nothing and applies nothing twice; state written before a restart is read
+//! back from Postgres by a host with a cold cache.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+
+use crate::fraud::{Tx, drained, expected, fraud_host, stored_alerts, stored_counts, transactions};
+
+#[sqlx::test(migrations = false)]
+async fn graceful_stop_mid_stream_then_restart_is_exact(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let nats = NatsServer::start()?;
+    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let url = database_url(&db);
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 100)?);
+    let js = nats.jetstream().await?;
+    eventually(
+        Duration::from_secs(60),
+        "the host to create its streams",
+        || async { Ok(js.get_stream("CARDS").await.is_ok()) },
+    )
+    .await?;
+
+    // The producer is still publishing when the host stops, so the stop
+    // is mid-stream by construction.
+    let txs = transactions(200, 50, 11);
+    let (first, second) = txs.split_at(txs.len() / 2);
+    let mut sequences = publish_all(&js, "cards.tx", first.iter().map(Tx::payload)).await?;
+    eventually(Duration::from_secs(60), "some progress", || async {
+        let applied: Option<i64> = sqlx::query_scalar(
+            "SELECT applied_seq FROM weir_progress WHERE function_name = 'fraud-velocity'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        Ok(applied.is_some())
+    })
+    .await?;
+    let producer = {
+        let js = js.clone();
+        let second: Vec<Tx> = second.to_vec();
+        tokio::spawn(
+            async move { publish_all(&js, "cards.tx", second.iter().map(Tx::payload)).await },
+        )
+    };
+    host.stop().await?;
+    let applied_at_stop = stored_counts(&pool).await?.values().sum::<u64>();
+    sequences.extend(producer.await??);
+    assert!(
+        (applied_at_stop as usize) < txs.len(),
+        "the host must stop before the end of the stream"
+    );
+
+    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 100)?);
+    drained(&pool, txs.len()).await?;
+    let expected = expected(&txs, &sequences);
+    let alerts_expected = expected.alerts.len() as u64;
+    eventually(Duration::from_secs(30), "every alert", || async {
+        Ok(stream_len(&js, "ALERTS").await? >= alerts_expected)
+    })
+    .await?;
+    host.stop().await?;
+
+    assert_eq!(
+        stored_counts(&pool).await?,
+        expected.counts,
+        "nothing lost, nothing twice"
+    );
+    let alerts = stored_alerts(&js).await?;
+    assert_eq!(
+        alerts.len(),
+        expected.alerts.len(),
+        "each alert exactly once"
+    );
+    assert_eq!(alerts.into_iter().collect::<BTreeSet<_>>(), expected.alerts);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn state_survives_a_restart_with_a_cold_cache(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let nats = NatsServer::start()?;
+    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let url = database_url(&db);
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let js = nats.jetstream().await?;
+    let tx = |ts: i64| Tx {
+        card: "card-x".into(),
+        ts,
+        amount_cents: 500,
+    };
+
+    // Five transactions inside one minute: at the threshold, no alert yet.
+    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 10)?);
+    eventually(
+        Duration::from_secs(60),
+        "the host to create its streams",
+        || async { Ok(js.get_stream("CARDS").await.is_ok()) },
+    )
+    .await?;
+    let before: Vec<Tx> = (0..5).map(|i| tx(1_000_000 + i * 1_000)).collect();
+    let mut sequences = publish_all(&js, "cards.tx", before.iter().map(Tx::payload)).await?;
+    drained(&pool, 5).await?;
+    host.stop().await?;
+    assert_eq!(stored_alerts(&js).await?, vec![]);
+
+    // A new host has an empty cache: the sixth transaction in the same
+    // minute alerts only if the first five are read back from Postgres.
+    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 10)?);
+    let after = [tx(1_010_000)];
+    sequences.extend(publish_all(&js, "cards.tx", after.iter().map(Tx::payload)).await?);
+    drained(&pool, 6).await?;
+    eventually(Duration::from_secs(30), "the alert", || async {
+        Ok(stream_len(&js, "ALERTS").await? >= 1)
+    })
+    .await?;
+    host.stop().await?;
+
+    assert_eq!(
+        stored_alerts(&js).await?,
+        vec![("card-x".to_string(), sequences[5], 6)]
+    );
+    assert_eq!(stored_counts(&pool).await?.get("card-x"), Some(&6));
+    Ok(())
+}

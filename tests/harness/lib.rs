@@ -1,0 +1,324 @@
+//! Test harness for Weir's end-to-end tests and benchmark: a real
+//! nats-server started on a free port with its own store directory (killed
+//! on drop, restartable on the same store), the guest components built by
+//! `cargo xtask build-components`, and a host run in-process until stopped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use weir_host::config::{FunctionSpec, HostConfig, StreamSpec};
+use weir_host::control::StaticFunctions;
+
+/// A nats-server with JetStream, owned by one test.
+pub struct NatsServer {
+    port: u16,
+    store: tempdir::TempDir,
+    child: Option<Child>,
+}
+
+/// A private temporary directory, removed on drop.
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug)]
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(prefix: &str) -> std::io::Result<Self> {
+            let unique = format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default()
+            );
+            let path = std::env::temp_dir().join(unique);
+            std::fs::create_dir_all(&path)?;
+            Ok(Self(path))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl NatsServer {
+    /// Starts nats-server (from `NATS_SERVER` or the PATH) on a free port.
+    pub fn start() -> Result<Self> {
+        let store = tempdir::TempDir::new("weir-nats")?;
+        let port = free_port()?;
+        let mut server = Self {
+            port,
+            store,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let binary = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let child = Command::new(&binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("starting `{binary}` (install nats-server or set NATS_SERVER)")
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nats-server did not listen on port {} within 10 s",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// A JetStream context on a new connection.
+    pub async fn jetstream(&self) -> Result<jetstream::Context> {
+        let client = async_nats::connect(self.url()).await?;
+        Ok(jetstream::new(client))
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and
+    /// store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The directory holding the built guest components.
+pub fn components_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("wasm32-wasip2/component")
+}
+
+/// The built component of example crate `name` (e.g. `fraud-velocity`).
+pub fn component(name: &str) -> Result<PathBuf> {
+    let path = components_dir().join(format!("{}.wasm", name.replace('-', "_")));
+    if !path.exists() {
+        bail!(
+            "component {} is missing: run `cargo xtask build-components` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A Postgres URL for the database `options` name (as `#[sqlx::test]` made it).
+pub fn database_url(options: &sqlx::postgres::PgConnectOptions) -> String {
+    let password = std::env::var("DATABASE_URL")
+        .ok()
+        .and_then(|url| {
+            let credentials = url.split("://").nth(1)?.split('@').next()?.to_string();
+            credentials.split_once(':').map(|(_, p)| p.to_string())
+        })
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    format!(
+        "postgres://{}{}@{}:{}/{}",
+        options.get_username(),
+        password,
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    )
+}
+
+/// A host configuration for tests: its own artifact cache and no streams.
+pub fn host_config(nats: &NatsServer, database_url: &str, artifacts: &Path) -> HostConfig {
+    HostConfig {
+        nats_url: nats.url(),
+        database_url: database_url.to_string(),
+        artifact_dir: artifacts.to_path_buf(),
+        ..HostConfig::default()
+    }
+}
+
+/// A stream spec capturing `subjects`.
+pub fn stream(name: &str, subjects: &[&str]) -> StreamSpec {
+    StreamSpec {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        duplicate_window_secs: 120,
+    }
+}
+
+/// A host running in this process until [`RunningHost::stop`].
+pub struct RunningHost {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), weir_host::serve::ServeError>>,
+}
+
+impl RunningHost {
+    pub fn start(config: HostConfig) -> Self {
+        let shutdown = CancellationToken::new();
+        let functions: Vec<FunctionSpec> = config.functions.clone();
+        let task = tokio::spawn(weir_host::serve::serve(
+            config,
+            StaticFunctions(functions),
+            shutdown.clone(),
+        ));
+        Self { shutdown, task }
+    }
+
+    /// Graceful stop: the batch in hand is finished, then the host returns.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+
+    /// Fails if the host already exited with an error.
+    pub fn check(&self) -> Result<()> {
+        if self.task.is_finished() {
+            bail!("the host exited early");
+        }
+        Ok(())
+    }
+}
+
+/// Creates (or keeps) a stream directly, for outputs the test reads.
+pub async fn ensure_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> Result<()> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Publishes every payload to `subject` with up to 1000 acks in flight;
+/// returns the stream sequence of each, in order.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    subject: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) -> Result<Vec<u64>> {
+    let mut sequences = Vec::new();
+    let mut pending = std::collections::VecDeque::new();
+    for payload in payloads {
+        let ack = js.publish(subject.to_string(), payload.into()).await?;
+        pending.push_back(std::future::IntoFuture::into_future(ack));
+        if pending.len() >= 1000
+            && let Some(ack) = pending.pop_front()
+        {
+            sequences.push(ack.await?.sequence);
+        }
+    }
+    for ack in pending {
+        sequences.push(ack.await?.sequence);
+    }
+    Ok(sequences)
+}
+
+/// Every message currently in `stream`, read with an ephemeral consumer.
+pub async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Vec<async_nats::Message>> {
+    let mut handle = js.get_stream(stream).await?;
+    let total = handle.info().await?.state.messages as usize;
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    let consumer = handle
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut read = Vec::with_capacity(total);
+    while read.len() < total {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .context("reading the stream timed out")?;
+        match next {
+            Some(message) => read.push(message?.message),
+            None => break,
+        }
+    }
+    Ok(read)
+}
+
+/// Number of messages in `stream` now.
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
+
+/// Polls `check` every 50 ms until it returns true, failing after `limit`
+/// with `what` in the message. A liveness bound, not a performance check.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
