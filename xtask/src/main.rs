@@ -1,0 +1,164 @@
+//! Build driver for the repository: `cargo xtask <command>`.
+//!
+//! - `build-components`: builds the example guests to wasm32-wasip2 components.
+//! - `dev`: the local stack — services checked or started, examples built,
+//!   `weir dev` running them with generated events.
+//! - `test`: formatting, lints, guests, then every test of the workspace.
+//! - `bench`: the throughput and latency benchmark (release build).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Guest crates built to components.
+const COMPONENTS: &[&str] = &["enrich", "fraud-velocity", "passthrough"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("build-components") => build_components(),
+        Some("dev") => {
+            ensure_services()?;
+            build_components()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "weir-host",
+                    "--bin",
+                    "weir",
+                    "--",
+                    "dev",
+                ])
+                .args(&args[1..]))
+        }
+        Some("test") => {
+            ensure_services()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            build_components()?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo().args([
+                "clippy",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                "weir-sdk",
+                "-p",
+                "enrich",
+                "-p",
+                "fraud-velocity",
+                "-p",
+                "passthrough",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            test(&args[1..])
+        }
+        Some("bench") => {
+            ensure_services()?;
+            build_components()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "weir-e2e",
+                    "--bin",
+                    "weir-bench",
+                    "--",
+                ])
+                .args(&args[1..]))
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <build-components | dev | test | bench> [args]");
+            bail!("unknown command")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Installs or starts what the stack needs: the wasm32-wasip2 target,
+/// nats-server, and a reachable Postgres.
+fn ensure_services() -> Result<()> {
+    run(Command::new("bash").arg("scripts/ensure-services.sh"))
+}
+
+fn build_components() -> Result<()> {
+    let mut command = cargo();
+    command.args([
+        "build",
+        "--target",
+        "wasm32-wasip2",
+        "--profile",
+        "component",
+    ]);
+    for name in COMPONENTS {
+        command.args(["-p", name]);
+    }
+    run(&mut command)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        // SAFETY of intent: set before any thread is spawned by this process.
+        // `#[sqlx::test]` creates a fresh database per test on this server.
+        set_env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        );
+    }
+    let nextest = Command::new("cargo-nextest")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if nextest {
+        run(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(extra))
+    } else {
+        run(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(extra))
+    }
+}
+
+fn set_env(name: &str, value: &str) {
+    // Single-threaded at this point; no other thread reads the environment.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var(name, value)
+    }
+}
