@@ -58,7 +58,9 @@ impl std::fmt::Debug for FunctionWorker {
 
 /// One input message of a batch and what became of it.
 struct Slot {
-    delivery: Delivery,
+    message: async_nats::jetstream::Message,
+    sequence: u64,
+    delivered: u64,
     outcome: Option<EventOutcome>,
     handled: Option<Handled>,
 }
@@ -141,41 +143,47 @@ impl FunctionWorker {
     }
 
     async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
-        let mut slots: Vec<Slot> = batch
-            .into_iter()
-            .map(|delivery| Slot {
-                outcome: delivery
-                    .event
-                    .as_ref()
-                    .err()
-                    .map(|f| EventOutcome::Failed(f.clone())),
-                delivery,
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for (index, delivery) in batch.into_iter().enumerate() {
+            let outcome = match delivery.event {
+                Ok(event) => {
+                    events.push((index, event));
+                    None
+                }
+                Err(failure) => Some(EventOutcome::Failed(failure)),
+            };
+            slots.push(Slot {
+                message: delivery.message,
+                sequence: delivery.sequence,
+                delivered: delivery.delivered,
+                outcome,
                 handled: None,
-            })
-            .collect();
+            });
+        }
 
         // A redelivery may be an event whose batch committed but was not
         // acked before a crash: its effect is already in Postgres.
-        let redelivered: Vec<u64> = slots
+        let redelivered: Vec<u64> = events
             .iter()
-            .filter(|s| s.outcome.is_none() && s.delivery.delivered > 1)
-            .map(|s| s.delivery.sequence)
+            .map(|(index, _)| &slots[*index])
+            .filter(|slot| slot.delivered > 1)
+            .map(|slot| slot.sequence)
             .collect();
         let applied = match self.state.already_applied(&self.name, &redelivered).await {
             Ok(applied) => applied,
             Err(error) => return self.give_back(slots, &error.to_string(), cancel).await,
         };
-        for slot in &mut slots {
-            if slot.outcome.is_none() && applied.contains(&slot.delivery.sequence) {
-                slot.outcome = Some(EventOutcome::AlreadyApplied);
-            }
-        }
-
-        let to_run: Vec<(usize, Event)> = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.outcome.is_none())
-            .filter_map(|(i, s)| s.delivery.event.as_ref().ok().map(|e| (i, e.clone())))
+        let to_run: Vec<(usize, Event)> = events
+            .into_iter()
+            .filter(|(index, _)| {
+                let slot = &mut slots[*index];
+                let done = applied.contains(&slot.sequence);
+                if done {
+                    slot.outcome = Some(EventOutcome::AlreadyApplied);
+                }
+                !done
+            })
             .collect();
         let keys: Vec<&str> = to_run.iter().map(|(_, e)| e.key.as_str()).collect();
         let view = match self.state.view(&self.name, &keys).await {
@@ -202,7 +210,7 @@ impl FunctionWorker {
             let Some(handled) = slot.handled.take() else {
                 continue;
             };
-            let sequence = slot.delivery.sequence;
+            let sequence = slot.sequence;
             if handled.wrote {
                 applied_sequences.push(sequence);
             }
@@ -222,7 +230,7 @@ impl FunctionWorker {
         let decisions: Vec<AckDecision> = slots
             .iter()
             .map(|s| match &s.outcome {
-                Some(outcome) => decide(outcome, s.delivery.delivered, &self.spec.retry),
+                Some(outcome) => decide(outcome, s.delivered, &self.spec.retry),
                 // Every slot has an outcome by now; treat a gap as retryable.
                 None => AckDecision::Nak {
                     delay: BATCH_RETRY_DELAY,
@@ -275,10 +283,10 @@ impl FunctionWorker {
                 AckDecision::Nak { delay } => AckKind::Nak(Some(delay)),
                 AckDecision::DeadLetter => AckKind::Term,
             };
-            if let Err(error) = slot.delivery.message.ack_with(kind).await {
+            if let Err(error) = slot.message.ack_with(kind).await {
                 // JetStream delivers it again; the applied set or the
                 // message ids keep that from doubling anything.
-                tracing::warn!(function = %self.name, sequence = slot.delivery.sequence, %error, "ack failed");
+                tracing::warn!(function = %self.name, sequence = slot.sequence, %error, "ack failed");
             }
         }
     }
@@ -335,7 +343,7 @@ impl FunctionWorker {
     }
 
     fn dead_letter(&self, slot: &Slot) -> OutputRecord {
-        let message = &slot.delivery.message;
+        let message = &slot.message;
         let failure = match &slot.outcome {
             Some(EventOutcome::Failed(failure)) => failure.clone(),
             _ => Failure::new(FailureKind::Trap, "no outcome"),
@@ -355,21 +363,15 @@ impl FunctionWorker {
             (dlq::FUNCTION.to_string(), self.name.to_string()),
             (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
             (dlq::REASON.to_string(), header_text(&failure.message)),
-            (
-                dlq::ATTEMPTS.to_string(),
-                slot.delivery.delivered.to_string(),
-            ),
+            (dlq::ATTEMPTS.to_string(), slot.delivered.to_string()),
             (dlq::SUBJECT.to_string(), message.subject.to_string()),
-            (
-                dlq::SEQUENCE.to_string(),
-                slot.delivery.sequence.to_string(),
-            ),
+            (dlq::SEQUENCE.to_string(), slot.sequence.to_string()),
         ]);
         OutputRecord {
             subject: self.dead_letter_subject.clone(),
             payload: message.payload.clone(),
             headers,
-            msg_id: dead_letter_msg_id(&self.name, slot.delivery.sequence),
+            msg_id: dead_letter_msg_id(&self.name, slot.sequence),
         }
     }
 
@@ -377,7 +379,7 @@ impl FunctionWorker {
         let Some(EventOutcome::Failed(failure)) = &slot.outcome else {
             return;
         };
-        let sequence = slot.delivery.sequence;
+        let sequence = slot.sequence;
         match decision {
             AckDecision::DeadLetter => tracing::warn!(
                 function = %self.name, sequence, kind = %failure.kind, error = %failure.message,
@@ -396,7 +398,6 @@ impl FunctionWorker {
         tracing::warn!(function = %self.name, events = slots.len(), error = reason, "batch not committed; it will be delivered again");
         for slot in &slots {
             let _ = slot
-                .delivery
                 .message
                 .ack_with(AckKind::Nak(Some(BATCH_RETRY_DELAY)))
                 .await;
