@@ -3,5 +3,6 @@
 //! components built from source. One binary, one module per area.
 
 mod enrich;
+mod failures;
 mod fraud;
 mod restart;

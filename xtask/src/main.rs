@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Guest crates built to components.
-const COMPONENTS: &[&str] = &["enrich", "fraud-velocity", "passthrough"];
+const COMPONENTS: &[&str] = &["enrich", "fraud-velocity", "passthrough", "misbehave"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,6 +60,8 @@ fn main() -> Result<()> {
                 "fraud-velocity",
                 "-p",
                 "passthrough",
+                "-p",
+                "misbehave",
                 "--",
                 "-D",
                 "warnings",
