@@ -6,3 +6,4 @@ mod enrich;
 mod failures;
 mod fraud;
 mod restart;
+mod startup;

@@ -225,6 +225,13 @@ impl RunningHost {
         Ok(())
     }
 
+    /// Waits for the host to exit on its own (a start-up error) and returns
+    /// its result.
+    pub async fn stop_when_exited(self) -> Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+
     /// Fails if the host already exited with an error.
     pub fn check(&self) -> Result<()> {
         if self.task.is_finished() {

@@ -156,11 +156,3 @@ fn test(extra: &[String]) -> Result<()> {
             .args(extra))
     }
 }
-
-fn set_env(name: &str, value: &str) {
-    // Single-threaded at this point; no other thread reads the environment.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var(name, value)
-    }
-}

@@ -1,0 +1,110 @@
+//! Start-up: bad modules and bad bindings stop the host with an error that
+//! names the function and the problem; good modules are compiled once and
+//! then loaded from the artifact cache.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+use weir_host::config::{FunctionSpec, HostConfig, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::sandbox::{Sandbox, SandboxConfig};
+
+fn function(module: std::path::PathBuf, outputs: &[&str]) -> FunctionSpec {
+    FunctionSpec {
+        name: "f".into(),
+        module,
+        stream: "IN".into(),
+        subject: "in".into(),
+        key: KeySource::SubjectToken(0),
+        event_time: TimeSource::MessageTimestamp,
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        limits: Limits::default(),
+        retry: RetryPolicy::default(),
+        batch_size: 10,
+    }
+}
+
+async fn start_error(config: HostConfig) -> Result<String> {
+    let host = RunningHost::start(config);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), host.stop_when_exited()).await?;
+    Ok(match outcome {
+        Ok(()) => String::from("<the host started>"),
+        Err(error) => format!("{error:#}"),
+    })
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let nats = NatsServer::start()?;
+    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let files = tempdir::TempDir::new("weir-modules")?;
+    let url = database_url(&db);
+    let base = || {
+        let mut config = host_config(&nats, &url, artifacts.path());
+        config.streams = vec![stream("IN", &["in"]), stream("OUT", &["out"])];
+        config
+    };
+
+    let not_wasm = files.path().join("not-wasm.wasm");
+    std::fs::write(&not_wasm, b"#!/bin/sh\necho hello\n")?;
+    let core_module = files.path().join("core.wasm");
+    std::fs::write(&core_module, b"\0asm\x01\0\0\0")?;
+    let passthrough = component("passthrough")?;
+
+    let cases = [
+        (function(not_wasm, &["out"]), "not a valid Weir component"),
+        (
+            function(core_module, &["out"]),
+            "not a valid Weir component",
+        ),
+        (
+            function(files.path().join("missing.wasm"), &[]),
+            "cannot read component",
+        ),
+        (
+            function(passthrough.clone(), &["nowhere.out"]),
+            "no JetStream stream captures it",
+        ),
+        (
+            FunctionSpec {
+                stream: "NO_SUCH_STREAM".into(),
+                ..function(passthrough.clone(), &["out"])
+            },
+            "stream `NO_SUCH_STREAM` of function `f` is not available",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let mut config = base();
+        config.functions = vec![spec];
+        let error = start_error(config).await?;
+        assert!(
+            error.contains(expected),
+            "`{error}` should say `{expected}`"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_compiled_component_is_cached_by_digest() -> Result<()> {
+    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let sandbox = Sandbox::new(&SandboxConfig {
+        artifact_dir: artifacts.path().to_path_buf(),
+        ..SandboxConfig::default()
+    })?;
+    let first = sandbox.load_file(&component("passthrough")?)?;
+    let cached: Vec<_> = std::fs::read_dir(artifacts.path())?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(cached.len(), 1, "one artifact: {cached:?}");
+    assert!(cached[0].starts_with(first.digest()), "{cached:?}");
+    let second = sandbox.load_file(&component("passthrough")?)?;
+    assert_eq!(first.digest(), second.digest());
+    assert_eq!(std::fs::read_dir(artifacts.path())?.count(), 1);
+    Ok(())
+}
