@@ -23,17 +23,12 @@ fn main() -> Result<()> {
         Some("dev") => {
             ensure_services()?;
             build_components()?;
+            let components = target_dir(&root).join("wasm32-wasip2/component");
             run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "weir-host",
-                    "--bin",
-                    "weir",
-                    "--",
-                    "dev",
-                ])
+                .args(["run", "--release", "-p", "weir-host", "--bin", "weir", "--"])
+                .arg("dev")
+                .arg("--components")
+                .arg(components)
                 .args(&args[1..]))
         }
         Some("test") => {
@@ -97,6 +92,13 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR`, or `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -134,14 +136,8 @@ fn build_components() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    if std::env::var_os("DATABASE_URL").is_none() {
-        // SAFETY of intent: set before any thread is spawned by this process.
-        // `#[sqlx::test]` creates a fresh database per test on this server.
-        set_env(
-            "DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/postgres",
-        );
-    }
+    // DATABASE_URL (where `#[sqlx::test]` makes a database per test) comes
+    // from the environment or, by default, from .cargo/config.toml.
     let nextest = Command::new("cargo-nextest")
         .arg("--version")
         .output()
