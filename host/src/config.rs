@@ -127,6 +127,32 @@ fn default_batch_size() -> usize {
     500
 }
 
+impl FunctionSpec {
+    /// A binding of `module` to `subject` in `stream`, keyed by `key`, with
+    /// the defaults for everything else: message timestamps as event time,
+    /// no outputs, default limits, retry policy and batch size.
+    pub fn new(
+        name: impl Into<String>,
+        module: impl Into<PathBuf>,
+        stream: impl Into<String>,
+        subject: impl Into<String>,
+        key: KeySource,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            module: module.into(),
+            stream: stream.into(),
+            subject: subject.into(),
+            key,
+            event_time: TimeSource::default(),
+            outputs: Vec::new(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
 /// Sandbox limits of one function.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

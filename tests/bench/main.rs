@@ -20,7 +20,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use weir_e2e::*;
-use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::config::{FunctionSpec, KeySource, TimeSource};
 
 const BATCH: usize = 500;
 
@@ -269,16 +269,15 @@ async fn raw_consumer(
 
 fn passthrough_function(name: &str, stream: &str, subject: &str) -> Result<FunctionSpec> {
     Ok(FunctionSpec {
-        name: name.into(),
-        module: component("passthrough")?,
-        stream: stream.into(),
-        subject: subject.into(),
-        key: KeySource::SubjectToken(0),
-        event_time: TimeSource::MessageTimestamp,
         outputs: vec!["bench.out".into()],
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
         batch_size: BATCH,
+        ..FunctionSpec::new(
+            name,
+            component("passthrough")?,
+            stream,
+            subject,
+            KeySource::SubjectToken(0),
+        )
     })
 }
 
@@ -343,16 +342,16 @@ async fn weir_fraud(
     let name = format!("fraud-{round}");
     let mut config = host_config(nats, url, artifacts);
     config.functions = vec![FunctionSpec {
-        name: name.clone(),
-        module: component("fraud-velocity")?,
-        stream: input,
-        subject,
-        key: KeySource::JsonPointer("/card".into()),
         event_time: TimeSource::JsonPointer("/ts".into()),
         outputs: vec!["alerts.velocity".into()],
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
         batch_size: BATCH,
+        ..FunctionSpec::new(
+            name.clone(),
+            component("fraud-velocity")?,
+            input,
+            subject,
+            KeySource::JsonPointer("/card".into()),
+        )
     }];
     let cpu = process_cpu();
     let started = Instant::now();

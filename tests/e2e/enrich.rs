@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
-use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::config::{FunctionSpec, KeySource};
 use weir_host::output::dead_letter_headers as dlq;
 
 #[sqlx::test(migrations = false)]
@@ -16,33 +16,27 @@ async fn valid_orders_are_enriched_and_bad_ones_dead_lettered(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
-    let mut config = host_config(&nats, &database_url(&db), artifacts.path());
-    config.streams = vec![
-        stream("ORDERS", &["orders.created"]),
-        stream("ENRICHED", &["orders.enriched"]),
-    ];
-    config.functions = vec![FunctionSpec {
-        name: "enrich".into(),
-        module: component("enrich")?,
-        stream: "ORDERS".into(),
-        subject: "orders.created".into(),
-        key: KeySource::JsonPointer("/order_id".into()),
-        event_time: TimeSource::MessageTimestamp,
+    let stack = Stack::start(&db).await?;
+    let enrich = FunctionSpec {
         outputs: vec!["orders.enriched".into()],
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
         batch_size: 100,
-    }];
-    let host = RunningHost::start(config);
-    let js = nats.jetstream().await?;
-    eventually(
-        Duration::from_secs(60),
-        "the host to create its streams",
-        || async { Ok(js.get_stream("ORDERS").await.is_ok()) },
-    )
-    .await?;
+        ..FunctionSpec::new(
+            "enrich",
+            component("enrich")?,
+            "ORDERS",
+            "orders.created",
+            KeySource::JsonPointer("/order_id".into()),
+        )
+    };
+    let config = stack.config(
+        vec![
+            stream("ORDERS", &["orders.created"]),
+            stream("ENRICHED", &["orders.enriched"]),
+        ],
+        vec![enrich],
+    );
+    let host = stack.host(config).await?;
+    let js = &stack.js;
 
     // 1,000 good orders; every 50th input is not JSON (the host cannot find
     // the key: bad-event), every 100th has no items (the guest rejects it).
@@ -72,7 +66,7 @@ async fn valid_orders_are_enriched_and_bad_ones_dead_lettered(
                 .into_bytes(),
         );
     }
-    let sequences = publish_all(&js, "orders.created", inputs.clone()).await?;
+    let sequences = publish_all(js, "orders.created", inputs.clone()).await?;
     let bad_sequences: BTreeSet<u64> = inputs
         .iter()
         .zip(&sequences)
@@ -88,14 +82,14 @@ async fn valid_orders_are_enriched_and_bad_ones_dead_lettered(
         Duration::from_secs(60),
         "all outputs and dead letters",
         || async {
-            Ok(stream_len(&js, "ENRICHED").await? >= 1_000
-                && stream_len(&js, weir_host::serve::DEAD_LETTER_STREAM).await? >= dead_total)
+            Ok(stream_len(js, "ENRICHED").await? >= 1_000
+                && stream_len(js, weir_host::serve::DEAD_LETTER_STREAM).await? >= dead_total)
         },
     )
     .await?;
     host.stop().await?;
 
-    let enriched = read_stream(&js, "ENRICHED").await?;
+    let enriched = read_stream(js, "ENRICHED").await?;
     assert_eq!(enriched.len(), 1_000, "exactly one output per valid order");
     let mut seen = BTreeMap::new();
     for message in &enriched {
@@ -113,22 +107,13 @@ async fn valid_orders_are_enriched_and_bad_ones_dead_lettered(
     }
     assert_eq!(seen, expected_totals);
 
-    let dead = read_stream(&js, weir_host::serve::DEAD_LETTER_STREAM).await?;
+    let dead = read_stream(js, weir_host::serve::DEAD_LETTER_STREAM).await?;
     assert_eq!(dead.len() as u64, dead_total);
     let mut kinds = BTreeMap::new();
     let mut dead_sequences = BTreeSet::new();
     for message in &dead {
         assert_eq!(message.subject.as_str(), "weir.dlq.enrich");
-        let headers = message
-            .headers
-            .as_ref()
-            .expect("dead letters carry headers");
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        };
+        let header = |name: &str| header(message, name);
         assert_eq!(header(dlq::FUNCTION), "enrich");
         assert_eq!(header(dlq::SUBJECT), "orders.created");
         assert_eq!(header(dlq::ATTEMPTS), "1");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
-use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy};
 use weir_host::output::dead_letter_headers as dlq;
 
 #[sqlx::test(migrations = false)]
@@ -17,21 +17,8 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
-    let url = database_url(&db);
-    let mut config = host_config(&nats, &url, artifacts.path());
-    config.streams = vec![
-        stream("FIXTURE_IN", &["fixture.in"]),
-        stream("FIXTURE_OUT", &["fixture.out"]),
-    ];
-    config.functions = vec![FunctionSpec {
-        name: "misbehave".into(),
-        module: component("misbehave")?,
-        stream: "FIXTURE_IN".into(),
-        subject: "fixture.in".into(),
-        key: KeySource::JsonPointer("/key".into()),
-        event_time: TimeSource::MessageTimestamp,
+    let stack = Stack::start(&db).await?;
+    let misbehave = FunctionSpec {
         outputs: vec!["fixture.out".into()],
         limits: Limits {
             deadline_ms: 100,
@@ -43,15 +30,23 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
             max_backoff_ms: 100,
         },
         batch_size: 50,
-    }];
-    let host = RunningHost::start(config);
-    let js = nats.jetstream().await?;
-    eventually(
-        Duration::from_secs(60),
-        "the host to create its streams",
-        || async { Ok(js.get_stream("FIXTURE_IN").await.is_ok()) },
-    )
-    .await?;
+        ..FunctionSpec::new(
+            "misbehave",
+            component("misbehave")?,
+            "FIXTURE_IN",
+            "fixture.in",
+            KeySource::JsonPointer("/key".into()),
+        )
+    };
+    let config = stack.config(
+        vec![
+            stream("FIXTURE_IN", &["fixture.in"]),
+            stream("FIXTURE_OUT", &["fixture.out"]),
+        ],
+        vec![misbehave],
+    );
+    let host = stack.host(config).await?;
+    let js = &stack.js;
 
     // (action, expected dead-letter kind, expected attempts)
     let failures = [
@@ -71,7 +66,7 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
         }
     }
     let sequences = publish_all(
-        &js,
+        js,
         "fixture.in",
         payloads.iter().map(|p| p.to_string().into_bytes()),
     )
@@ -83,15 +78,15 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
         Duration::from_secs(60),
         "outputs and dead letters",
         || async {
-            Ok(stream_len(&js, "FIXTURE_OUT").await? >= 100
-                && stream_len(&js, weir_host::serve::DEAD_LETTER_STREAM).await? >= dead_expected)
+            Ok(stream_len(js, "FIXTURE_OUT").await? >= 100
+                && stream_len(js, weir_host::serve::DEAD_LETTER_STREAM).await? >= dead_expected)
         },
     )
     .await?;
     host.check()?;
     host.stop().await?;
 
-    let pool = sqlx::PgPool::connect(&url).await?;
+    let pool = stack.pool().await?;
     let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
         "SELECT key, value FROM weir_state WHERE function_name = 'misbehave' AND name = 'count' ORDER BY key",
     )
@@ -104,7 +99,7 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
     let expected_counts: Vec<(String, u64)> = (0..5).map(|k| (format!("k{k}"), 20)).collect();
     assert_eq!(counts, expected_counts, "failed events left no state");
 
-    let outputs = read_stream(&js, "FIXTURE_OUT").await?;
+    let outputs = read_stream(js, "FIXTURE_OUT").await?;
     assert_eq!(outputs.len(), 100, "failed events left no output");
     assert!(
         outputs
@@ -112,19 +107,10 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
             .all(|m| m.payload.windows(4).any(|w| w == b"\"ok\""))
     );
 
-    let dead = read_stream(&js, weir_host::serve::DEAD_LETTER_STREAM).await?;
+    let dead = read_stream(js, weir_host::serve::DEAD_LETTER_STREAM).await?;
     let mut seen = BTreeMap::new();
     for message in &dead {
-        let headers = message
-            .headers
-            .as_ref()
-            .expect("dead letters carry headers");
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        };
+        let header = |name: &str| header(message, name);
         let payload: serde_json::Value = serde_json::from_slice(&message.payload)?;
         let action = payload["do"].as_str().unwrap_or_default().to_string();
         seen.insert(

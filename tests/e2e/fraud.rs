@@ -3,13 +3,12 @@
 //! inputs, each alert exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
-use weir_host::config::{FunctionSpec, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::config::{FunctionSpec, HostConfig, KeySource, TimeSource};
 
 pub const WINDOW_MS: i64 = 60_000;
 pub const THRESHOLD: usize = 5;
@@ -120,35 +119,27 @@ pub fn expected(txs: &[Tx], sequences: &[u64]) -> Expected {
     out
 }
 
-pub fn fraud_function(batch_size: usize) -> Result<FunctionSpec> {
-    Ok(FunctionSpec {
-        name: "fraud-velocity".into(),
-        module: component("fraud-velocity")?,
-        stream: "CARDS".into(),
-        subject: "cards.tx".into(),
-        key: KeySource::JsonPointer("/card".into()),
+/// A host config running `fraud-velocity` with its input and alert streams.
+pub fn fraud_host(stack: &Stack, batch_size: usize) -> Result<HostConfig> {
+    let function = FunctionSpec {
         event_time: TimeSource::JsonPointer("/ts".into()),
         outputs: vec!["alerts.velocity".into()],
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
         batch_size,
-    })
-}
-
-/// A host config running `fraud-velocity` with its input and alert streams.
-pub fn fraud_host(
-    nats: &NatsServer,
-    database_url: &str,
-    artifacts: &Path,
-    batch_size: usize,
-) -> Result<weir_host::config::HostConfig> {
-    let mut config = host_config(nats, database_url, artifacts);
-    config.streams = vec![
-        stream("CARDS", &["cards.>"]),
-        stream("ALERTS", &["alerts.>"]),
-    ];
-    config.functions = vec![fraud_function(batch_size)?];
-    Ok(config)
+        ..FunctionSpec::new(
+            "fraud-velocity",
+            component("fraud-velocity")?,
+            "CARDS",
+            "cards.tx",
+            KeySource::JsonPointer("/card".into()),
+        )
+    };
+    Ok(stack.config(
+        vec![
+            stream("CARDS", &["cards.>"]),
+            stream("ALERTS", &["alerts.>"]),
+        ],
+        vec![function],
+    ))
 }
 
 /// The `count` entry of every card, from Postgres.
@@ -181,6 +172,14 @@ pub async fn stored_alerts(
         .collect()
 }
 
+/// Waits until the ALERTS stream holds `count` alerts.
+pub async fn wait_for_alerts(stack: &Stack, count: usize) -> Result<()> {
+    eventually(Duration::from_secs(30), "every alert", || async {
+        Ok(stream_len(&stack.js, "ALERTS").await? >= count as u64)
+    })
+    .await
+}
+
 /// Waits until the per-card counters add up to `events`: every event is
 /// applied once (more would overshoot, and the caller checks exact counts).
 pub async fn drained(pool: &sqlx::PgPool, events: usize) -> Result<()> {
@@ -205,20 +204,11 @@ async fn counters_and_alerts_are_exact_over_20k_events(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
-    let url = database_url(&db);
-    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 500)?);
-    let js = nats.jetstream().await?;
-    eventually(
-        Duration::from_secs(60),
-        "the host to create its streams",
-        || async { Ok(js.get_stream("CARDS").await.is_ok()) },
-    )
-    .await?;
+    let stack = Stack::start(&db).await?;
+    let host = stack.host(fraud_host(&stack, 500)?).await?;
 
     let txs = transactions(500, 40, 7);
-    let sequences = publish_all(&js, "cards.tx", txs.iter().map(Tx::payload)).await?;
+    let sequences = publish_all(&stack.js, "cards.tx", txs.iter().map(Tx::payload)).await?;
     let expected = expected(&txs, &sequences);
     assert!(
         expected.alerts.len() > 100,
@@ -226,17 +216,13 @@ async fn counters_and_alerts_are_exact_over_20k_events(
         expected.alerts.len()
     );
 
-    let pool = sqlx::PgPool::connect(&url).await?;
+    let pool = stack.pool().await?;
     drained(&pool, txs.len()).await?;
-    let alerts_expected = expected.alerts.len() as u64;
-    eventually(Duration::from_secs(30), "every alert", || async {
-        Ok(stream_len(&js, "ALERTS").await? >= alerts_expected)
-    })
-    .await?;
+    wait_for_alerts(&stack, expected.alerts.len()).await?;
     host.stop().await?;
 
     assert_eq!(stored_counts(&pool).await?, expected.counts);
-    let alerts = stored_alerts(&js).await?;
+    let alerts = stored_alerts(&stack.js).await?;
     assert_eq!(
         alerts.len(),
         expected.alerts.len(),
@@ -244,7 +230,7 @@ async fn counters_and_alerts_are_exact_over_20k_events(
     );
     assert_eq!(alerts.into_iter().collect::<BTreeSet<_>>(), expected.alerts);
     assert_eq!(
-        stream_len(&js, weir_host::serve::DEAD_LETTER_STREAM).await?,
+        stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await?,
         0
     );
     Ok(())

@@ -9,42 +9,30 @@ use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 
-use crate::fraud::{Tx, drained, expected, fraud_host, stored_alerts, stored_counts, transactions};
+use crate::fraud::{
+    Tx, drained, expected, fraud_host, stored_alerts, stored_counts, transactions, wait_for_alerts,
+};
 
 #[sqlx::test(migrations = false)]
 async fn graceful_stop_mid_stream_then_restart_is_exact(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
-    let url = database_url(&db);
-    let pool = sqlx::PgPool::connect(&url).await?;
-    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 100)?);
-    let js = nats.jetstream().await?;
-    eventually(
-        Duration::from_secs(60),
-        "the host to create its streams",
-        || async { Ok(js.get_stream("CARDS").await.is_ok()) },
-    )
-    .await?;
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
+    let host = stack.host(fraud_host(&stack, 100)?).await?;
 
     // The producer is still publishing when the host stops, so the stop
     // is mid-stream by construction.
     let txs = transactions(200, 50, 11);
     let (first, second) = txs.split_at(txs.len() / 2);
-    let mut sequences = publish_all(&js, "cards.tx", first.iter().map(Tx::payload)).await?;
+    let mut sequences = publish_all(&stack.js, "cards.tx", first.iter().map(Tx::payload)).await?;
     eventually(Duration::from_secs(60), "some progress", || async {
-        let applied: Option<i64> = sqlx::query_scalar(
-            "SELECT applied_seq FROM weir_progress WHERE function_name = 'fraud-velocity'",
-        )
-        .fetch_optional(&pool)
-        .await?;
-        Ok(applied.is_some())
+        Ok(stored_counts(&pool).await?.values().sum::<u64>() > 0)
     })
     .await?;
     let producer = {
-        let js = js.clone();
+        let js = stack.js.clone();
         let second: Vec<Tx> = second.to_vec();
         tokio::spawn(
             async move { publish_all(&js, "cards.tx", second.iter().map(Tx::payload)).await },
@@ -58,14 +46,10 @@ async fn graceful_stop_mid_stream_then_restart_is_exact(
         "the host must stop before the end of the stream"
     );
 
-    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 100)?);
+    let host = stack.host(fraud_host(&stack, 100)?).await?;
     drained(&pool, txs.len()).await?;
     let expected = expected(&txs, &sequences);
-    let alerts_expected = expected.alerts.len() as u64;
-    eventually(Duration::from_secs(30), "every alert", || async {
-        Ok(stream_len(&js, "ALERTS").await? >= alerts_expected)
-    })
-    .await?;
+    wait_for_alerts(&stack, expected.alerts.len()).await?;
     host.stop().await?;
 
     assert_eq!(
@@ -73,7 +57,7 @@ async fn graceful_stop_mid_stream_then_restart_is_exact(
         expected.counts,
         "nothing lost, nothing twice"
     );
-    let alerts = stored_alerts(&js).await?;
+    let alerts = stored_alerts(&stack.js).await?;
     assert_eq!(
         alerts.len(),
         expected.alerts.len(),
@@ -88,11 +72,8 @@ async fn state_survives_a_restart_with_a_cold_cache(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
-    let url = database_url(&db);
-    let pool = sqlx::PgPool::connect(&url).await?;
-    let js = nats.jetstream().await?;
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
     let tx = |ts: i64| Tx {
         card: "card-x".into(),
         ts,
@@ -100,33 +81,24 @@ async fn state_survives_a_restart_with_a_cold_cache(
     };
 
     // Five transactions inside one minute: at the threshold, no alert yet.
-    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 10)?);
-    eventually(
-        Duration::from_secs(60),
-        "the host to create its streams",
-        || async { Ok(js.get_stream("CARDS").await.is_ok()) },
-    )
-    .await?;
+    let host = stack.host(fraud_host(&stack, 10)?).await?;
     let before: Vec<Tx> = (0..5).map(|i| tx(1_000_000 + i * 1_000)).collect();
-    let mut sequences = publish_all(&js, "cards.tx", before.iter().map(Tx::payload)).await?;
+    let mut sequences = publish_all(&stack.js, "cards.tx", before.iter().map(Tx::payload)).await?;
     drained(&pool, 5).await?;
     host.stop().await?;
-    assert_eq!(stored_alerts(&js).await?, vec![]);
+    assert_eq!(stored_alerts(&stack.js).await?, vec![]);
 
     // A new host has an empty cache: the sixth transaction in the same
     // minute alerts only if the first five are read back from Postgres.
-    let host = RunningHost::start(fraud_host(&nats, &url, artifacts.path(), 10)?);
+    let host = stack.host(fraud_host(&stack, 10)?).await?;
     let after = [tx(1_010_000)];
-    sequences.extend(publish_all(&js, "cards.tx", after.iter().map(Tx::payload)).await?);
+    sequences.extend(publish_all(&stack.js, "cards.tx", after.iter().map(Tx::payload)).await?);
     drained(&pool, 6).await?;
-    eventually(Duration::from_secs(30), "the alert", || async {
-        Ok(stream_len(&js, "ALERTS").await? >= 1)
-    })
-    .await?;
+    wait_for_alerts(&stack, 1).await?;
     host.stop().await?;
 
     assert_eq!(
-        stored_alerts(&js).await?,
+        stored_alerts(&stack.js).await?,
         vec![("card-x".to_string(), sequences[5], 6)]
     );
     assert_eq!(stored_counts(&pool).await?.get("card-x"), Some(&6));

@@ -7,21 +7,13 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
-use weir_host::config::{FunctionSpec, HostConfig, KeySource, Limits, RetryPolicy, TimeSource};
+use weir_host::config::{FunctionSpec, HostConfig, KeySource};
 use weir_host::sandbox::{Sandbox, SandboxConfig};
 
 fn function(module: std::path::PathBuf, outputs: &[&str]) -> FunctionSpec {
     FunctionSpec {
-        name: "f".into(),
-        module,
-        stream: "IN".into(),
-        subject: "in".into(),
-        key: KeySource::SubjectToken(0),
-        event_time: TimeSource::MessageTimestamp,
         outputs: outputs.iter().map(|s| s.to_string()).collect(),
-        limits: Limits::default(),
-        retry: RetryPolicy::default(),
-        batch_size: 10,
+        ..FunctionSpec::new("f", module, "IN", "in", KeySource::SubjectToken(0))
     }
 }
 
@@ -39,15 +31,9 @@ async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let nats = NatsServer::start()?;
-    let artifacts = tempdir::TempDir::new("weir-artifacts")?;
+    let stack = Stack::start(&db).await?;
     let files = tempdir::TempDir::new("weir-modules")?;
-    let url = database_url(&db);
-    let base = || {
-        let mut config = host_config(&nats, &url, artifacts.path());
-        config.streams = vec![stream("IN", &["in"]), stream("OUT", &["out"])];
-        config
-    };
+    let base = || stack.config(vec![stream("IN", &["in"]), stream("OUT", &["out"])], vec![]);
 
     let not_wasm = files.path().join("not-wasm.wasm");
     std::fs::write(&not_wasm, b"#!/bin/sh\necho hello\n")?;

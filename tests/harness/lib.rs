@@ -200,6 +200,59 @@ pub fn stream(name: &str, subjects: &[&str]) -> StreamSpec {
     }
 }
 
+/// One test's services: its own nats-server, a fresh database (made by
+/// `#[sqlx::test]`), and an artifact cache.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub js: jetstream::Context,
+    pub database_url: String,
+    pub artifacts: tempdir::TempDir,
+}
+
+impl Stack {
+    pub async fn start(database: &sqlx::postgres::PgConnectOptions) -> Result<Self> {
+        let nats = NatsServer::start()?;
+        let js = nats.jetstream().await?;
+        Ok(Self {
+            nats,
+            js,
+            database_url: database_url(database),
+            artifacts: tempdir::TempDir::new("weir-artifacts")?,
+        })
+    }
+
+    /// A host config with these streams and functions.
+    pub fn config(&self, streams: Vec<StreamSpec>, functions: Vec<FunctionSpec>) -> HostConfig {
+        HostConfig {
+            streams,
+            functions,
+            ..host_config(&self.nats, &self.database_url, self.artifacts.path())
+        }
+    }
+
+    /// Starts a host and waits until it has created the config's streams.
+    pub async fn host(&self, config: HostConfig) -> Result<RunningHost> {
+        let streams: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+        let host = RunningHost::start(config);
+        for name in streams {
+            eventually(
+                Duration::from_secs(60),
+                "the host to create its streams",
+                || async {
+                    host.check()?;
+                    Ok(self.js.get_stream(&name).await.is_ok())
+                },
+            )
+            .await?;
+        }
+        Ok(host)
+    }
+
+    pub async fn pool(&self) -> Result<sqlx::PgPool> {
+        Ok(sqlx::PgPool::connect(&self.database_url).await?)
+    }
+}
+
 /// A host running in this process until [`RunningHost::stop`].
 pub struct RunningHost {
     shutdown: CancellationToken,
@@ -304,6 +357,16 @@ pub async fn read_stream(
         }
     }
     Ok(read)
+}
+
+/// The value of header `name` on `message`, or "" when absent.
+pub fn header(message: &async_nats::Message, name: &str) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str().to_string())
+        .unwrap_or_default()
 }
 
 /// Number of messages in `stream` now.

@@ -11,9 +11,7 @@ use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use weir_host::config::{
-    FunctionSpec, HostConfig, KeySource, Limits, RetryPolicy, StreamSpec, TimeSource,
-};
+use weir_host::config::{FunctionSpec, HostConfig, KeySource, StreamSpec, TimeSource};
 use weir_host::control::StaticFunctions;
 
 #[derive(Debug, Args)]
@@ -155,28 +153,25 @@ fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
         ],
         functions: vec![
             FunctionSpec {
-                name: "enrich".into(),
-                module: module("enrich")?,
-                stream: "DEV_ORDERS".into(),
-                subject: "orders.created".into(),
-                key: KeySource::JsonPointer("/order_id".into()),
-                event_time: TimeSource::MessageTimestamp,
                 outputs: vec!["orders.enriched".into()],
-                limits: Limits::default(),
-                retry: RetryPolicy::default(),
-                batch_size: 500,
+                ..FunctionSpec::new(
+                    "enrich",
+                    module("enrich")?,
+                    "DEV_ORDERS",
+                    "orders.created",
+                    KeySource::JsonPointer("/order_id".into()),
+                )
             },
             FunctionSpec {
-                name: "fraud-velocity".into(),
-                module: module("fraud-velocity")?,
-                stream: "DEV_CARDS".into(),
-                subject: "cards.tx".into(),
-                key: KeySource::JsonPointer("/card".into()),
                 event_time: TimeSource::JsonPointer("/ts".into()),
                 outputs: vec!["alerts.velocity".into()],
-                limits: Limits::default(),
-                retry: RetryPolicy::default(),
-                batch_size: 500,
+                ..FunctionSpec::new(
+                    "fraud-velocity",
+                    module("fraud-velocity")?,
+                    "DEV_CARDS",
+                    "cards.tx",
+                    KeySource::JsonPointer("/card".into()),
+                )
             },
         ],
         ..HostConfig::default()
