@@ -33,12 +33,15 @@ pub struct HostConfig {
     pub artifact_dir: PathBuf,
     /// Upper bound of the state cache, in bytes of cached values.
     pub state_cache_bytes: u64,
+    /// Subject prefix of dead letters: `<prefix>.<function>`.
+    pub dead_letter_prefix: String,
+    /// Where `/healthz` and `/readyz` are served, e.g. `0.0.0.0:8080`; off
+    /// when absent.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Streams to create (or leave as they are) at start-up.
     pub streams: Vec<StreamSpec>,
     /// Function bindings to run. The control plane replaces this source later.
     pub functions: Vec<FunctionSpec>,
-    /// Subject prefix of dead letters: `<prefix>.<function>`.
-    pub dead_letter_prefix: String,
 }
 
 impl Default for HostConfig {
@@ -48,9 +51,10 @@ impl Default for HostConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/weir".into(),
             artifact_dir: std::env::temp_dir().join("weir-artifacts"),
             state_cache_bytes: 256 * 1024 * 1024,
+            dead_letter_prefix: "weir.dlq".into(),
+            health_listen: None,
             streams: Vec::new(),
             functions: Vec::new(),
-            dead_letter_prefix: "weir.dlq".into(),
         }
     }
 }
@@ -121,6 +125,14 @@ pub struct FunctionSpec {
     /// Events fetched and committed together.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// How long JetStream waits for an ack before delivering an event again;
+    /// after a host crash, the events it held come back after this long.
+    #[serde(default = "default_ack_wait_ms")]
+    pub ack_wait_ms: u64,
+}
+
+fn default_ack_wait_ms() -> u64 {
+    30_000
 }
 
 fn default_batch_size() -> usize {
@@ -149,6 +161,7 @@ impl FunctionSpec {
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             batch_size: default_batch_size(),
+            ack_wait_ms: default_ack_wait_ms(),
         }
     }
 }
@@ -235,6 +248,9 @@ impl HostConfig {
             }
             if function.retry.max_attempts == 0 {
                 return Err(problem("retry.max_attempts must be at least 1"));
+            }
+            if function.ack_wait_ms < 100 {
+                return Err(problem("ack_wait_ms must be at least 100"));
             }
             if function.limits.deadline_ms == 0 {
                 return Err(problem("limits.deadline_ms must be at least 1"));

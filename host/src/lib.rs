@@ -10,12 +10,15 @@
 //! publishes outputs and dead letters with deterministic message ids →
 //! [`ack`] decides ack, nak or dead letter. Beside the path: [`config`],
 //! [`control`] (where function bindings come from), [`serve`] (wiring and
-//! start-up), [`shutdown`] and [`telemetry`].
+//! start-up), [`health`] (liveness and readiness), [`shutdown`], [`telemetry`] and [`crash`] (named crash points
+//! for fault-injection tests).
 
 pub mod ack;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod dispatch;
+pub mod health;
 pub mod ingest;
 pub mod outcome;
 pub mod output;

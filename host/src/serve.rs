@@ -2,6 +2,7 @@
 //! are down), makes sure the configured streams exist, loads every function
 //! and runs one [`FunctionWorker`] per function until shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{FunctionSpec, HostConfig, StreamSpec};
 use crate::control::FunctionSource;
 use crate::dispatch::FunctionWorker;
+use crate::health::Readiness;
 use crate::ingest::Ingest;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::StateStore;
@@ -36,6 +38,11 @@ pub enum ServeError {
         "function `{function}` declares output `{subject}`, but no JetStream stream captures it: its outputs could never be stored"
     )]
     OutputNotCaptured { function: String, subject: String },
+    #[error("cannot serve health endpoints on {address}: {reason}")]
+    Health {
+        address: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("loading function `{function}` failed: {reason}")]
     Load { function: String, reason: String },
 }
@@ -46,6 +53,35 @@ pub async fn serve<S: FunctionSource>(
     source: S,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let readiness = Arc::new(Readiness::default());
+    let health_stop = shutdown.child_token();
+    let health = match config.health_listen {
+        Some(address) => Some(
+            crate::health::start(address, readiness.clone(), health_stop.clone())
+                .await
+                .map_err(|e| ServeError::Health {
+                    address,
+                    reason: e.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let served = run(config, source, &readiness, &shutdown).await;
+    // The health endpoint stops with the host, also when start-up failed.
+    health_stop.cancel();
+    if let Some(health) = health {
+        let _ = health.await;
+    }
+    served
+}
+
+async fn run<S: FunctionSource>(
+    config: HostConfig,
+    source: S,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError> {
+    let shutdown = shutdown.clone();
     let Some(client) = wait_for("NATS", &config.nats_url, &shutdown, || {
         async_nats::connect(config.nats_url.as_str())
     })
@@ -53,6 +89,7 @@ pub async fn serve<S: FunctionSource>(
     else {
         return Ok(());
     };
+    readiness.nats_connected(&client);
     let Some(pool) = wait_for("Postgres", &config.database_url, &shutdown, || {
         PgPoolOptions::new()
             .max_connections(8)
@@ -64,6 +101,7 @@ pub async fn serve<S: FunctionSource>(
         return Ok(());
     };
     let state = StateStore::open(pool, config.state_cache_bytes).await?;
+    readiness.postgres_connected();
     let js = jetstream::new(client);
 
     let dead_letters = StreamSpec {
@@ -76,13 +114,14 @@ pub async fn serve<S: FunctionSource>(
     }
 
     let functions = source.functions().await?;
+    readiness.functions_expected(functions.len());
     let max_memory = functions
         .iter()
         .map(|f| f.limits.memory_bytes)
         .max()
         .unwrap_or(0)
         .max(64 << 20);
-    let sandbox = std::sync::Arc::new(Sandbox::new(&SandboxConfig {
+    let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         artifact_dir: config.artifact_dir.clone(),
         max_memory_bytes: max_memory,
         ..SandboxConfig::default()
@@ -92,6 +131,7 @@ pub async fn serve<S: FunctionSource>(
     for spec in functions {
         let worker = start_function(&spec, &sandbox, &js, &state, &config).await?;
         tracker.spawn(worker.run(shutdown.clone()));
+        readiness.function_started();
     }
     tracker.close();
     tracing::info!("weir is running");
@@ -101,7 +141,7 @@ pub async fn serve<S: FunctionSource>(
 
 async fn start_function(
     spec: &FunctionSpec,
-    sandbox: &std::sync::Arc<Sandbox>,
+    sandbox: &Arc<Sandbox>,
     js: &jetstream::Context,
     state: &StateStore,
     config: &HostConfig,

@@ -4,6 +4,8 @@
 
 mod enrich;
 mod failures;
+mod faults;
 mod fraud;
+mod recovery;
 mod restart;
 mod startup;

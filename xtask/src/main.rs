@@ -12,7 +12,13 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Guest crates built to components.
-const COMPONENTS: &[&str] = &["enrich", "fraud-velocity", "passthrough", "misbehave"];
+const COMPONENTS: &[&str] = &[
+    "enrich",
+    "fraud-velocity",
+    "passthrough",
+    "misbehave",
+    "counter",
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,24 +49,12 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo().args([
-                "clippy",
-                "--target",
-                "wasm32-wasip2",
-                "-p",
-                "weir-sdk",
-                "-p",
-                "enrich",
-                "-p",
-                "fraud-velocity",
-                "-p",
-                "passthrough",
-                "-p",
-                "misbehave",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
+            let mut wasm_clippy = cargo();
+            wasm_clippy.args(["clippy", "--target", "wasm32-wasip2", "-p", "weir-sdk"]);
+            for name in COMPONENTS {
+                wasm_clippy.args(["-p", name]);
+            }
+            run(wasm_clippy.args(["--", "-D", "warnings"]))?;
             test(&args[1..])
         }
         Some("bench") => {
@@ -136,6 +130,9 @@ fn build_components() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    // The fault-injection tests run the real `weir` binary as a child
+    // process, so they can SIGKILL it.
+    run(cargo().args(["build", "-p", "weir-host", "--bin", "weir"]))?;
     // DATABASE_URL (where `#[sqlx::test]` makes a database per test) comes
     // from the environment or, by default, from .cargo/config.toml.
     let nextest = Command::new("cargo-nextest")

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::{AckDecision, decide};
 use crate::config::FunctionSpec;
+use crate::crash::{self, CrashPoint};
 use crate::ingest::{Delivery, Ingest};
 use crate::outcome::{EventOutcome, Failure, FailureKind};
 use crate::output::{
@@ -45,6 +46,9 @@ pub struct FunctionWorker {
     /// Outputs of the last committed batch are published but still in the
     /// outbox table.
     outbox_dirty: bool,
+    /// The highest committed stream sequence, as of start-up and every
+    /// commit since: a message at or below it may have been applied.
+    highest_applied: u64,
     batches: u64,
 }
 
@@ -92,6 +96,7 @@ impl FunctionWorker {
             state,
             js,
             outbox_dirty: false,
+            highest_applied: 0,
             batches: 0,
         }
     }
@@ -103,6 +108,19 @@ impl FunctionWorker {
         if !self.flush_outbox(&cancel).await {
             return;
         }
+        let Some(highest) = hold_until_done(
+            &self.name,
+            "reading progress",
+            &[],
+            Duration::MAX,
+            &cancel,
+            || self.state.highest_applied(&self.name),
+        )
+        .await
+        else {
+            return;
+        };
+        self.highest_applied = highest;
         while let Some(batch) = self.ingest.next_batch(&cancel).await {
             self.process(batch, &cancel).await;
             self.batches += 1;
@@ -163,16 +181,28 @@ impl FunctionWorker {
         }
 
         // A redelivery may be an event whose batch committed but was not
-        // acked before a crash: its effect is already in Postgres.
+        // acked before a crash: its effect is already in Postgres. The
+        // delivery count alone cannot tell: a nats-server killed before it
+        // persisted the consumer's state delivers again with a count of 1.
+        let highest_applied = self.highest_applied;
         let redelivered: Vec<u64> = events
             .iter()
             .map(|(index, _)| &slots[*index])
-            .filter(|slot| slot.delivered > 1)
+            .filter(|slot| slot.delivered > 1 || slot.sequence <= highest_applied)
             .map(|slot| slot.sequence)
             .collect();
-        let applied = match self.state.already_applied(&self.name, &redelivered).await {
-            Ok(applied) => applied,
-            Err(error) => return self.give_back(slots, &error.to_string(), cancel).await,
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let applied = hold_until_done(
+            &self.name,
+            "reading applied sequences",
+            &slots,
+            ack_wait,
+            cancel,
+            || self.state.already_applied(&self.name, &redelivered),
+        )
+        .await;
+        let Some(applied) = applied else {
+            return self.give_back(slots, "shutting down", cancel).await;
         };
         let to_run: Vec<(usize, Event)> = events
             .into_iter()
@@ -186,9 +216,17 @@ impl FunctionWorker {
             })
             .collect();
         let keys: Vec<&str> = to_run.iter().map(|(_, e)| e.key.as_str()).collect();
-        let view = match self.state.view(&self.name, &keys).await {
-            Ok(view) => view,
-            Err(error) => return self.give_back(slots, &error.to_string(), cancel).await,
+        let view = hold_until_done(
+            &self.name,
+            "loading state",
+            &slots,
+            ack_wait,
+            cancel,
+            || self.state.view(&self.name, &keys),
+        )
+        .await;
+        let Some(view) = view else {
+            return self.give_back(slots, "shutting down", cancel).await;
         };
 
         let (instance, view, results) = self.invoke(view, to_run).await;
@@ -246,9 +284,27 @@ impl FunctionWorker {
                 applied: applied_sequences,
                 outbox: outputs.clone(),
             };
-            if let Err(error) = self.state.commit(&self.name, &commit).await {
-                return self.give_back(slots, &error.to_string(), cancel).await;
+            crash::reached(CrashPoint::AfterInvoke);
+            // Re-running the same commit is harmless: every statement in it
+            // sets values or ignores conflicts.
+            let done = hold_until_done(
+                &self.name,
+                "committing state",
+                &slots,
+                ack_wait,
+                cancel,
+                || self.state.commit(&self.name, &commit),
+            )
+            .await;
+            if done.is_none() {
+                return self.give_back(slots, "shutting down", cancel).await;
             }
+            self.highest_applied = self
+                .highest_applied
+                .max(commit.applied.iter().copied().max().unwrap_or(0));
+            crash::reached(CrashPoint::AfterCommit);
+        } else {
+            crash::reached(CrashPoint::AfterInvoke);
         }
 
         let mut to_publish = outputs;
@@ -270,6 +326,7 @@ impl FunctionWorker {
                 return;
             }
         }
+        crash::reached(CrashPoint::AfterPublish);
         if committed {
             self.outbox_dirty = true;
         } else if self.outbox_dirty {
@@ -426,6 +483,44 @@ impl FunctionWorker {
         if let Err(error) = pruned {
             tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
         }
+    }
+}
+
+/// Runs `op` until it succeeds. Meanwhile the batch is held, its ack
+/// deadlines extended, rather than handed back: a Postgres outage must not
+/// use up the events' retry budgets. `None` if cancelled first.
+async fn hold_until_done<T, E, F, Fut>(
+    function: &str,
+    what: &str,
+    slots: &[Slot],
+    ack_wait: Duration,
+    cancel: &CancellationToken,
+    mut op: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut extended = std::time::Instant::now();
+    loop {
+        match op().await {
+            Ok(done) => return Some(done),
+            Err(error) => {
+                tracing::warn!(function, %error, "{what} failed; holding the batch and retrying")
+            }
+        }
+        if extended.elapsed() >= ack_wait / 3 {
+            for slot in slots {
+                let _ = slot.message.ack_with(AckKind::Progress).await;
+            }
+            extended = std::time::Instant::now();
+        }
+        if !pause(cancel, delay).await {
+            return None;
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

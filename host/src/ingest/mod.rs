@@ -27,8 +27,8 @@ use crate::sandbox::Event;
 /// also the longest a graceful shutdown waits for the request in flight.
 pub const IDLE_WAIT: Duration = Duration::from_millis(500);
 
-/// How long JetStream waits for an ack before delivering a message again.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How much longer than its expiry a pull request may take to be answered.
+const PULL_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the consumer could not be set up or read.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl Ingest {
                     filter_subject: spec.subject.clone(),
                     deliver_policy: DeliverPolicy::All,
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait: Duration::from_millis(spec.ack_wait_ms),
                     // Weir counts attempts itself and dead-letters after the
                     // last one; a server-side limit would drop events silently.
                     max_deliver: -1,
@@ -180,7 +180,16 @@ impl Ingest {
         mut messages: impl futures::Stream<Item = Result<Message, impl std::fmt::Display>> + Unpin,
     ) -> Result<Vec<Delivery>, String> {
         let mut batch = Vec::new();
-        while let Some(next) = messages.next().await {
+        // A pull request whose server died never gets its closing status;
+        // do not wait for it past its own expiry.
+        let deadline = tokio::time::Instant::now() + IDLE_WAIT + PULL_GRACE;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(_) if !batch.is_empty() => break,
+                Err(_) => return Err("the pull request got no answer".into()),
+            };
             match next {
                 Ok(message) => batch.extend(self.delivery(message)),
                 // Keep what arrived; the error shows again on the next pull.

@@ -157,6 +157,11 @@ impl StateStore {
         postgres::applied_among(&self.pool, function, sequences).await
     }
 
+    /// The highest stream sequence whose effect is committed; 0 if none.
+    pub async fn highest_applied(&self, function: &str) -> Result<u64, StateError> {
+        postgres::highest_applied(&self.pool, function).await
+    }
+
     /// Outputs of a committed batch that may not have been published.
     pub async fn outbox(&self, function: &str) -> Result<Vec<OutputRecord>, StateError> {
         postgres::outbox(&self.pool, function).await

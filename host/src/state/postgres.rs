@@ -164,6 +164,15 @@ pub(super) async fn applied_among(
         .collect()
 }
 
+pub(super) async fn highest_applied(pool: &PgPool, function: &str) -> Result<u64, StateError> {
+    let highest: Option<i64> =
+        sqlx::query_scalar("SELECT applied_seq FROM weir_progress WHERE function_name = $1")
+            .bind(function)
+            .fetch_optional(pool)
+            .await?;
+    Ok(highest.unwrap_or(0).max(0) as u64)
+}
+
 pub(super) async fn outbox(pool: &PgPool, function: &str) -> Result<Vec<OutputRecord>, StateError> {
     let rows = sqlx::query(
         "SELECT position, subject, payload, headers, msg_id FROM weir_outbox

@@ -1,0 +1,116 @@
+//! Liveness and readiness over HTTP, for orchestrators and operators.
+//!
+//! `GET /healthz` answers 200 while the process runs. `GET /readyz` answers
+//! 200 once NATS and Postgres are connected and every function has started,
+//! and 503 with the list of what the host still waits for otherwise.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// What the host has brought up so far; shared by `serve` and the endpoint.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    nats: AtomicBool,
+    postgres: AtomicBool,
+    functions_total: AtomicUsize,
+    functions_started: AtomicUsize,
+    client: std::sync::OnceLock<async_nats::Client>,
+}
+
+impl Readiness {
+    pub fn nats_connected(&self, client: &async_nats::Client) {
+        let _ = self.client.set(client.clone());
+        self.nats.store(true, Ordering::Relaxed);
+    }
+
+    pub fn postgres_connected(&self) {
+        self.postgres.store(true, Ordering::Relaxed);
+    }
+
+    pub fn functions_expected(&self, count: usize) {
+        self.functions_total.store(count, Ordering::Relaxed);
+    }
+
+    pub fn function_started(&self) {
+        self.functions_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What is not ready yet; empty when ready.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        let mut waiting = Vec::new();
+        let nats_up = self.nats.load(Ordering::Relaxed)
+            && self
+                .client
+                .get()
+                .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+        if !nats_up {
+            waiting.push("nats");
+        }
+        if !self.postgres.load(Ordering::Relaxed) {
+            waiting.push("postgres");
+        }
+        let total = self.functions_total.load(Ordering::Relaxed);
+        if !self.postgres.load(Ordering::Relaxed)
+            || self.functions_started.load(Ordering::Relaxed) < total
+        {
+            waiting.push("functions");
+        }
+        waiting
+    }
+}
+
+#[derive(Serialize)]
+struct ReadyBody {
+    ready: bool,
+    waiting_for: Vec<&'static str>,
+}
+
+/// The health routes.
+pub fn router(readiness: Arc<Readiness>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(readiness)
+}
+
+async fn ready(State(readiness): State<Arc<Readiness>>) -> (StatusCode, Json<ReadyBody>) {
+    let waiting_for = readiness.waiting_for();
+    let status = if waiting_for.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = ReadyBody {
+        ready: waiting_for.is_empty(),
+        waiting_for,
+    };
+    (status, Json(body))
+}
+
+/// Binds `address` now (so a taken port fails start-up) and serves until
+/// `shutdown`.
+pub async fn start(
+    address: SocketAddr,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(%address, "health endpoints on /healthz and /readyz");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router(readiness))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "health endpoint failed");
+        }
+    }))
+}

@@ -1,0 +1,91 @@
+//! The `weir` binary run as a child process, so a test can SIGKILL it,
+//! pause it, or arm a crash point, and start it again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use weir_host::config::HostConfig;
+
+/// The `weir` binary: `WEIR_BIN`, or the debug build in the target dir.
+pub fn weir_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEIR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = crate::target_dir().join("debug/weir");
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p weir-host --bin weir` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A `weir serve` process.
+pub struct HostProcess {
+    child: Child,
+}
+
+impl HostProcess {
+    /// Writes `config` to `dir/weir.toml` and starts `weir serve` on it with
+    /// the extra environment `env`; its output is appended to `dir/weir.log`.
+    pub fn start(config: &HostConfig, dir: &Path, env: &[(&str, String)]) -> Result<Self> {
+        let config_path = dir.join("weir.toml");
+        std::fs::write(
+            &config_path,
+            toml::to_string(config).context("config as TOML")?,
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("weir.log"))?;
+        let mut command = Command::new(weir_binary()?);
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("WEIR_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        Ok(Self {
+            child: command.spawn().context("starting weir serve")?,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has exited (for instance at a crash point).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`, `TERM`) to `pid` with kill(1).
+pub fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
+}
