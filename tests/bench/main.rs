@@ -157,6 +157,15 @@ async fn run(
         median(&pass_cpu),
         median(&fraud_cpu)
     );
+    let recoveries = recovery(nats, js, url, artifacts).await?;
+    let mut sorted = recoveries.clone();
+    sorted.sort();
+    println!(
+        "recovery after SIGKILL (kill → first post-kill event processed by the restarted host), {} kills: median {:.0} ms, max {:.0} ms",
+        sorted.len(),
+        sorted[sorted.len() / 2].as_secs_f64() * 1e3,
+        sorted.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
     let histogram = latency(nats, js, url, artifacts, options.rate, options.latency_secs).await?;
     println!(
         "end-to-end latency at {} ev/s offered (weir/passthrough, publish → output received): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} events",
@@ -372,6 +381,74 @@ async fn weir_fraud(
         events as f64 / elapsed.as_secs_f64(),
         cpu_used.as_secs_f64() * 1e6 / events as f64,
     ))
+}
+
+/// Kills a `weir serve` process while events flow at 1,000/s, restarts it at
+/// once, and times kill → the first output of an event published after the
+/// kill (the new process runs and has caught up with the gap).
+async fn recovery(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+) -> Result<Vec<Duration>> {
+    fresh_stream(js, "REC_IN", "rec.in").await?;
+    fresh_stream(js, "BENCH_OUT", "bench.out").await?;
+    let dir = tempdir::TempDir::new("weir-bench-recovery")?;
+    let mut config = host_config(nats, url, artifacts);
+    config.functions = vec![passthrough_function("recovery", "REC_IN", "rec.in")?];
+    let client = async_nats::connect(nats.url()).await?;
+    let mut outputs = client.subscribe("bench.out").await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer = {
+        let js = js.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let mut headers = HeaderMap::new();
+                headers.insert("Bench-Sent-Us", now_micros().to_string().as_str());
+                js.publish_with_headers("rec.in", headers, vec![b'r'; 100].into())
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut host = weir_e2e::process::HostProcess::start(&config, dir.path(), &[])?;
+    tokio::time::timeout(Duration::from_secs(30), outputs.next())
+        .await
+        .context("the first host never produced output")?;
+    let mut recoveries = Vec::new();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        host.kill();
+        let killed = Instant::now();
+        let killed_us = now_micros();
+        host = weir_e2e::process::HostProcess::start(&config, dir.path(), &[])?;
+        // Recovered: an event published after the kill has come out, so the
+        // new process runs and has caught up with the gap.
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), outputs.next())
+                .await
+                .context("the restarted host never produced output")?
+                .context("output subscription closed")?;
+            let sent_us: u64 = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Bench-Sent-Us"))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            if sent_us > killed_us {
+                break;
+            }
+        }
+        recoveries.push(killed.elapsed());
+    }
+    stop.cancel();
+    producer.await??;
+    host.kill();
+    Ok(recoveries)
 }
 
 /// Weir/passthrough fed at `rate` events/s for `seconds`; latency from just

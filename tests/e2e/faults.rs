@@ -244,7 +244,7 @@ async fn host_killed_at_random_and_at_every_crash_point(
     let dir = tempdir::TempDir::new("weir-faults")?;
     let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
     create_streams(&stack).await?;
-    let inputs = inputs(200, 100 * scale());
+    let inputs = inputs(100, 100 * scale());
     let producer = tokio::spawn(produce(stack.js.clone(), inputs.clone()));
 
     let mut rng = crate::fraud::Lcg::new(5);

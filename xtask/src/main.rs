@@ -4,6 +4,8 @@
 //! - `dev`: the local stack — services checked or started, examples built,
 //!   `weir dev` running them with generated events.
 //! - `test`: formatting, lints, guests, then every test of the workspace.
+//! - `faults [--long]`: the fault-injection suites alone; `--long` runs them
+//!   at ten times the CI counts.
 //! - `bench`: the throughput and latency benchmark (release build).
 
 use std::path::{Path, PathBuf};
@@ -57,10 +59,30 @@ fn main() -> Result<()> {
             run(wasm_clippy.args(["--", "-D", "warnings"]))?;
             test(&args[1..])
         }
+        Some("faults") => {
+            // `--long`: ten times the events and faults of the CI run; the
+            // results go to docs/reliability.md.
+            let long = args.iter().any(|a| a == "--long");
+            ensure_services()?;
+            build_components()?;
+            run(cargo().args(["build", "--workspace", "--bins", "--exclude", "xtask"]))?;
+            run(cargo()
+                .env("WEIR_FAULTS_SCALE", if long { "10" } else { "1" })
+                .args([
+                    "nextest",
+                    "run",
+                    "-p",
+                    "weir-e2e",
+                    "--no-capture",
+                    "faults::",
+                ]))
+        }
         Some("bench") => {
             ensure_services()?;
             build_components()?;
+            run(cargo().args(["build", "--release", "-p", "weir-host", "--bin", "weir"]))?;
             run(cargo()
+                .env("WEIR_BIN", target_dir(&root).join("release/weir"))
                 .args([
                     "run",
                     "--release",
@@ -73,7 +95,9 @@ fn main() -> Result<()> {
                 .args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build-components | dev | test | bench> [args]");
+            eprintln!(
+                "usage: cargo xtask <build-components | dev | test | faults [--long] | bench> [args]"
+            );
             bail!("unknown command")
         }
     }
@@ -132,7 +156,7 @@ fn build_components() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     // The fault-injection tests run the real `weir` binary as a child
     // process, so they can SIGKILL it.
-    run(cargo().args(["build", "-p", "weir-host", "--bin", "weir"]))?;
+    run(cargo().args(["build", "--workspace", "--bins", "--exclude", "xtask"]))?;
     // DATABASE_URL (where `#[sqlx::test]` makes a database per test) comes
     // from the environment or, by default, from .cargo/config.toml.
     let nextest = Command::new("cargo-nextest")

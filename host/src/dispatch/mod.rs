@@ -137,27 +137,34 @@ impl FunctionWorker {
     /// Publishes what a previous run committed but may not have published.
     /// Returns false if cancelled first.
     async fn flush_outbox(&mut self, cancel: &CancellationToken) -> bool {
-        loop {
-            let flushed = async {
-                let records = self.state.outbox(&self.name).await.map_err(|e| e.to_string())?;
-                if !records.is_empty() {
-                    tracing::info!(function = %self.name, outputs = records.len(), "publishing outputs left by the previous run");
-                    publish_all(&self.js, &records).await.map_err(|e| e.to_string())?;
-                    self.state.clear_outbox(&self.name).await.map_err(|e| e.to_string())?;
-                }
-                Ok::<_, String>(())
+        let flush = || async {
+            let records = self
+                .state
+                .outbox(&self.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !records.is_empty() {
+                tracing::info!(function = %self.name, outputs = records.len(), "publishing outputs left by the previous run");
+                publish_all(&self.js, &records)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.state
+                    .clear_outbox(&self.name)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
-            .await;
-            match flushed {
-                Ok(()) => return true,
-                Err(error) => {
-                    tracing::warn!(function = %self.name, %error, "cannot flush the outbox yet; retrying");
-                    if !pause(cancel, BATCH_RETRY_DELAY).await {
-                        return false;
-                    }
-                }
-            }
-        }
+            Ok::<_, String>(())
+        };
+        hold_until_done(
+            &self.name,
+            "flushing the outbox",
+            &[],
+            Duration::MAX,
+            cancel,
+            flush,
+        )
+        .await
+        .is_some()
     }
 
     async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
