@@ -51,46 +51,56 @@ pub fn inputs(keys: usize, per_key: usize) -> Vec<Input> {
 
 /// Publishes every input with `Nats-Msg-Id = in-<id>`, retrying a chunk
 /// until JetStream acknowledges all of it (the id makes retries harmless),
-/// pacing chunks so that faults land mid-stream.
-pub async fn produce(js: async_nats::jetstream::Context, inputs: Vec<Input>) -> Result<()> {
+/// pacing chunks so that faults land mid-stream. A connection that keeps
+/// failing is replaced: the producer must outlast any fault the test injects.
+pub async fn produce(nats_url: String, inputs: Vec<Input>) -> Result<()> {
+    let connect = || async {
+        anyhow::Ok(async_nats::jetstream::new(
+            async_nats::connect(nats_url.as_str()).await?,
+        ))
+    };
+    let mut js = connect().await?;
     for chunk in inputs.chunks(200) {
-        loop {
-            let mut acks = Vec::with_capacity(chunk.len());
-            let mut failed = false;
-            for input in chunk {
-                let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("in-{}", input.id).as_str());
-                let payload = serde_json::json!({
-                    "key": input.key, "id": input.id, "value": input.value, "poison": input.poison,
-                })
-                .to_string();
-                match js
-                    .publish_with_headers("counter.in", headers, payload.into())
-                    .await
-                {
-                    Ok(ack) => acks.push(ack),
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            for ack in acks {
-                if tokio::time::timeout(Duration::from_secs(5), ack.into_future())
-                    .await
-                    .map_or(true, |r| r.is_err())
-                {
-                    failed = true;
-                }
-            }
-            if !failed {
-                break;
-            }
+        let mut failures = 0;
+        while !publish_chunk(&js, chunk).await {
+            failures += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
+            if failures % 5 == 0
+                && let Ok(Ok(fresh)) = tokio::time::timeout(Duration::from_secs(5), connect()).await
+            {
+                js = fresh;
+            }
         }
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     Ok(())
+}
+
+/// Whether JetStream acknowledged every input of `chunk` within 5 s.
+async fn publish_chunk(js: &async_nats::jetstream::Context, chunk: &[Input]) -> bool {
+    let publish = async {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for input in chunk {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("in-{}", input.id).as_str());
+            let payload = serde_json::json!({
+                "key": input.key, "id": input.id, "value": input.value, "poison": input.poison,
+            })
+            .to_string();
+            acks.push(
+                js.publish_with_headers("counter.in", headers, payload.into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.into_future().await?;
+        }
+        anyhow::Ok(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), publish).await,
+        Ok(Ok(()))
+    )
 }
 
 pub fn counter_config(stack: &Stack, nats_url: String, database_url: String) -> Result<HostConfig> {
@@ -245,13 +255,17 @@ async fn host_killed_at_random_and_at_every_crash_point(
     let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
     create_streams(&stack).await?;
     let inputs = inputs(100, 100 * scale());
-    let producer = tokio::spawn(produce(stack.js.clone(), inputs.clone()));
+    let producer = tokio::spawn(produce(stack.nats.url(), inputs.clone()));
 
     let mut rng = crate::fraud::Lcg::new(5);
     // Each named crash point, twice, at an unpredictable batch, while the
     // producer is still publishing.
     let mut host = HostProcess::start(&config, dir.path(), &[])?;
-    for point in CrashPoint::ALL.iter().chain(CrashPoint::ALL.iter()) {
+    let crash_points = CrashPoint::ALL
+        .iter()
+        .cycle()
+        .take(CrashPoint::ALL.len() * 2 * scale());
+    for point in crash_points {
         host.kill();
         let after = (1 + rng.below(5)).to_string();
         host = HostProcess::start(
@@ -292,7 +306,7 @@ async fn nats_killed_and_paused(_pool: PgPoolOptions, db: PgConnectOptions) -> R
     let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
     create_streams(&stack).await?;
     let inputs = inputs(100, 100 * scale());
-    let producer = tokio::spawn(produce(stack.js.clone(), inputs.clone()));
+    let producer = tokio::spawn(produce(stack.nats.url(), inputs.clone()));
     let host = HostProcess::start(&config, dir.path(), &[])?;
 
     for round in 0..5 * scale() {
@@ -305,7 +319,8 @@ async fn nats_killed_and_paused(_pool: PgPoolOptions, db: PgConnectOptions) -> R
         signal(pid, "CONT")?;
     }
     producer.await??;
-    // The test's own connection rode out the restarts by reconnecting.
+    // Read the results on a connection that did not live through the faults.
+    stack.js = stack.nats.jetstream().await?;
     verify(&stack, &inputs).await?;
     drop(host);
     Ok(())
@@ -318,7 +333,7 @@ async fn postgres_connections_terminated(_pool: PgPoolOptions, db: PgConnectOpti
     let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
     create_streams(&stack).await?;
     let inputs = inputs(100, 100 * scale());
-    let producer = tokio::spawn(produce(stack.js.clone(), inputs.clone()));
+    let producer = tokio::spawn(produce(stack.nats.url(), inputs.clone()));
     let host = HostProcess::start(&config, dir.path(), &[])?;
 
     let admin = sqlx::PgPool::connect(&stack.database_url).await?;
@@ -360,7 +375,7 @@ async fn latency_blackholes_and_resets_between_host_and_services(
     )?;
     create_streams(&stack).await?;
     let inputs = inputs(100, 100 * scale());
-    let producer = tokio::spawn(produce(stack.js.clone(), inputs.clone()));
+    let producer = tokio::spawn(produce(stack.nats.url(), inputs.clone()));
     let host = HostProcess::start(&config, dir.path(), &[])?;
 
     let pause = || tokio::time::sleep(Duration::from_millis(700));

@@ -52,7 +52,7 @@ async fn waits_for(
 
     create_streams(stack).await?;
     let inputs = inputs(20, 50);
-    produce(stack.js.clone(), inputs.clone()).await?;
+    produce(stack.nats.url(), inputs.clone()).await?;
     proxy.set(Fault::None);
     eventually(
         Duration::from_secs(30),
