@@ -311,10 +311,27 @@ async fn weir_passthrough(
         &input,
         &subject,
     )?];
+    timed_run(config, events, || {
+        wait_for_len(js, "BENCH_OUT", events as u64)
+    })
+    .await
+}
+
+/// Runs a host on `config` until `done` resolves: events/s, and the host's
+/// CPU-µs per event (this process runs nothing else meanwhile).
+async fn timed_run<F, Fut>(
+    config: weir_host::config::HostConfig,
+    events: usize,
+    done: F,
+) -> Result<(f64, f64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let cpu = process_cpu();
     let started = Instant::now();
     let host = RunningHost::start(config);
-    wait_for_len(js, "BENCH_OUT", events as u64).await?;
+    done().await?;
     let elapsed = started.elapsed();
     let cpu_used = process_cpu().saturating_sub(cpu);
     host.stop().await?;
@@ -362,25 +379,18 @@ async fn weir_fraud(
             KeySource::JsonPointer("/card".into()),
         )
     }];
-    let cpu = process_cpu();
-    let started = Instant::now();
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(600), "fraud backlog", || async {
-        let applied: Option<i64> =
-            sqlx::query_scalar("SELECT applied_seq FROM weir_progress WHERE function_name = $1")
-                .bind(&name)
-                .fetch_optional(pool)
-                .await?;
-        Ok(applied.unwrap_or(0) >= last)
+    timed_run(config, events, || {
+        eventually(Duration::from_secs(600), "fraud backlog", || async {
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT applied_seq FROM weir_progress WHERE function_name = $1",
+            )
+            .bind(&name)
+            .fetch_optional(pool)
+            .await?;
+            Ok(applied.unwrap_or(0) >= last)
+        })
     })
-    .await?;
-    let elapsed = started.elapsed();
-    let cpu_used = process_cpu().saturating_sub(cpu);
-    host.stop().await?;
-    Ok((
-        events as f64 / elapsed.as_secs_f64(),
-        cpu_used.as_secs_f64() * 1e6 / events as f64,
-    ))
+    .await
 }
 
 /// Kills a `weir serve` process while events flow at 1,000/s, restarts it at

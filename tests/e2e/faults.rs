@@ -363,11 +363,7 @@ async fn latency_blackholes_and_resets_between_host_and_services(
     let dir = tempdir::TempDir::new("weir-faults")?;
     let nats_proxy = FaultProxy::start(stack.nats.address()).await?;
     let postgres_proxy = FaultProxy::start(([127, 0, 0, 1], db.get_port()).into()).await?;
-    let database_url = stack.database_url.replacen(
-        &format!(":{}/", db.get_port()),
-        &format!(":{}/", postgres_proxy.address().port()),
-        1,
-    );
+    let database_url = stack.database_url_via(&db, postgres_proxy.address().port());
     let config = counter_config(
         &stack,
         format!("nats://{}", nats_proxy.address()),

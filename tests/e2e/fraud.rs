@@ -172,6 +172,18 @@ pub async fn stored_alerts(
         .collect()
 }
 
+/// Asserts the ALERTS stream holds exactly the expected alerts, each once.
+pub async fn assert_alerts_exact(stack: &Stack, expected: &Expected) -> Result<()> {
+    let alerts = stored_alerts(&stack.js).await?;
+    assert_eq!(
+        alerts.len(),
+        expected.alerts.len(),
+        "each alert exactly once"
+    );
+    assert_eq!(alerts.into_iter().collect::<BTreeSet<_>>(), expected.alerts);
+    Ok(())
+}
+
 /// Waits until the ALERTS stream holds `count` alerts.
 pub async fn wait_for_alerts(stack: &Stack, count: usize) -> Result<()> {
     eventually(Duration::from_secs(30), "every alert", || async {
@@ -222,13 +234,7 @@ async fn counters_and_alerts_are_exact_over_20k_events(
     host.stop().await?;
 
     assert_eq!(stored_counts(&pool).await?, expected.counts);
-    let alerts = stored_alerts(&stack.js).await?;
-    assert_eq!(
-        alerts.len(),
-        expected.alerts.len(),
-        "each alert exactly once"
-    );
-    assert_eq!(alerts.into_iter().collect::<BTreeSet<_>>(), expected.alerts);
+    assert_alerts_exact(&stack, &expected).await?;
     assert_eq!(
         stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await?,
         0

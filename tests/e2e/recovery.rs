@@ -90,11 +90,7 @@ async fn the_host_waits_for_postgres_and_says_so(
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
     let proxy = FaultProxy::start(([127, 0, 0, 1], db.get_port()).into()).await?;
-    let database_url = stack.database_url.replacen(
-        &format!(":{}/", db.get_port()),
-        &format!(":{}/", proxy.address().port()),
-        1,
-    );
+    let database_url = stack.database_url_via(&db, proxy.address().port());
     let config = counter_config(&stack, stack.nats.url(), database_url)?;
     waits_for("postgres", &stack, config, &proxy).await
 }

@@ -2,7 +2,6 @@
 //! nothing and applies nothing twice; state written before a restart is read
 //! back from Postgres by a host with a cold cache.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,7 +9,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 
 use crate::fraud::{
-    Tx, drained, expected, fraud_host, stored_alerts, stored_counts, transactions, wait_for_alerts,
+    Tx, assert_alerts_exact, drained, expected, fraud_host, stored_alerts, stored_counts,
+    transactions, wait_for_alerts,
 };
 
 #[sqlx::test(migrations = false)]
@@ -57,13 +57,7 @@ async fn graceful_stop_mid_stream_then_restart_is_exact(
         expected.counts,
         "nothing lost, nothing twice"
     );
-    let alerts = stored_alerts(&stack.js).await?;
-    assert_eq!(
-        alerts.len(),
-        expected.alerts.len(),
-        "each alert exactly once"
-    );
-    assert_eq!(alerts.into_iter().collect::<BTreeSet<_>>(), expected.alerts);
+    assert_alerts_exact(&stack, &expected).await?;
     Ok(())
 }
 

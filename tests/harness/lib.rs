@@ -265,6 +265,19 @@ impl Stack {
         Ok(host)
     }
 
+    /// The database URL with its port replaced by `port` (a fault proxy's).
+    pub fn database_url_via(
+        &self,
+        database: &sqlx::postgres::PgConnectOptions,
+        port: u16,
+    ) -> String {
+        self.database_url.replacen(
+            &format!(":{}/", database.get_port()),
+            &format!(":{port}/"),
+            1,
+        )
+    }
+
     pub async fn pool(&self) -> Result<sqlx::PgPool> {
         Ok(sqlx::PgPool::connect(&self.database_url).await?)
     }
