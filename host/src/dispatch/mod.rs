@@ -29,8 +29,10 @@ use crate::state::{BatchCommit, BatchView, StateStore};
 
 /// Delay before a batch that could not be committed is delivered again.
 const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Applied sequences are pruned after this many batches.
+/// Applied sequences are considered for pruning after this many batches.
 const PRUNE_EVERY_BATCHES: u64 = 200;
+/// How old an ack floor must be before the sequences below it are pruned.
+const PRUNE_LAG: Duration = Duration::from_secs(60);
 
 /// Everything one function's worker needs.
 pub struct FunctionWorker {
@@ -49,6 +51,8 @@ pub struct FunctionWorker {
     /// The highest committed stream sequence, as of start-up and every
     /// commit since: a message at or below it may have been applied.
     highest_applied: u64,
+    /// An ack floor and when it was read: the next prune's bound.
+    prune_floor: Option<(std::time::Instant, u64)>,
     batches: u64,
 }
 
@@ -97,6 +101,7 @@ impl FunctionWorker {
             js,
             outbox_dirty: false,
             highest_applied: 0,
+            prune_floor: None,
             batches: 0,
         }
     }
@@ -478,16 +483,28 @@ impl FunctionWorker {
         }
     }
 
+    /// Forgets applied sequences at or below an ack floor read at least
+    /// [`PRUNE_LAG`] ago. A nats-server that crashes can come back with an
+    /// older ack floor and deliver those messages again; the lag keeps their
+    /// rows until that can no longer happen.
     async fn prune_applied(&mut self) {
-        let pruned = async {
-            let floor = self.ingest.ack_floor().await.map_err(|e| e.to_string())?;
-            self.state
-                .prune_applied(&self.name, floor)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        if let Err(error) = pruned {
+        let floor = match self.ingest.ack_floor().await {
+            Ok(floor) => floor,
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "reading the ack floor failed");
+                return;
+            }
+        };
+        let now = std::time::Instant::now();
+        let due = match self.prune_floor {
+            Some((seen, old_floor)) if now.duration_since(seen) >= PRUNE_LAG => Some(old_floor),
+            Some(_) => return,
+            None => None,
+        };
+        self.prune_floor = Some((now, floor));
+        if let Some(old_floor) = due
+            && let Err(error) = self.state.prune_applied(&self.name, old_floor).await
+        {
             tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
         }
     }
