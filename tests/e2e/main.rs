@@ -9,3 +9,4 @@ mod fraud;
 mod recovery;
 mod restart;
 mod startup;
+mod state;

@@ -495,18 +495,30 @@ impl FunctionWorker {
                 return;
             }
         };
-        let now = std::time::Instant::now();
-        let due = match self.prune_floor {
-            Some((seen, old_floor)) if now.duration_since(seen) >= PRUNE_LAG => Some(old_floor),
-            Some(_) => return,
-            None => None,
-        };
-        self.prune_floor = Some((now, floor));
+        let (due, next) = prune_bound(self.prune_floor, std::time::Instant::now(), floor);
+        self.prune_floor = next;
         if let Some(old_floor) = due
             && let Err(error) = self.state.prune_applied(&self.name, old_floor).await
         {
             tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
         }
+    }
+}
+
+/// Which ack floor may be pruned now, given the floor read earlier
+/// (`pending`, with when it was read) and the one just read: the earlier one
+/// once it is [`PRUNE_LAG`] old. Returns it and the floor to remember.
+fn prune_bound(
+    pending: Option<(std::time::Instant, u64)>,
+    now: std::time::Instant,
+    floor: u64,
+) -> (Option<u64>, Option<(std::time::Instant, u64)>) {
+    match pending {
+        Some((seen, old_floor)) if now.duration_since(seen) >= PRUNE_LAG => {
+            (Some(old_floor), Some((now, floor)))
+        }
+        Some(_) => (None, pending),
+        None => (None, Some((now, floor))),
     }
 }
 
@@ -553,5 +565,26 @@ async fn pause(cancel: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn pruning_waits_for_an_ack_floor_to_age() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        // The first floor is only remembered.
+        let (due, pending) = prune_bound(None, start, 100);
+        assert_eq!((due, pending), (None, Some((start, 100))));
+        // Too young: keep the remembered floor, prune nothing.
+        let (due, pending) = prune_bound(pending, later(59), 500);
+        assert_eq!((due, pending), (None, Some((start, 100))));
+        // Old enough: prune up to the remembered floor, never the new one.
+        let (due, pending) = prune_bound(pending, later(60), 900);
+        assert_eq!((due, pending), (Some(100), Some((later(60), 900))));
     }
 }
