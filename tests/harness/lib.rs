@@ -75,7 +75,8 @@ impl NatsServer {
 
     fn spawn(&mut self) -> Result<()> {
         let binary = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -86,11 +87,11 @@ impl NatsServer {
             ])
             .arg(self.store.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!("starting `{binary}` (install nats-server or set NATS_SERVER)")
-            })?;
+            .stderr(Stdio::null());
+        process::die_with_parent(&mut command);
+        let child = command.spawn().with_context(|| {
+            format!("starting `{binary}` (install nats-server or set NATS_SERVER)")
+        })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

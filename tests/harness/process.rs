@@ -51,6 +51,7 @@ impl HostProcess {
         for (name, value) in env {
             command.env(name, value);
         }
+        die_with_parent(&mut command);
         Ok(Self {
             child: command.spawn().context("starting weir serve")?,
         })
@@ -75,6 +76,25 @@ impl HostProcess {
 impl Drop for HostProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Makes the child receive SIGKILL when the thread that started it exits,
+/// so a test process that is itself killed leaves no host (holding its
+/// database open) or nats-server behind.
+pub(crate) fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl(2), which is async-signal-safe.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 
