@@ -1,8 +1,10 @@
-//! Liveness and readiness over HTTP, for orchestrators and operators.
+//! Liveness, readiness and metrics over HTTP, for orchestrators and
+//! operators.
 //!
 //! `GET /healthz` answers 200 while the process runs. `GET /readyz` answers
 //! 200 once NATS and Postgres are connected and every function has started,
 //! and 503 with the list of what the host still waits for otherwise.
+//! `GET /metrics` is the Prometheus text format.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +81,7 @@ pub fn router(readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(readiness)
 }
 
@@ -96,6 +99,16 @@ async fn ready(State(readiness): State<Arc<Readiness>>) -> (StatusCode, Json<Rea
     (status, Json(body))
 }
 
+async fn metrics() -> (StatusCode, String) {
+    match crate::telemetry::metrics() {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics are off: another metrics recorder is installed\n".into(),
+        ),
+    }
+}
+
 /// Binds `address` now (so a taken port fails start-up) and serves until
 /// `shutdown`.
 pub async fn start(
@@ -104,7 +117,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "health endpoints on /healthz and /readyz");
+    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, router(readiness))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -55,6 +55,20 @@ pub async fn serve<S: FunctionSource>(
 ) -> Result<(), ServeError> {
     let readiness = Arc::new(Readiness::default());
     let health_stop = shutdown.child_token();
+    if let Some(metrics) = crate::telemetry::metrics() {
+        // Histogram samples accumulate until drained; drain them whether or
+        // not anyone scrapes.
+        let stop = health_stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            while tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tick.tick() => true,
+            } {
+                metrics.run_upkeep();
+            }
+        });
+    }
     let health = match config.health_listen {
         Some(address) => Some(
             crate::health::start(address, readiness.clone(), health_stop.clone())

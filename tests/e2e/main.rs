@@ -6,6 +6,7 @@ mod enrich;
 mod failures;
 mod faults;
 mod fraud;
+mod metrics;
 mod recovery;
 mod restart;
 mod startup;

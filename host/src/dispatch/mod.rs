@@ -37,6 +37,8 @@ const PRUNE_LAG: Duration = Duration::from_secs(60);
 /// Everything one function's worker needs.
 pub struct FunctionWorker {
     name: Arc<str>,
+    /// The module digest's first 12 hex digits: the `version` metric label.
+    version: String,
     spec: FunctionSpec,
     ingest: Ingest,
     code: FunctionCode,
@@ -90,6 +92,7 @@ impl FunctionWorker {
             memory_bytes: spec.limits.memory_bytes,
         };
         Self {
+            version: code.digest().chars().take(12).collect(),
             dead_letter_subject: format!("{dead_letter_prefix}.{}", spec.name),
             name,
             spec,
@@ -173,6 +176,19 @@ impl FunctionWorker {
     }
 
     async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
+        let function = self.name.to_string();
+        metrics::gauge!("weir_in_flight", "function" => function.clone()).set(batch.len() as f64);
+        metrics::histogram!("weir_batch_size", "function" => function.clone())
+            .record(batch.len() as f64);
+        if let Some(last) = batch.last() {
+            metrics::gauge!("weir_consumer_pending", "function" => function.clone())
+                .set(last.pending as f64);
+        }
+        self.process_batch(batch, cancel).await;
+        metrics::gauge!("weir_in_flight", "function" => function).set(0.0);
+    }
+
+    async fn process_batch(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
         let mut slots = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.into_iter().enumerate() {
@@ -243,7 +259,19 @@ impl FunctionWorker {
 
         let (instance, view, results) = self.invoke(view, to_run).await;
         self.instance = instance;
-        for (index, result) in results {
+        let latency = metrics::histogram!(
+            "weir_invocation_seconds",
+            "function" => self.name.to_string(),
+            "version" => self.version.clone()
+        );
+        metrics::counter!(
+            "weir_invocations_total",
+            "function" => self.name.to_string(),
+            "version" => self.version.clone()
+        )
+        .increment(results.len() as u64);
+        for (index, result, took) in results {
+            latency.record(took.as_secs_f64());
             let slot = &mut slots[index];
             match result {
                 Ok(handled) => {
@@ -299,6 +327,7 @@ impl FunctionWorker {
             crash::reached(CrashPoint::AfterInvoke);
             // Re-running the same commit is harmless: every statement in it
             // sets values or ignores conflicts.
+            let started = std::time::Instant::now();
             let done = hold_until_done(
                 &self.name,
                 "committing state",
@@ -311,6 +340,8 @@ impl FunctionWorker {
             if done.is_none() {
                 return self.give_back(slots, "shutting down", cancel).await;
             }
+            metrics::histogram!("weir_commit_seconds", "function" => self.name.to_string())
+                .record(started.elapsed().as_secs_f64());
             self.highest_applied = self
                 .highest_applied
                 .max(commit.applied.iter().copied().max().unwrap_or(0));
@@ -345,6 +376,7 @@ impl FunctionWorker {
             self.clear_outbox().await;
         }
 
+        self.count_outcomes(&slots, &decisions);
         for (slot, decision) in slots.iter().zip(decisions) {
             self.log_outcome(slot, decision);
             let kind = match decision {
@@ -369,7 +401,7 @@ impl FunctionWorker {
     ) -> (
         Option<FunctionInstance>,
         BatchView,
-        Vec<(usize, Result<Handled, Failure>)>,
+        Vec<(usize, Result<Handled, Failure>, Duration)>,
     ) {
         let code = self.code.clone();
         let settings = self.settings.clone();
@@ -389,12 +421,15 @@ impl FunctionWorker {
                         results.push((
                             index,
                             Err(Failure::new(FailureKind::Trap, error.to_string())),
+                            Duration::ZERO,
                         ));
                         continue;
                     }
                 };
                 live.begin_batch(view);
-                results.push((index, live.handle(&event)));
+                let started = std::time::Instant::now();
+                let result = live.handle(&event);
+                results.push((index, result, started.elapsed()));
                 view = live.end_batch();
                 instance = Some(live);
             }
@@ -442,6 +477,42 @@ impl FunctionWorker {
             headers,
             msg_id: dead_letter_msg_id(&self.name, slot.sequence),
         }
+    }
+
+    /// Adds the batch's outcomes to the per-function counters, once per
+    /// outcome kind rather than once per event.
+    fn count_outcomes(&self, slots: &[Slot], decisions: &[AckDecision]) {
+        let mut outcomes: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        for slot in slots {
+            let outcome = match &slot.outcome {
+                Some(EventOutcome::Applied) => "applied",
+                Some(EventOutcome::AlreadyApplied) => "already-applied",
+                Some(EventOutcome::Failed(failure)) => failure.kind.as_str(),
+                None => "unfinished",
+            };
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+        for (outcome, count) in outcomes {
+            metrics::counter!(
+                "weir_events_total",
+                "function" => self.name.to_string(),
+                "version" => self.version.clone(),
+                "outcome" => outcome
+            )
+            .increment(count);
+        }
+        let dead = decisions
+            .iter()
+            .filter(|d| **d == AckDecision::DeadLetter)
+            .count();
+        let retried = decisions
+            .iter()
+            .filter(|d| matches!(d, AckDecision::Nak { .. }))
+            .count();
+        metrics::counter!("weir_dead_letters_total", "function" => self.name.to_string())
+            .increment(dead as u64);
+        metrics::counter!("weir_retries_total", "function" => self.name.to_string())
+            .increment(retried as u64);
     }
 
     fn log_outcome(&self, slot: &Slot, decision: AckDecision) {

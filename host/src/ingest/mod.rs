@@ -50,6 +50,8 @@ pub struct Delivery {
     pub sequence: u64,
     /// 1 on first delivery.
     pub delivered: u64,
+    /// Messages the consumer still had to deliver after this one.
+    pub pending: u64,
     pub event: Result<Event, Failure>,
 }
 
@@ -211,6 +213,7 @@ impl Ingest {
             }
         };
         let sequence = info.stream_sequence;
+        let pending = info.pending;
         let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
         let stored_at_ms =
             i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or_default();
@@ -225,6 +228,7 @@ impl Ingest {
             message,
             sequence,
             delivered,
+            pending,
             event,
         })
     }

@@ -104,6 +104,11 @@ impl StateStore {
                 }
             }
         }
+        let hits = committed.len() - missing.len();
+        metrics::counter!("weir_state_cache_hits_total", "function" => function.to_string())
+            .increment(hits as u64);
+        metrics::counter!("weir_state_cache_misses_total", "function" => function.to_string())
+            .increment(missing.len() as u64);
         if !missing.is_empty() {
             let mut loaded = postgres::load_keys(&self.pool, function, &missing).await?;
             for key in missing {
