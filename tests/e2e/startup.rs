@@ -72,6 +72,17 @@ async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
             "`{error}` should say `{expected}`"
         );
     }
+
+    // A health address that is taken stops start-up instead of running
+    // without the endpoints an orchestrator relies on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut config = base();
+    config.health_listen = Some(taken.local_addr()?);
+    let error = start_error(config).await?;
+    assert!(
+        error.contains("cannot serve health endpoints on"),
+        "{error}"
+    );
     Ok(())
 }
 
