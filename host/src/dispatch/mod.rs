@@ -5,9 +5,9 @@
 //! in stream order on a warm instance (on a blocking thread) → commit the
 //! state changes, their sequences and the outputs in one transaction →
 //! publish outputs and dead letters → ack, nak or terminate each input.
-//! If the commit fails nothing is acked; if a publish fails after the commit
-//! the outputs stay in the outbox and are published again before anything
-//! else.
+//! While Postgres fails, the batch is held (ack deadlines extended) and the
+//! failing step retried; if a publish fails after the commit, the outputs
+//! stay in the outbox and are published again before anything else.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,8 @@ use crate::output::{
 use crate::sandbox::{Event, FunctionCode, FunctionInstance, Handled, InstanceSettings};
 use crate::state::{BatchCommit, BatchView, StateStore};
 
-/// Delay before a batch that could not be committed is delivered again.
+/// Delay before a batch handed back to JetStream is delivered again, and
+/// between attempts to publish committed outputs.
 const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Applied sequences are considered for pruning after this many batches.
 const PRUNE_EVERY_BATCHES: u64 = 200;
@@ -39,6 +40,7 @@ pub struct FunctionWorker {
     name: Arc<str>,
     /// The module digest's first 12 hex digits: the `version` metric label.
     version: String,
+    metrics: WorkerMetrics,
     spec: FunctionSpec,
     ingest: Ingest,
     code: FunctionCode,
@@ -63,6 +65,34 @@ impl std::fmt::Debug for FunctionWorker {
         f.debug_struct("FunctionWorker")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// The function's metric handles, registered once at start-up.
+struct WorkerMetrics {
+    invocations: metrics::Counter,
+    invocation_seconds: metrics::Histogram,
+    dead_letters: metrics::Counter,
+    retries: metrics::Counter,
+    commit_seconds: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    in_flight: metrics::Gauge,
+    consumer_pending: metrics::Gauge,
+}
+
+impl WorkerMetrics {
+    fn new(function: &str, version: &str) -> Self {
+        let (f, v) = (function.to_string(), version.to_string());
+        Self {
+            invocations: metrics::counter!("weir_invocations_total", "function" => f.clone(), "version" => v.clone()),
+            invocation_seconds: metrics::histogram!("weir_invocation_seconds", "function" => f.clone(), "version" => v),
+            dead_letters: metrics::counter!("weir_dead_letters_total", "function" => f.clone()),
+            retries: metrics::counter!("weir_retries_total", "function" => f.clone()),
+            commit_seconds: metrics::histogram!("weir_commit_seconds", "function" => f.clone()),
+            batch_size: metrics::histogram!("weir_batch_size", "function" => f.clone()),
+            in_flight: metrics::gauge!("weir_in_flight", "function" => f.clone()),
+            consumer_pending: metrics::gauge!("weir_consumer_pending", "function" => f),
+        }
     }
 }
 
@@ -91,8 +121,10 @@ impl FunctionWorker {
             deadline: Duration::from_millis(spec.limits.deadline_ms),
             memory_bytes: spec.limits.memory_bytes,
         };
+        let version: String = code.digest().chars().take(12).collect();
         Self {
-            version: code.digest().chars().take(12).collect(),
+            metrics: WorkerMetrics::new(&spec.name, &version),
+            version,
             dead_letter_subject: format!("{dead_letter_prefix}.{}", spec.name),
             name,
             spec,
@@ -176,16 +208,13 @@ impl FunctionWorker {
     }
 
     async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
-        let function = self.name.to_string();
-        metrics::gauge!("weir_in_flight", "function" => function.clone()).set(batch.len() as f64);
-        metrics::histogram!("weir_batch_size", "function" => function.clone())
-            .record(batch.len() as f64);
+        self.metrics.in_flight.set(batch.len() as f64);
+        self.metrics.batch_size.record(batch.len() as f64);
         if let Some(last) = batch.last() {
-            metrics::gauge!("weir_consumer_pending", "function" => function.clone())
-                .set(last.pending as f64);
+            self.metrics.consumer_pending.set(last.pending as f64);
         }
         self.process_batch(batch, cancel).await;
-        metrics::gauge!("weir_in_flight", "function" => function).set(0.0);
+        self.metrics.in_flight.set(0.0);
     }
 
     async fn process_batch(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
@@ -259,19 +288,9 @@ impl FunctionWorker {
 
         let (instance, view, results) = self.invoke(view, to_run).await;
         self.instance = instance;
-        let latency = metrics::histogram!(
-            "weir_invocation_seconds",
-            "function" => self.name.to_string(),
-            "version" => self.version.clone()
-        );
-        metrics::counter!(
-            "weir_invocations_total",
-            "function" => self.name.to_string(),
-            "version" => self.version.clone()
-        )
-        .increment(results.len() as u64);
+        self.metrics.invocations.increment(results.len() as u64);
         for (index, result, took) in results {
-            latency.record(took.as_secs_f64());
+            self.metrics.invocation_seconds.record(took.as_secs_f64());
             let slot = &mut slots[index];
             match result {
                 Ok(handled) => {
@@ -340,11 +359,10 @@ impl FunctionWorker {
             if done.is_none() {
                 return self.give_back(slots, "shutting down", cancel).await;
             }
-            metrics::histogram!("weir_commit_seconds", "function" => self.name.to_string())
+            self.metrics
+                .commit_seconds
                 .record(started.elapsed().as_secs_f64());
-            self.highest_applied = self
-                .highest_applied
-                .max(commit.applied.iter().copied().max().unwrap_or(0));
+            self.highest_applied = self.highest_applied.max(commit.highest_applied());
             crash::reached(CrashPoint::AfterCommit);
         } else {
             crash::reached(CrashPoint::AfterInvoke);
@@ -509,10 +527,8 @@ impl FunctionWorker {
             .iter()
             .filter(|d| matches!(d, AckDecision::Nak { .. }))
             .count();
-        metrics::counter!("weir_dead_letters_total", "function" => self.name.to_string())
-            .increment(dead as u64);
-        metrics::counter!("weir_retries_total", "function" => self.name.to_string())
-            .increment(retried as u64);
+        self.metrics.dead_letters.increment(dead as u64);
+        self.metrics.retries.increment(retried as u64);
     }
 
     fn log_outcome(&self, slot: &Slot, decision: AckDecision) {

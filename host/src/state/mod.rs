@@ -46,6 +46,13 @@ pub struct BatchCommit {
     pub outbox: Vec<OutputRecord>,
 }
 
+impl BatchCommit {
+    /// The highest sequence this commit applies; 0 if none.
+    pub fn highest_applied(&self) -> u64 {
+        self.applied.iter().copied().max().unwrap_or(0)
+    }
+}
+
 type CacheKey = (Arc<str>, String);
 
 /// The state backend shared by every function of a host.
@@ -80,10 +87,6 @@ impl StateStore {
             })
             .build();
         Ok(Self { pool, cache })
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     /// A view of the committed entries of `keys`.

@@ -41,8 +41,7 @@ pub(super) async fn commit_batch(
     function: &str,
     commit: &BatchCommit,
 ) -> Result<(), StateError> {
-    let highest = commit.applied.iter().copied().max().unwrap_or(0);
-    let highest = to_i64(highest);
+    let highest = to_i64(commit.highest_applied());
     let mut upsert_keys = Vec::new();
     let mut upsert_names = Vec::new();
     let mut upsert_values: Vec<&[u8]> = Vec::new();
