@@ -1,7 +1,8 @@
 //! Run handlers natively, in-process, with no host (non-wasm targets only).
 //!
-//! A [`Harness`] holds keyed state and records what handlers emit and log. While
-//! [`Harness::call`] runs a handler, `state`, `emit` and `log` act on that harness
+//! A [`Harness`] holds keyed state and records what handlers emit, log and trace.
+//! While [`Harness::call`] runs a handler, `state`, `emit`, `log` and `trace` act on
+//! that harness
 //! through a thread-local; like the host, it keeps a call's writes and records only if
 //! the handler returns `Ok`.
 
@@ -47,13 +48,26 @@ impl Emitted {
     }
 }
 
-/// A stand-in host: keyed state, plus the records and log lines handlers produced.
+/// A span a handler opened, as the harness recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedSpan {
+    pub name: String,
+    /// The position in [`Harness::spans`] of the span it was opened inside.
+    pub parent: Option<usize>,
+    pub attributes: Vec<(String, String)>,
+    /// Whether the handler closed it before returning.
+    pub closed: bool,
+}
+
+/// A stand-in host: keyed state, plus the records, log lines and spans handlers
+/// produced.
 #[derive(Debug, Default)]
 pub struct Harness {
     /// key -> entry name -> value
     state: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     emitted: Vec<Emitted>,
     logs: Vec<(Level, String)>,
+    spans: Vec<RecordedSpan>,
 }
 
 impl Harness {
@@ -91,6 +105,8 @@ impl Harness {
             state: self.state.get(&key).cloned().unwrap_or_default(),
             emitted: Vec::new(),
             logs: Vec::new(),
+            spans: Vec::new(),
+            open: Vec::new(),
         };
         if CURRENT.with_borrow(Option::is_some) {
             panic!("Harness::call cannot be nested inside another handler call");
@@ -103,6 +119,12 @@ impl Harness {
             .expect("the call context is set for the whole handler call");
 
         self.logs.extend(call.logs);
+        let offset = self.spans.len();
+        self.spans
+            .extend(call.spans.into_iter().map(|span| RecordedSpan {
+                parent: span.parent.map(|p| p + offset),
+                ..span
+            }));
         if result.is_ok() {
             if call.state.is_empty() {
                 self.state.remove(&key);
@@ -145,6 +167,11 @@ impl Harness {
     pub fn logs(&self) -> &[(Level, String)] {
         &self.logs
     }
+
+    /// Every span opened so far, including by failed calls, in the order opened.
+    pub fn spans(&self) -> &[RecordedSpan] {
+        &self.spans
+    }
 }
 
 /// What one handler call has done so far.
@@ -153,6 +180,9 @@ struct Call {
     state: BTreeMap<String, Vec<u8>>,
     emitted: Vec<Emitted>,
     logs: Vec<(Level, String)>,
+    spans: Vec<RecordedSpan>,
+    /// Positions in `spans` of the spans still open, innermost last.
+    open: Vec<usize>,
 }
 
 thread_local! {
@@ -209,6 +239,50 @@ pub(crate) mod imports {
                 headers: headers.to_vec(),
             };
             with_call("emit::publish", |call| call.emitted.push(record));
+        }
+    }
+
+    /// Spans get handles `position + 1`, so 0 stays the inert handle as on the host.
+    pub(crate) mod trace {
+        use super::super::RecordedSpan;
+        use super::with_call;
+
+        pub(crate) fn enter_span(name: &str) -> u32 {
+            with_call("trace::span", |call| {
+                let position = call.spans.len();
+                call.spans.push(RecordedSpan {
+                    name: name.to_owned(),
+                    parent: call.open.last().copied(),
+                    attributes: Vec::new(),
+                    closed: false,
+                });
+                call.open.push(position);
+                u32::try_from(position + 1).unwrap_or(0)
+            })
+        }
+
+        pub(crate) fn set_attribute(handle: u32, key: &str, value: &str) {
+            with_call("trace::Span::set_attribute", |call| {
+                let position = (handle as usize).wrapping_sub(1);
+                if call.open.contains(&position) {
+                    call.spans[position]
+                        .attributes
+                        .push((key.to_owned(), value.to_owned()));
+                }
+            });
+        }
+
+        pub(crate) fn exit_span(handle: u32) {
+            // A span dropped after its handler call ended has nothing to close.
+            let _ = super::super::CURRENT.with_borrow_mut(|current| {
+                let call = current.as_mut()?;
+                let position = (handle as usize).checked_sub(1)?;
+                let depth = call.open.iter().position(|p| *p == position)?;
+                for closed in call.open.drain(depth..) {
+                    call.spans[closed].closed = true;
+                }
+                Some(())
+            });
         }
     }
 

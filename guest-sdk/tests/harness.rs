@@ -118,3 +118,43 @@ fn a_panicking_handler_does_not_leave_a_call_behind() {
     let after = std::panic::catch_unwind(|| state::get("x"));
     assert!(after.is_err(), "no call is active after the panic");
 }
+
+/// Opens an outer span with an inner one inside; leaves a third open on "leak".
+#[weir_sdk::handler]
+fn traced(event: Event) -> Result<(), Error> {
+    let outer = weir_sdk::trace::span("outer");
+    outer.set_attribute("key", &event.key);
+    {
+        let inner = weir_sdk::trace::span("inner");
+        inner.set_attribute("step", "1");
+    }
+    if event.payload == b"leak" {
+        std::mem::forget(weir_sdk::trace::span("left-open"));
+    }
+    Ok(())
+}
+
+#[test]
+fn spans_nest_and_close() {
+    let mut h = Harness::new();
+    h.call(traced, event("in", "a", "x")).expect("ok");
+    h.call(traced, event("in", "b", "leak")).expect("ok");
+    let spans: Vec<_> = h
+        .spans()
+        .iter()
+        .map(|s| (s.name.as_str(), s.parent, s.closed))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            ("outer", None, true),
+            ("inner", Some(0), true),
+            ("outer", None, true),
+            ("inner", Some(2), true),
+            // Forgotten, but closed with its parent `outer`.
+            ("left-open", Some(2), true),
+        ]
+    );
+    assert_eq!(h.spans()[0].attributes, [("key".into(), "a".into())]);
+    assert_eq!(h.spans()[1].attributes, [("step".into(), "1".into())]);
+}

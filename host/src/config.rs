@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub enum ConfigError {
     #[error("configuration is invalid: {0}")]
     Invalid(#[from] Box<figment::Error>),
+    #[error("configuration is invalid: {0}")]
+    Setting(String),
     #[error("function `{function}`: {problem}")]
     Function { function: String, problem: String },
 }
@@ -38,6 +40,10 @@ pub struct HostConfig {
     /// Where `/healthz` and `/readyz` are served, e.g. `0.0.0.0:8080`; off
     /// when absent.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Distributed traces over OTLP; off unless an endpoint is set.
+    pub tracing: TracingConfig,
+    /// Where guest log lines go besides the host's own log.
+    pub guest_logs: GuestLogConfig,
     /// Streams to create (or leave as they are) at start-up.
     pub streams: Vec<StreamSpec>,
     /// Function bindings to run. The control plane replaces this source later.
@@ -53,8 +59,75 @@ impl Default for HostConfig {
             state_cache_bytes: 256 * 1024 * 1024,
             dead_letter_prefix: "weir.dlq".into(),
             health_listen: None,
+            tracing: TracingConfig::default(),
+            guest_logs: GuestLogConfig::default(),
             streams: Vec::new(),
             functions: Vec::new(),
+        }
+    }
+}
+
+/// How traces are exported. With no endpoint nothing is traced and the data
+/// path does no tracing work, beyond carrying an input's `traceparent`
+/// header over to its outputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/HTTP base URL, e.g. `http://127.0.0.1:4318` (Jaeger, an
+    /// OpenTelemetry Collector); spans are posted to `<endpoint>/v1/traces`.
+    /// Plain HTTP only: reach a TLS endpoint through a local collector.
+    pub otlp_endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// Fraction of new traces recorded, 0.0 to 1.0. An input whose
+    /// `traceparent` says sampled (or not) decides for its own trace.
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            protocol: OtlpProtocol::HttpProtobuf,
+            sample_ratio: 1.0,
+            service_name: "weir".into(),
+        }
+    }
+}
+
+/// The OTLP encoding on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+/// Guest log lines (the `log` import and stdout/stderr) are written to the
+/// host's log and published to `<subject_prefix>.<function>`, kept in the
+/// `WEIR_LOGS` stream, where `weir fn logs` reads them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestLogConfig {
+    pub subject_prefix: String,
+    /// Lines per second one function may write, with bursts of twice that;
+    /// the excess is dropped and counted (`weir_guest_log_lines_dropped_total`).
+    pub lines_per_second: u32,
+    /// How long the `WEIR_LOGS` stream keeps lines.
+    pub retention_secs: u64,
+    /// Upper bound of the `WEIR_LOGS` stream; the oldest lines go first.
+    pub max_bytes: i64,
+}
+
+impl Default for GuestLogConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "weir.logs".into(),
+            lines_per_second: 100,
+            retention_secs: 24 * 3600,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -224,6 +297,22 @@ impl HostConfig {
 
     /// Checks what serde cannot: names, sizes and subjects that make sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let setting = |problem: &str| ConfigError::Setting(problem.to_string());
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(setting("tracing.sample_ratio must be between 0.0 and 1.0"));
+        }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            return Err(setting(
+                "tracing.otlp_endpoint must be an http:// URL (OTLP over HTTP; TLS is not built in, so export through a local collector or agent)",
+            ));
+        }
+        if self.guest_logs.subject_prefix.is_empty()
+            || !crate::output::is_publishable_subject(&self.guest_logs.subject_prefix)
+        {
+            return Err(setting("guest_logs.subject_prefix must be a NATS subject"));
+        }
         let mut seen = std::collections::HashSet::new();
         for function in &self.functions {
             let problem = |problem: &str| ConfigError::Function {
@@ -347,6 +436,34 @@ key = { subject_token = 0 }
                 "{error} should mention {expected}"
             );
         }
+    }
+
+    #[test]
+    fn tracing_and_guest_log_settings_are_checked() {
+        let cases = [
+            ("[tracing]\nsample_ratio = 1.5\n", "sample_ratio"),
+            (
+                "[tracing]\notlp_endpoint = \"127.0.0.1:4317\"\n",
+                "otlp_endpoint",
+            ),
+            ("[tracing]\nprotocol = \"grpc\"\n", "grpc"),
+            ("[guest_logs]\nsubject_prefix = \"a b\"\n", "subject_prefix"),
+        ];
+        for (text, expected) in cases {
+            let (path, _guard) = write(text);
+            let error = HostConfig::load(Some(&path)).expect_err(expected);
+            assert!(
+                error.to_string().contains(expected),
+                "{error} should mention {expected}"
+            );
+        }
+        let (path, _guard) = write(
+            "[tracing]\notlp_endpoint = \"http://jaeger:4318\"\nprotocol = \"http/json\"\nsample_ratio = 0.01\n",
+        );
+        let config = HostConfig::load(Some(&path)).expect("valid");
+        assert_eq!(config.tracing.protocol, OtlpProtocol::HttpJson);
+        assert_eq!(config.tracing.sample_ratio, 0.01);
+        assert_eq!(config.guest_logs.lines_per_second, 100);
     }
 
     #[test]

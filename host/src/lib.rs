@@ -10,14 +10,17 @@
 //! publishes outputs and dead letters with deterministic message ids →
 //! [`ack`] decides ack, nak or dead letter. Beside the path: [`config`],
 //! [`control`] (where function bindings come from), [`serve`] (wiring and
-//! start-up), [`health`] (liveness and readiness), [`shutdown`], [`telemetry`] and [`crash`] (named crash points
-//! for fault-injection tests).
+//! start-up), [`health`] (liveness and readiness), [`shutdown`],
+//! [`telemetry`] (logs and metrics), [`traces`] (OTLP spans of the path),
+//! [`guest_logs`] (guest log lines to the log and to NATS) and [`crash`]
+//! (named crash points for fault-injection tests).
 
 pub mod ack;
 pub mod config;
 pub mod control;
 pub mod crash;
 pub mod dispatch;
+pub mod guest_logs;
 pub mod health;
 pub mod ingest;
 pub mod outcome;
@@ -27,3 +30,4 @@ pub mod serve;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+pub mod traces;

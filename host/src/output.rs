@@ -4,6 +4,9 @@
 //! Every output carries a `Nats-Msg-Id` derived from (function, input stream
 //! sequence, output index), so a replayed batch publishes the same ids and
 //! JetStream's duplicate window drops the copies.
+//!
+//! When traced, each record is published under its own `send <subject>`
+//! span, whose context replaces the record's `traceparent`.
 
 use std::future::IntoFuture;
 
@@ -11,6 +14,10 @@ use async_nats::HeaderMap;
 use async_nats::header::HeaderName;
 use async_nats::jetstream;
 use bytes::Bytes;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
+use opentelemetry::{Context, KeyValue};
+
+use crate::traces::Tracing;
 
 /// One record a guest published during an applied event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,18 +57,67 @@ pub struct PublishError {
     pub reason: String,
 }
 
+/// The trace each record of a publish descends from, by position.
+#[derive(Debug, Default)]
+pub struct SendTraces {
+    tracing: Tracing,
+    parents: Vec<Option<Context>>,
+}
+
+impl SendTraces {
+    /// Publish untraced (records keep the trace headers they carry).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Record `i` is sent under a span child of `parents[i]`.
+    pub fn new(tracing: &Tracing, parents: Vec<Option<Context>>) -> Self {
+        Self {
+            tracing: tracing.clone(),
+            parents,
+        }
+    }
+
+    /// Opens the `send` span of `record` and returns it with the trace
+    /// headers that point at it.
+    fn start(
+        &self,
+        index: usize,
+        record: &OutputRecord,
+    ) -> Option<(Context, Vec<(String, String)>)> {
+        let parent = self.parents.get(index)?.as_ref()?;
+        let span = self.tracing.start_child(
+            parent,
+            format!("send {}", record.subject),
+            SpanKind::Producer,
+            vec![
+                KeyValue::new("messaging.system", "nats"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.operation.name", "send"),
+                KeyValue::new("messaging.destination.name", record.subject.clone()),
+                KeyValue::new("messaging.message.id", record.msg_id.clone()),
+                KeyValue::new("messaging.message.body.size", record.payload.len() as i64),
+            ],
+        )?;
+        let mut headers = Vec::with_capacity(2);
+        self.tracing.inject(&span, &mut headers);
+        Some((span, headers))
+    }
+}
+
 /// Publishes `records` in order with their message ids and waits for
 /// JetStream to store every one.
 pub async fn publish_all(
     js: &jetstream::Context,
     records: &[OutputRecord],
+    traces: &SendTraces,
 ) -> Result<(), PublishError> {
     let failed = |record: &OutputRecord, reason: String| PublishError {
         subject: record.subject.clone(),
         reason,
     };
     let mut pending = Vec::with_capacity(records.len());
-    for record in records {
+    for (index, record) in records.iter().enumerate() {
         let mut headers = HeaderMap::new();
         for (name, value) in &record.headers {
             if let Ok(name) = HeaderName::try_from(name.as_str()) {
@@ -69,16 +125,27 @@ pub async fn publish_all(
             }
         }
         headers.insert("Nats-Msg-Id", record.msg_id.as_str());
+        let span = traces.start(index, record).map(|(span, trace_headers)| {
+            for (name, value) in trace_headers {
+                headers.insert(name.as_str(), value.as_str());
+            }
+            span
+        });
         let ack = js
             .publish_with_headers(record.subject.clone(), headers, record.payload.clone())
             .await
             .map_err(|e| failed(record, e.to_string()))?;
-        pending.push((record, ack));
+        pending.push((record, ack, span));
     }
-    for (record, ack) in pending {
-        ack.into_future()
-            .await
-            .map_err(|e| failed(record, e.to_string()))?;
+    for (record, ack, span) in pending {
+        let stored = ack.into_future().await;
+        if let Some(span) = span {
+            if let Err(error) = &stored {
+                span.span().set_status(Status::error(error.to_string()));
+            }
+            span.span().end();
+        }
+        stored.map_err(|e| failed(record, e.to_string()))?;
     }
     Ok(())
 }

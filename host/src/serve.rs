@@ -17,6 +17,7 @@ use crate::health::Readiness;
 use crate::ingest::Ingest;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::StateStore;
+use crate::traces::Tracing;
 
 /// The stream that keeps every function's dead letters.
 pub const DEAD_LETTER_STREAM: &str = "WEIR_DEAD_LETTERS";
@@ -45,6 +46,8 @@ pub enum ServeError {
     },
     #[error("loading function `{function}` failed: {reason}")]
     Load { function: String, reason: String },
+    #[error(transparent)]
+    Tracing(#[from] crate::traces::TracingError),
 }
 
 /// Runs the host until `shutdown` is cancelled.
@@ -80,7 +83,11 @@ pub async fn serve<S: FunctionSource>(
         ),
         None => None,
     };
-    let served = run(config, source, &readiness, &shutdown).await;
+    let tracing = Tracing::start(&config.tracing)?;
+    let served = run(config, source, &readiness, &tracing, &shutdown).await;
+    // Flushing blocks on the exporter's HTTP calls.
+    let flush = tracing.clone();
+    let _ = tokio::task::spawn_blocking(move || flush.shutdown()).await;
     // The health endpoint stops with the host, also when start-up failed.
     health_stop.cancel();
     if let Some(health) = health {
@@ -93,6 +100,7 @@ async fn run<S: FunctionSource>(
     config: HostConfig,
     source: S,
     readiness: &Readiness,
+    tracing: &Tracing,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
     let shutdown = shutdown.clone();
@@ -126,6 +134,7 @@ async fn run<S: FunctionSource>(
     for spec in config.streams.iter().chain(std::iter::once(&dead_letters)) {
         ensure_stream(&js, spec).await?;
     }
+    ensure_log_stream(&js, &config.guest_logs).await?;
 
     let functions = source.functions().await?;
     readiness.functions_expected(functions.len());
@@ -143,7 +152,7 @@ async fn run<S: FunctionSource>(
 
     let tracker = TaskTracker::new();
     for spec in functions {
-        let worker = start_function(&spec, &sandbox, &js, &state, &config).await?;
+        let worker = start_function(&spec, &sandbox, &js, &state, &config, tracing).await?;
         tracker.spawn(worker.run(shutdown.clone()));
         readiness.function_started();
     }
@@ -159,6 +168,7 @@ async fn start_function(
     js: &jetstream::Context,
     state: &StateStore,
     config: &HostConfig,
+    tracing: &Tracing,
 ) -> Result<FunctionWorker, ServeError> {
     for subject in spec.outputs.iter().filter(|s| !s.contains(['*', '>'])) {
         if js.stream_by_subject(subject.as_str()).await.is_err() {
@@ -185,7 +195,33 @@ async fn start_function(
         state.clone(),
         js.clone(),
         &config.dead_letter_prefix,
+        tracing.clone(),
+        &config.guest_logs,
     ))
+}
+
+/// The stream that keeps guest log lines for `weir fn logs`: bounded by age
+/// and size, oldest lines dropped first.
+async fn ensure_log_stream(
+    js: &jetstream::Context,
+    config: &crate::config::GuestLogConfig,
+) -> Result<(), ServeError> {
+    let name = crate::guest_logs::LOG_STREAM;
+    js.get_or_create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{}.>", config.subject_prefix)],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(config.retention_secs),
+        max_bytes: config.max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ServeError::Stream {
+        stream: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
 }
 
 async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), ServeError> {

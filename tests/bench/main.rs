@@ -10,6 +10,10 @@
 //! (c) weir/fraud: Weir running `fraud-velocity`, state in Postgres.
 //! Prints events/s, the median ratios b/a and c/a, Weir's CPU-µs per event,
 //! and end-to-end latency percentiles at a fixed offered rate.
+//!
+//! Tracing overhead: (b) again with traces exported over OTLP/HTTP to a
+//! receiver in this process, at 100 % and at 1 % sampling, interleaved with
+//! tracing off.
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -29,6 +33,8 @@ struct Options {
     rounds: usize,
     rate: u64,
     latency_secs: u64,
+    /// `all`, or `tracing` for the tracing overhead alone.
+    only: String,
 }
 
 fn options() -> Result<Options> {
@@ -37,6 +43,7 @@ fn options() -> Result<Options> {
         rounds: 3,
         rate: 5_000,
         latency_secs: 10,
+        only: "all".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -47,8 +54,9 @@ fn options() -> Result<Options> {
             "--rounds" => options.rounds = value.parse()?,
             "--rate" => options.rate = value.parse()?,
             "--latency-secs" => options.latency_secs = value.parse()?,
+            "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing"
             ),
         }
         i += 2;
@@ -99,6 +107,9 @@ async fn run(
             .unwrap_or(0)
     );
     let passthrough_payload = vec![b'x'; 100];
+    if options.only == "tracing" {
+        return tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await;
+    }
     let mut raw_rates = Vec::new();
     let mut pass_rates = Vec::new();
     let mut fraud_rates = Vec::new();
@@ -111,9 +122,12 @@ async fn run(
             js,
             url,
             artifacts,
-            round,
-            options.events,
-            &passthrough_payload,
+            PassRun {
+                round,
+                events: options.events,
+                payload: &passthrough_payload,
+                tracing: None,
+            },
         )
         .await?;
         let (fraud, fraud_us) =
@@ -174,6 +188,65 @@ async fn run(
         histogram.value_at_quantile(0.99) as f64 / 1000.0,
         histogram.max() as f64 / 1000.0,
         histogram.len()
+    );
+    tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await
+}
+
+/// Passthrough with tracing off, at 1 % and at 100 % sampling, interleaved.
+async fn tracing_overhead(
+    options: &Options,
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+    payload: &[u8],
+) -> Result<()> {
+    let receiver = otlp::OtlpReceiver::start().await?;
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
+    let settings = [None, Some(0.01), Some(1.0)];
+    for round in 0..options.rounds {
+        let mut line = format!("tracing round {}:", round + 1);
+        for (i, ratio) in settings.iter().enumerate() {
+            let tracing = ratio.map(|r| (receiver.endpoint(), r));
+            let (rate, us) = weir_passthrough(
+                nats,
+                js,
+                url,
+                artifacts,
+                PassRun {
+                    round: 100 + round * 3 + i,
+                    events: options.events,
+                    payload,
+                    tracing,
+                },
+            )
+            .await?;
+            let label = match ratio {
+                None => "off".to_string(),
+                Some(r) => format!("{:.0} %", r * 100.0),
+            };
+            line.push_str(&format!(" {label}: {rate:>8.0} ev/s ({us:.1} CPU-µs/ev) |"));
+            rates[i].push(rate);
+            cpu[i].push(us);
+        }
+        println!("{}", line.trim_end_matches(" |"));
+    }
+    let ratio = |i: usize| {
+        let per_round: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(t, o)| t / o).collect();
+        median(&per_round)
+    };
+    println!(
+        "tracing: median off {:.0} ev/s, 1 % {:.0} ev/s (ratio {:.2}), 100 % {:.0} ev/s (ratio {:.2}); CPU-µs/ev off {:.1}, 1 % {:.1}, 100 % {:.1} (includes the in-process OTLP receiver); {} spans received",
+        median(&rates[0]),
+        median(&rates[1]),
+        ratio(1),
+        median(&rates[2]),
+        ratio(2),
+        median(&cpu[0]),
+        median(&cpu[1]),
+        median(&cpu[2]),
+        receiver.spans().len()
     );
     Ok(())
 }
@@ -290,15 +363,28 @@ fn passthrough_function(name: &str, stream: &str, subject: &str) -> Result<Funct
     })
 }
 
+/// One passthrough run: its stream suffix, backlog, and trace export
+/// (endpoint and sampling ratio), if any.
+struct PassRun<'a> {
+    round: usize,
+    events: usize,
+    payload: &'a [u8],
+    tracing: Option<(String, f64)>,
+}
+
 async fn weir_passthrough(
     nats: &NatsServer,
     js: &jetstream::Context,
     url: &str,
     artifacts: &std::path::Path,
-    round: usize,
-    events: usize,
-    payload: &[u8],
+    run: PassRun<'_>,
 ) -> Result<(f64, f64)> {
+    let PassRun {
+        round,
+        events,
+        payload,
+        tracing,
+    } = run;
     let input = format!("PASS_IN_{round}");
     let subject = format!("pass.{round}.in");
     fresh_stream(js, &input, &subject).await?;
@@ -306,6 +392,10 @@ async fn weir_passthrough(
     publish_all(js, &subject, (0..events).map(|_| payload.to_vec())).await?;
 
     let mut config = host_config(nats, url, artifacts);
+    if let Some((endpoint, ratio)) = tracing {
+        config.tracing.otlp_endpoint = Some(endpoint);
+        config.tracing.sample_ratio = ratio;
+    }
     config.functions = vec![passthrough_function(
         &format!("pass-{round}"),
         &input,

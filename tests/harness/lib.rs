@@ -3,6 +3,7 @@
 //! on drop, restartable on the same store), the guest components built by
 //! `cargo xtask build-components`, and a host run in-process until stopped.
 
+pub mod otlp;
 pub mod process;
 pub mod proxy;
 

@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use weir_sdk::{Error, Event, emit};
+use weir_sdk::{Error, Event, emit, log, trace};
 
 /// Where enriched orders go.
 pub const OUTPUT_SUBJECT: &str = "orders.enriched";
@@ -25,7 +25,14 @@ fn handle(event: Event) -> Result<(), Error> {
     let Value::Object(mut order) = event.json::<Value>()? else {
         return Err(Error::reject("order is not a JSON object"));
     };
+    let span = trace::span("totals");
     let (total_cents, item_count) = totals(&order)?;
+    span.set_attribute("item_count", &item_count.to_string());
+    drop(span);
+    log::debug(&format!(
+        "order {}: {item_count} items, {total_cents} cents",
+        event.key
+    ));
     order.insert("total_cents".to_owned(), total_cents.into());
     order.insert("item_count".to_owned(), item_count.into());
     emit::publish_json(OUTPUT_SUBJECT, &order)
@@ -107,6 +114,18 @@ mod tests {
         expected["total_cents"] = json!(2 * 1999 + 3 * 250);
         expected["item_count"] = json!(5);
         assert_eq!(out.json::<Value>(), expected);
+        let [span] = h.spans() else {
+            panic!("expected one span, got {:?}", h.spans());
+        };
+        assert_eq!(span.name, "totals");
+        assert_eq!(span.attributes, [("item_count".into(), "5".into())]);
+        assert_eq!(
+            h.logs(),
+            [(
+                weir_sdk::log::Level::Debug,
+                "order o-1: 5 items, 4748 cents".into()
+            )]
+        );
     }
 
     #[test]

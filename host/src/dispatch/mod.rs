@@ -8,24 +8,32 @@
 //! While Postgres fails, the batch is held (ack deadlines extended) and the
 //! failing step retried; if a publish fails after the commit, the outputs
 //! stay in the outbox and are published again before anything else.
+//!
+//! Along the way each event gets its trace (see [`crate::traces`]) and the
+//! guest's log lines go to the function's [`GuestLogSink`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{AckDecision, decide};
-use crate::config::FunctionSpec;
+use crate::config::{FunctionSpec, GuestLogConfig};
 use crate::crash::{self, CrashPoint};
+use crate::guest_logs::{GuestLogSink, LineOrigin};
 use crate::ingest::{Delivery, Ingest};
 use crate::outcome::{EventOutcome, Failure, FailureKind};
 use crate::output::{
-    OutputRecord, dead_letter_headers as dlq, dead_letter_msg_id, header_text, output_msg_id,
-    publish_all,
+    OutputRecord, SendTraces, dead_letter_headers as dlq, dead_letter_msg_id, header_text,
+    output_msg_id, publish_all,
 };
-use crate::sandbox::{Event, FunctionCode, FunctionInstance, Handled, InstanceSettings};
+use crate::sandbox::{
+    Event, FunctionCode, FunctionInstance, Handled, InstanceSettings, Invocation,
+    InvocationDiagnostics,
+};
 use crate::state::{BatchCommit, BatchView, StateStore};
+use crate::traces::{EventTrace, Tracing, is_trace_header, trace_headers};
 
 /// Delay before a batch handed back to JetStream is delivered again, and
 /// between attempts to publish committed outputs.
@@ -58,6 +66,8 @@ pub struct FunctionWorker {
     /// An ack floor and when it was read: the next prune's bound.
     prune_floor: Option<(std::time::Instant, u64)>,
     batches: u64,
+    tracing: Tracing,
+    logs: GuestLogSink,
 }
 
 impl std::fmt::Debug for FunctionWorker {
@@ -82,16 +92,19 @@ struct WorkerMetrics {
 
 impl WorkerMetrics {
     fn new(function: &str, version: &str) -> Self {
-        let (f, v) = (function.to_string(), version.to_string());
+        let labels = [
+            ("function", function.to_string()),
+            ("version", version.to_string()),
+        ];
         Self {
-            invocations: metrics::counter!("weir_invocations_total", "function" => f.clone(), "version" => v.clone()),
-            invocation_seconds: metrics::histogram!("weir_invocation_seconds", "function" => f.clone(), "version" => v),
-            dead_letters: metrics::counter!("weir_dead_letters_total", "function" => f.clone()),
-            retries: metrics::counter!("weir_retries_total", "function" => f.clone()),
-            commit_seconds: metrics::histogram!("weir_commit_seconds", "function" => f.clone()),
-            batch_size: metrics::histogram!("weir_batch_size", "function" => f.clone()),
-            in_flight: metrics::gauge!("weir_in_flight", "function" => f.clone()),
-            consumer_pending: metrics::gauge!("weir_consumer_pending", "function" => f),
+            invocations: metrics::counter!("weir_invocations_total", &labels),
+            invocation_seconds: metrics::histogram!("weir_invocation_seconds", &labels),
+            dead_letters: metrics::counter!("weir_dead_letters_total", &labels),
+            retries: metrics::counter!("weir_retries_total", &labels),
+            commit_seconds: metrics::histogram!("weir_commit_seconds", &labels),
+            batch_size: metrics::histogram!("weir_batch_size", &labels),
+            in_flight: metrics::gauge!("weir_in_flight", &labels),
+            consumer_pending: metrics::gauge!("weir_consumer_pending", &labels),
         }
     }
 }
@@ -103,9 +116,12 @@ struct Slot {
     delivered: u64,
     outcome: Option<EventOutcome>,
     handled: Option<Handled>,
+    /// `None` when tracing is off.
+    trace: Option<EventTrace>,
 }
 
 impl FunctionWorker {
+    #[allow(clippy::too_many_arguments)] // each is a separate dependency of the loop
     pub fn new(
         spec: FunctionSpec,
         ingest: Ingest,
@@ -113,6 +129,8 @@ impl FunctionWorker {
         state: StateStore,
         js: jetstream::Context,
         dead_letter_prefix: &str,
+        tracing: Tracing,
+        guest_logs: &GuestLogConfig,
     ) -> Self {
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let settings = InstanceSettings {
@@ -124,6 +142,8 @@ impl FunctionWorker {
         let version: String = code.digest().chars().take(12).collect();
         Self {
             metrics: WorkerMetrics::new(&spec.name, &version),
+            logs: GuestLogSink::new(guest_logs, name.clone(), version.clone(), js.client()),
+            tracing,
             version,
             dead_letter_subject: format!("{dead_letter_prefix}.{}", spec.name),
             name,
@@ -185,7 +205,7 @@ impl FunctionWorker {
                 .map_err(|e| e.to_string())?;
             if !records.is_empty() {
                 tracing::info!(function = %self.name, outputs = records.len(), "publishing outputs left by the previous run");
-                publish_all(&self.js, &records)
+                publish_all(&self.js, &records, &SendTraces::none())
                     .await
                     .map_err(|e| e.to_string())?;
                 self.state
@@ -218,9 +238,11 @@ impl FunctionWorker {
     }
 
     async fn process_batch(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
+        let batch_started = SystemTime::now();
         let mut slots = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.into_iter().enumerate() {
+            let trace = self.start_trace(&delivery, batch_started);
             let outcome = match delivery.event {
                 Ok(event) => {
                     events.push((index, event));
@@ -234,6 +256,7 @@ impl FunctionWorker {
                 delivered: delivery.delivered,
                 outcome,
                 handled: None,
+                trace,
             });
         }
 
@@ -261,18 +284,20 @@ impl FunctionWorker {
         let Some(applied) = applied else {
             return self.give_back(slots, "shutting down", cancel).await;
         };
-        let to_run: Vec<(usize, Event)> = events
+        let to_run: Vec<(usize, Event, bool)> = events
             .into_iter()
-            .filter(|(index, _)| {
-                let slot = &mut slots[*index];
-                let done = applied.contains(&slot.sequence);
-                if done {
+            .filter_map(|(index, event)| {
+                let slot = &mut slots[index];
+                if applied.contains(&slot.sequence) {
                     slot.outcome = Some(EventOutcome::AlreadyApplied);
+                    return None;
                 }
-                !done
+                let traced = slot.trace.as_ref().is_some_and(EventTrace::is_sampled);
+                Some((index, event, traced))
             })
             .collect();
-        let keys: Vec<&str> = to_run.iter().map(|(_, e)| e.key.as_str()).collect();
+        let keys: Vec<&str> = to_run.iter().map(|(_, e, _)| e.key.as_str()).collect();
+        let load_started = SystemTime::now();
         let view = hold_until_done(
             &self.name,
             "loading state",
@@ -285,14 +310,22 @@ impl FunctionWorker {
         let Some(view) = view else {
             return self.give_back(slots, "shutting down", cancel).await;
         };
+        self.record_step(&slots, "state.load", load_started);
 
+        let keys: Vec<(usize, String)> = to_run
+            .iter()
+            .map(|(index, event, _)| (*index, event.key.clone()))
+            .collect();
         let (instance, view, results) = self.invoke(view, to_run).await;
         self.instance = instance;
         self.metrics.invocations.increment(results.len() as u64);
-        for (index, result, took) in results {
-            self.metrics.invocation_seconds.record(took.as_secs_f64());
+        for ((index, invocation), (_, key)) in results.into_iter().zip(&keys) {
+            self.metrics
+                .invocation_seconds
+                .record(invocation.took.as_secs_f64());
             let slot = &mut slots[index];
-            match result {
+            self.observe_invocation(slot, key, &invocation).await;
+            match invocation.result {
                 Ok(handled) => {
                     slot.outcome = Some(EventOutcome::Applied);
                     slot.handled = Some(handled);
@@ -302,6 +335,7 @@ impl FunctionWorker {
         }
 
         let mut outputs = Vec::new();
+        let mut output_traces = Vec::new();
         let mut applied_sequences = Vec::new();
         for slot in &mut slots {
             let Some(handled) = slot.handled.take() else {
@@ -311,18 +345,17 @@ impl FunctionWorker {
             if handled.wrote {
                 applied_sequences.push(sequence);
             }
-            outputs.extend(
-                handled
-                    .outputs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, o)| OutputRecord {
-                        msg_id: output_msg_id(&self.name, sequence, i),
-                        subject: o.subject,
-                        payload: o.payload,
-                        headers: o.headers,
-                    }),
-            );
+            for (i, output) in handled.outputs.into_iter().enumerate() {
+                let mut headers = output.headers;
+                self.carry_trace(slot, &mut headers);
+                outputs.push(OutputRecord {
+                    msg_id: output_msg_id(&self.name, sequence, i),
+                    subject: output.subject,
+                    payload: output.payload,
+                    headers,
+                });
+                output_traces.push(slot.trace.as_ref().map(|t| t.context().clone()));
+            }
         }
         let decisions: Vec<AckDecision> = slots
             .iter()
@@ -347,6 +380,7 @@ impl FunctionWorker {
             // Re-running the same commit is harmless: every statement in it
             // sets values or ignores conflicts.
             let started = std::time::Instant::now();
+            let commit_started = SystemTime::now();
             let done = hold_until_done(
                 &self.name,
                 "committing state",
@@ -362,6 +396,7 @@ impl FunctionWorker {
             self.metrics
                 .commit_seconds
                 .record(started.elapsed().as_secs_f64());
+            self.record_step(&slots, "state.commit", commit_started);
             self.highest_applied = self.highest_applied.max(commit.highest_applied());
             crash::reached(CrashPoint::AfterCommit);
         } else {
@@ -372,9 +407,11 @@ impl FunctionWorker {
         for (slot, decision) in slots.iter().zip(&decisions) {
             if *decision == AckDecision::DeadLetter {
                 to_publish.push(self.dead_letter(slot));
+                output_traces.push(slot.trace.as_ref().map(|t| t.context().clone()));
             }
         }
-        while let Err(error) = publish_all(&self.js, &to_publish).await {
+        let send_traces = SendTraces::new(&self.tracing, output_traces);
+        while let Err(error) = publish_all(&self.js, &to_publish, &send_traces).await {
             if !committed {
                 // Nothing is committed: redelivery runs the events again and
                 // the message ids drop what did get through.
@@ -395,8 +432,8 @@ impl FunctionWorker {
         }
 
         self.count_outcomes(&slots, &decisions);
-        for (slot, decision) in slots.iter().zip(decisions) {
-            self.log_outcome(slot, decision);
+        for (slot, decision) in slots.into_iter().zip(decisions) {
+            self.log_outcome(&slot, decision);
             let kind = match decision {
                 AckDecision::Ack => AckKind::Ack,
                 AckDecision::Nak { delay } => AckKind::Nak(Some(delay)),
@@ -407,6 +444,100 @@ impl FunctionWorker {
                 // message ids keep that from doubling anything.
                 tracing::warn!(function = %self.name, sequence = slot.sequence, %error, "ack failed");
             }
+            if let Some(trace) = slot.trace {
+                let (outcome, error) = outcome_label(slot.outcome.as_ref());
+                trace.finish(outcome, error, SystemTime::now());
+            }
+        }
+    }
+
+    /// Opens the `process` span of one delivery; `None` when tracing is off.
+    fn start_trace(&self, delivery: &Delivery, start: SystemTime) -> Option<EventTrace> {
+        if !self.tracing.is_enabled() {
+            return None;
+        }
+        use opentelemetry::KeyValue;
+        let message = &delivery.message;
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "nats"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.operation.name", "process"),
+            KeyValue::new("messaging.destination.name", message.subject.to_string()),
+            KeyValue::new(
+                "messaging.consumer.group.name",
+                crate::ingest::consumer_name(&self.name),
+            ),
+            KeyValue::new("messaging.message.body.size", message.payload.len() as i64),
+            KeyValue::new("weir.function", self.name.to_string()),
+            KeyValue::new("weir.function.version", self.version.clone()),
+            KeyValue::new("weir.stream", self.spec.stream.clone()),
+            KeyValue::new(
+                "weir.stream.sequence",
+                i64::try_from(delivery.sequence).unwrap_or(i64::MAX),
+            ),
+            KeyValue::new(
+                "weir.delivery.attempt",
+                i64::try_from(delivery.delivered).unwrap_or(i64::MAX),
+            ),
+        ];
+        if let Ok(event) = &delivery.event {
+            attributes.push(KeyValue::new("weir.key", event.key.clone()));
+        }
+        self.tracing.start_process(
+            message.headers.as_ref(),
+            start,
+            attributes,
+            &message.subject,
+        )
+    }
+
+    /// Records a batch-wide step from `started` until now under every
+    /// traced event of the batch.
+    fn record_step(&self, slots: &[Slot], name: &str, started: SystemTime) {
+        if !self.tracing.is_enabled() {
+            return;
+        }
+        let times = (started, SystemTime::now());
+        for trace in slots.iter().filter_map(|slot| slot.trace.as_ref()) {
+            trace.record_step(&self.tracing, name, times);
+        }
+    }
+
+    /// Traces one invocation and writes out its log lines.
+    async fn observe_invocation(&mut self, slot: &Slot, key: &str, invocation: &Invocation) {
+        let trace_id = slot.trace.as_ref().map(EventTrace::trace_id);
+        if let Some(trace) = &slot.trace {
+            let end = invocation.started + invocation.took;
+            trace.record_invocation(
+                &self.tracing,
+                &self.name,
+                (invocation.started, end),
+                &invocation.diagnostics.spans,
+            );
+        }
+        let diagnostics = &invocation.diagnostics;
+        if diagnostics.logs.is_empty() && diagnostics.dropped_logs == 0 {
+            return;
+        }
+        let origin = LineOrigin {
+            key,
+            sequence: slot.sequence,
+            trace_id: trace_id.as_deref(),
+            time: invocation.started,
+        };
+        self.logs.write(origin, diagnostics).await;
+    }
+
+    /// Puts the trace context on an output: the event's own when traced,
+    /// else the input's as it came (unless the guest set one).
+    fn carry_trace(&self, slot: &Slot, headers: &mut Vec<(String, String)>) {
+        match &slot.trace {
+            Some(trace) => self.tracing.inject(trace.context(), headers),
+            None => {
+                if !headers.iter().any(|(name, _)| is_trace_header(name)) {
+                    headers.extend(trace_headers(slot.message.headers.as_ref()));
+                }
+            }
         }
     }
 
@@ -415,11 +546,11 @@ impl FunctionWorker {
     async fn invoke(
         &mut self,
         view: BatchView,
-        events: Vec<(usize, Event)>,
+        events: Vec<(usize, Event, bool)>,
     ) -> (
         Option<FunctionInstance>,
         BatchView,
-        Vec<(usize, Result<Handled, Failure>, Duration)>,
+        Vec<(usize, Invocation)>,
     ) {
         let code = self.code.clone();
         let settings = self.settings.clone();
@@ -428,7 +559,7 @@ impl FunctionWorker {
             let mut instance = instance;
             let mut view = view;
             let mut results = Vec::with_capacity(events.len());
-            for (index, event) in events {
+            for (index, event, traced) in events {
                 let live = match instance.take() {
                     Some(live) if !live.is_poisoned() => Ok(live),
                     _ => FunctionInstance::new(&code, &settings),
@@ -436,18 +567,21 @@ impl FunctionWorker {
                 let mut live = match live {
                     Ok(live) => live,
                     Err(error) => {
+                        let failure = Failure::new(FailureKind::Trap, error.to_string());
                         results.push((
                             index,
-                            Err(Failure::new(FailureKind::Trap, error.to_string())),
-                            Duration::ZERO,
+                            Invocation {
+                                result: Err(failure),
+                                started: SystemTime::now(),
+                                took: Duration::ZERO,
+                                diagnostics: InvocationDiagnostics::default(),
+                            },
                         ));
                         continue;
                     }
                 };
                 live.begin_batch(view);
-                let started = std::time::Instant::now();
-                let result = live.handle(&event);
-                results.push((index, result, started.elapsed()));
+                results.push((index, live.handle(&event, traced)));
                 view = live.end_batch();
                 instance = Some(live);
             }
@@ -481,6 +615,9 @@ impl FunctionWorker {
             })
             .filter(|(name, _)| !name.eq_ignore_ascii_case("Nats-Msg-Id"))
             .collect();
+        if let Some(trace) = &slot.trace {
+            self.tracing.inject(trace.context(), &mut headers);
+        }
         headers.extend([
             (dlq::FUNCTION.to_string(), self.name.to_string()),
             (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
@@ -502,13 +639,9 @@ impl FunctionWorker {
     fn count_outcomes(&self, slots: &[Slot], decisions: &[AckDecision]) {
         let mut outcomes: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for slot in slots {
-            let outcome = match &slot.outcome {
-                Some(EventOutcome::Applied) => "applied",
-                Some(EventOutcome::AlreadyApplied) => "already-applied",
-                Some(EventOutcome::Failed(failure)) => failure.kind.as_str(),
-                None => "unfinished",
-            };
-            *outcomes.entry(outcome).or_default() += 1;
+            *outcomes
+                .entry(outcome_label(slot.outcome.as_ref()).0)
+                .or_default() += 1;
         }
         for (outcome, count) in outcomes {
             metrics::counter!(
@@ -552,11 +685,14 @@ impl FunctionWorker {
     /// Hands a batch back to JetStream untouched: nothing was committed.
     async fn give_back(&mut self, slots: Vec<Slot>, reason: &str, cancel: &CancellationToken) {
         tracing::warn!(function = %self.name, events = slots.len(), error = reason, "batch not committed; it will be delivered again");
-        for slot in &slots {
+        for slot in slots {
             let _ = slot
                 .message
                 .ack_with(AckKind::Nak(Some(BATCH_RETRY_DELAY)))
                 .await;
+            if let Some(trace) = slot.trace {
+                trace.finish("given-back", Some(reason), SystemTime::now());
+            }
         }
         pause(cancel, BATCH_RETRY_DELAY).await;
     }
@@ -589,6 +725,16 @@ impl FunctionWorker {
         {
             tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
         }
+    }
+}
+
+/// The outcome label of metrics and spans, and the error, if any.
+fn outcome_label(outcome: Option<&EventOutcome>) -> (&'static str, Option<&str>) {
+    match outcome {
+        Some(EventOutcome::Applied) => ("applied", None),
+        Some(EventOutcome::AlreadyApplied) => ("already-applied", None),
+        Some(EventOutcome::Failed(failure)) => (failure.kind.as_str(), Some(&failure.message)),
+        None => ("unfinished", None),
     }
 }
 

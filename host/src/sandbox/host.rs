@@ -1,10 +1,11 @@
 //! What a guest can reach: the store data of an instance ([`InvocationState`])
-//! and its implementation of the `state`, `emit` and `log` imports.
+//! and its implementation of the `state`, `emit`, `log` and `trace` imports.
 //!
 //! State reads and writes go to the batch's [`BatchView`], scoped to the key
 //! of the event being handled. Publishes are checked against the function's
 //! declared output subjects and collected; the dispatcher publishes them
-//! after the batch commits.
+//! after the batch commits. Log lines, stdout/stderr and guest spans are
+//! collected in [`Diagnostics`] and handed to the dispatcher per invocation.
 
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use bytes::Bytes;
 use wasmtime::{ResourceLimiter, Result as WasmResult};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::weir::function::{emit, log, state, types};
+use super::bindings::weir::function::{emit, log, state, trace, types};
+use super::diagnostics::{Diagnostics, LogLevel, LogSource};
 use crate::output::{is_publishable_subject, is_valid_header, subject_matches};
 use crate::state::BatchView;
 
@@ -47,6 +49,7 @@ pub struct InvocationState {
     /// The outputs of the event being handled.
     pub(crate) outputs: Vec<PendingOutput>,
     pub(crate) violation: Option<Violation>,
+    pub(crate) diagnostics: Diagnostics,
 }
 
 impl InvocationState {
@@ -55,11 +58,16 @@ impl InvocationState {
         allowed_outputs: Arc<[String]>,
         memory_limit: usize,
     ) -> Self {
+        let diagnostics = Diagnostics::default();
+        // The default context grants nothing: no preopened directories, no
+        // environment, no arguments, every socket address denied and name
+        // lookup off. Only stdout and stderr are captured, as log lines.
+        let wasi = WasiCtx::builder()
+            .stdout(diagnostics.stdout.clone())
+            .stderr(diagnostics.stderr.clone())
+            .build();
         Self {
-            // The default context grants nothing: no preopened directories,
-            // no environment, no arguments, every socket address denied and
-            // name lookup off.
-            wasi: WasiCtx::builder().build(),
+            wasi,
             table: ResourceTable::new(),
             function,
             allowed_outputs,
@@ -67,6 +75,7 @@ impl InvocationState {
             view: BatchView::default(),
             outputs: Vec::new(),
             violation: None,
+            diagnostics,
         }
     }
 
@@ -178,14 +187,27 @@ impl emit::Host for InvocationState {
 
 impl log::Host for InvocationState {
     fn log(&mut self, level: log::Level, message: String) {
-        let function = &*self.function;
-        let key = self.view.current_key();
-        match level {
-            log::Level::Trace => tracing::trace!(target: "weir::guest", function, key, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "weir::guest", function, key, "{message}"),
-            log::Level::Info => tracing::info!(target: "weir::guest", function, key, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "weir::guest", function, key, "{message}"),
-            log::Level::Error => tracing::error!(target: "weir::guest", function, key, "{message}"),
-        }
+        let level = match level {
+            log::Level::Trace => LogLevel::Trace,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        self.diagnostics.push_log(level, LogSource::Log, &message);
+    }
+}
+
+impl trace::Host for InvocationState {
+    fn enter_span(&mut self, name: String) -> u32 {
+        self.diagnostics.enter_span(&name)
+    }
+
+    fn set_attribute(&mut self, span: u32, key: String, value: String) {
+        self.diagnostics.set_attribute(span, &key, &value);
+    }
+
+    fn exit_span(&mut self, span: u32) {
+        self.diagnostics.exit_span(span);
     }
 }

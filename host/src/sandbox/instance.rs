@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use std::time::{Duration, Instant, SystemTime};
+
 use wasmtime::{Store, Trap};
 
 use super::bindings::weir::function::types::Error as GuestError;
+use super::diagnostics::InvocationDiagnostics;
 use super::host::{PendingOutput, Violation};
 use super::{EPOCH_TICK, Event, EventHandler, FunctionCode, InvocationState, SandboxError};
 use crate::outcome::{Failure, FailureKind};
@@ -17,6 +20,15 @@ pub struct Handled {
     pub outputs: Vec<PendingOutput>,
     /// Whether it changed state.
     pub wrote: bool,
+}
+
+/// One invocation: its result, when it ran, and what it left behind.
+#[derive(Debug)]
+pub struct Invocation {
+    pub result: Result<Handled, Failure>,
+    pub started: SystemTime,
+    pub took: Duration,
+    pub diagnostics: InvocationDiagnostics,
 }
 
 /// A live instance with its own store.
@@ -91,17 +103,22 @@ impl FunctionInstance {
     }
 
     /// Runs the handler on `event`. On success the event's state writes join
-    /// the batch view; on failure its writes and outputs are discarded.
-    pub fn handle(&mut self, event: &Event) -> Result<Handled, Failure> {
+    /// the batch view; on failure its writes and outputs are discarded. Guest
+    /// spans are recorded only if `traced`.
+    pub fn handle(&mut self, event: &Event, traced: bool) -> Invocation {
         debug_assert!(!self.poisoned, "a poisoned instance was reused");
         {
             let data = self.store.data_mut();
             data.view.begin_event(&event.key);
             data.outputs.clear();
             data.violation = None;
+            data.diagnostics.begin(traced);
         }
         self.store.set_epoch_deadline(self.deadline_ticks);
+        let started = SystemTime::now();
+        let clock = Instant::now();
         let result = self.handler.call_handle(&mut self.store, event);
+        let took = clock.elapsed();
         let outcome = match result {
             Ok(Ok(())) => Ok(std::mem::take(&mut self.store.data_mut().outputs)),
             Ok(Err(GuestError::Retry(message))) => {
@@ -118,7 +135,12 @@ impl FunctionInstance {
         let data = self.store.data_mut();
         let wrote = data.view.finish_event(outcome.is_ok());
         data.outputs.clear();
-        outcome.map(|outputs| Handled { outputs, wrote })
+        Invocation {
+            result: outcome.map(|outputs| Handled { outputs, wrote }),
+            started,
+            took,
+            diagnostics: data.diagnostics.finish(),
+        }
     }
 
     fn classify_trap(&mut self, error: &wasmtime::Error) -> Failure {

@@ -7,9 +7,14 @@
 //! granted: no preopened directories, no network, no environment.
 
 mod bindings;
+mod diagnostics;
 mod host;
 mod instance;
-pub use instance::{Handled, InstanceSettings};
+pub use diagnostics::{
+    GuestLogLine, GuestSpan, InvocationDiagnostics, LogLevel, LogSource,
+    MAX_LOG_LINES_PER_INVOCATION,
+};
+pub use instance::{Handled, InstanceSettings, Invocation};
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,9 @@
 //! The `weir` binary: `serve` runs functions from a config file, `dev` runs
-//! the local stack with the examples.
+//! the local stack with the examples, `fn logs` shows a function's guest log
+//! lines.
 
 mod dev;
+mod logs;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with deployed functions.
+    #[command(name = "fn", subcommand)]
+    Function(FunctionCommand),
+}
+
+#[derive(Subcommand)]
+enum FunctionCommand {
+    /// Show a function's guest log lines (`log` calls, stdout, stderr).
+    Logs(logs::LogsArgs),
 }
 
 #[tokio::main]
@@ -51,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             weir_host::serve::serve(config, functions, shutdown).await?;
         }
         Command::Dev(args) => dev::run(args).await?,
+        Command::Function(FunctionCommand::Logs(args)) => logs::run(args).await?,
         Command::CheckConfig { config } => {
             let config = HostConfig::load(Some(&config)).context("loading the configuration")?;
             println!("{config:#?}");
