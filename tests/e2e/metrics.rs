@@ -116,5 +116,55 @@ async fn counters_match_the_events_sent(_pool: PgPoolOptions, db: PgConnectOptio
         Some(&305.0),
         "one latency sample per invocation"
     );
+    // Every metric the Grafana dashboard charts is one the host serves.
+    let served: std::collections::HashSet<&str> = scrape
+        .samples
+        .iter()
+        .map(|s| base_name(&s.metric))
+        .collect();
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/grafana/weir-dashboard.json"),
+    )?;
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard)?;
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .context("panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 8, "{exprs:?}");
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            assert!(
+                served.contains(base_name(name)),
+                "the dashboard charts `{name}`, which the host does not serve"
+            );
+        }
+    }
     host.stop().await
+}
+
+/// A histogram's series name without its `_bucket`/`_sum`/`_count` part.
+fn base_name(name: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name)
+}
+
+/// The `weir_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("weir_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    names
 }

@@ -275,11 +275,34 @@ async fn a_failed_event_is_traced_as_an_error_and_its_dead_letter_stays_in_the_t
         .publish("orders.new", br#"{"order_id":"bad"}"#.as_slice().into())
         .await?
         .await?;
+    // A valid order whose trace header is garbage: handled, in a new trace.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", "00-not-a-trace-context");
+    stack
+        .js
+        .publish_with_headers(
+            "orders.new",
+            headers,
+            br#"{"order_id":"ok","items":[]}"#.as_slice().into(),
+        )
+        .await?
+        .await?;
     eventually(Duration::from_secs(60), "the dead letter", || async {
-        Ok(stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await? == 1)
+        Ok(
+            stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await? == 1
+                && stream_len(&stack.js, "ENRICHED").await? == 1,
+        )
     })
     .await?;
     host.stop().await?;
+
+    let enriched = read_stream(&stack.js, "ENRICHED").await?;
+    let (trace_id, parent, _) = parse_traceparent(&header(&enriched[0], "traceparent"))?;
+    let spans = receiver.trace(&trace_id);
+    let process = one(&spans, "process orders.new")?;
+    assert_eq!(process.parent_span_id, "", "the garbage header is ignored");
+    assert_eq!(process.attribute("weir.outcome"), Some("applied"));
+    assert_eq!(one(&spans, "send orders.enriched")?.span_id, parent);
 
     let dead = read_stream(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await?;
     let (trace_id, parent, sampled) = parse_traceparent(&header(&dead[0], "traceparent"))?;
@@ -292,5 +315,60 @@ async fn a_failed_event_is_traced_as_an_error_and_its_dead_letter_stays_in_the_t
     assert_eq!(process.status_code, 2, "error status");
     assert_eq!(send.parent_span_id, process.span_id);
     assert_eq!(parent, send.span_id);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unreachable_trace_backend_costs_no_events(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let counter = FunctionSpec {
+        outputs: vec!["counter.out".into()],
+        batch_size: 50,
+        ..FunctionSpec::new(
+            "counter",
+            component("counter")?,
+            "COUNTED",
+            "counted.in",
+            KeySource::JsonPointer("/key".into()),
+        )
+    };
+    let mut config = stack.config(
+        vec![
+            stream("COUNTED", &["counted.in"]),
+            stream("COUNTED_OUT", &["counter.out"]),
+        ],
+        vec![counter],
+    );
+    // Nothing listens there.
+    config.tracing.otlp_endpoint = Some(format!("http://127.0.0.1:{}", free_port()?));
+    let host = stack.host(config).await?;
+    let payloads = (0..500u64).map(|id| {
+        serde_json::json!({"key": format!("k{}", id % 5), "id": id, "value": id})
+            .to_string()
+            .into_bytes()
+    });
+    publish_all(&stack.js, "counted.in", payloads).await?;
+    eventually(Duration::from_secs(60), "every event counted", || async {
+        Ok(stream_len(&stack.js, "COUNTED_OUT").await? == 500)
+    })
+    .await?;
+    host.stop().await?;
+    let pool = stack.pool().await?;
+    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT key, value FROM weir_state WHERE function_name = 'counter' AND name = 'count' ORDER BY key",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let counts: Vec<(String, String)> = counts
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+        .collect();
+    let expected: Vec<(String, String)> = (0..5)
+        .map(|k| (format!("k{k}"), "100".to_string()))
+        .collect();
+    assert_eq!(counts, expected);
     Ok(())
 }

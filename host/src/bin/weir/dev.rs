@@ -32,6 +32,13 @@ pub struct DevArgs {
     /// Directory of the built components.
     #[arg(long, default_value = "target/wasm32-wasip2/component")]
     components: PathBuf,
+    /// Export traces to this OTLP/HTTP endpoint, e.g. a local Jaeger's
+    /// `http://127.0.0.1:4318`.
+    #[arg(long, env = "WEIR_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Serve /healthz, /readyz and /metrics here.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    health_listen: std::net::SocketAddr,
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
@@ -54,6 +61,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let client = async_nats::connect(args.nats.as_str()).await?;
     let js = jetstream::new(client);
     wait_for_streams(&js, &shutdown).await?;
+    println!(
+        "metrics at http://{}/metrics; guest log lines: `weir fn logs enrich --follow`; traces: {}",
+        args.health_listen,
+        match &args.otlp_endpoint {
+            Some(endpoint) => format!("exported to {endpoint}"),
+            None => "off (pass --otlp-endpoint http://127.0.0.1:4318 for a local Jaeger)".into(),
+        }
+    );
     let generator = tokio::spawn(generate(js.clone(), args.rate, shutdown.clone()));
     let pool = sqlx::PgPool::connect(&database_url).await?;
     report(&js, &pool, &shutdown).await;
@@ -174,6 +189,11 @@ fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
                 )
             },
         ],
+        tracing: weir_host::config::TracingConfig {
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            ..Default::default()
+        },
+        health_listen: Some(args.health_listen),
         ..HostConfig::default()
     })
 }
