@@ -22,14 +22,18 @@ pub enum AckDecision {
     DeadLetter,
 }
 
-/// Decides for an event delivered `delivered` times (1 on first delivery).
-pub fn decide(outcome: &EventOutcome, delivered: u64, policy: &RetryPolicy) -> AckDecision {
+/// Decides for an event on its `attempt`th run (1 the first time; deliveries
+/// deferred by the circuit breaker do not count).
+pub fn decide(outcome: &EventOutcome, attempt: u64, policy: &RetryPolicy) -> AckDecision {
     match outcome {
         EventOutcome::Applied | EventOutcome::AlreadyApplied => AckDecision::Ack,
+        EventOutcome::Deferred { retry_after } => AckDecision::Nak {
+            delay: *retry_after,
+        },
         EventOutcome::Failed(failure) => {
-            if failure.kind.is_retryable() && delivered < u64::from(policy.max_attempts) {
+            if failure.kind.is_retryable() && attempt < u64::from(policy.max_attempts) {
                 AckDecision::Nak {
-                    delay: backoff(delivered, policy),
+                    delay: backoff(attempt, policy),
                 }
             } else {
                 AckDecision::DeadLetter
@@ -90,6 +94,16 @@ mod tests {
                 AckDecision::DeadLetter,
             ),
             (failed(FailureKind::Denied), 1, AckDecision::DeadLetter),
+            (failed(FailureKind::OutputLimit), 1, AckDecision::DeadLetter),
+            (failed(FailureKind::StateLimit), 1, AckDecision::DeadLetter),
+            // Deferred by an open breaker: never dead-lettered, whatever the count.
+            (
+                EventOutcome::Deferred {
+                    retry_after: Duration::from_millis(700),
+                },
+                99,
+                nak(700),
+            ),
         ];
         for (outcome, delivered, expected) in cases {
             assert_eq!(

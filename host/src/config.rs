@@ -35,6 +35,10 @@ pub struct HostConfig {
     pub artifact_dir: PathBuf,
     /// Upper bound of the state cache, in bytes of cached values.
     pub state_cache_bytes: u64,
+    /// Deepest wasm stack any guest may use; past it the call fails as
+    /// `stack-overflow`. One value for every function: wasmtime sets it
+    /// per engine.
+    pub max_wasm_stack_bytes: usize,
     /// Subject prefix of dead letters: `<prefix>.<function>`.
     pub dead_letter_prefix: String,
     /// Where `/healthz` and `/readyz` are served, e.g. `0.0.0.0:8080`; off
@@ -57,6 +61,7 @@ impl Default for HostConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/weir".into(),
             artifact_dir: std::env::temp_dir().join("weir-artifacts"),
             state_cache_bytes: 256 * 1024 * 1024,
+            max_wasm_stack_bytes: 512 * 1024,
             dead_letter_prefix: "weir.dlq".into(),
             health_listen: None,
             tracing: TracingConfig::default(),
@@ -195,7 +200,11 @@ pub struct FunctionSpec {
     pub limits: Limits,
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Events fetched and committed together.
+    /// The circuit breaker around the function.
+    #[serde(default)]
+    pub breaker: crate::breaker::BreakerConfig,
+    /// Events fetched and committed together; also the most events of the
+    /// function the host holds at once.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// How long JetStream waits for an ack before delivering an event again;
@@ -233,20 +242,36 @@ impl FunctionSpec {
             outputs: Vec::new(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            breaker: crate::breaker::BreakerConfig::default(),
             batch_size: default_batch_size(),
             ack_wait_ms: default_ack_wait_ms(),
         }
     }
 }
 
-/// Sandbox limits of one function.
+/// Sandbox limits of one function. Passing one fails the invocation with
+/// a typed outcome (`timeout`, `out-of-memory`, `output-limit`,
+/// `state-limit`, ...); log lines past the bound are dropped instead.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Wall-clock budget of one invocation.
+    /// Wall-clock budget of one invocation, including any time the guest
+    /// asks WASI to sleep.
     pub deadline_ms: u64,
     /// Largest linear memory a guest may grow to.
     pub memory_bytes: usize,
+    /// Largest table (of function references) a guest may grow to.
+    pub table_elements: u32,
+    /// Records one invocation may publish.
+    pub output_count: u32,
+    /// Payload and header bytes one invocation may publish, in all.
+    pub output_bytes: usize,
+    /// Largest value under one state entry name.
+    pub state_value_bytes: usize,
+    /// Entry names one key may hold.
+    pub state_entries_per_key: u32,
+    /// Log lines (including stdout/stderr lines) one invocation may write.
+    pub log_lines: u32,
 }
 
 impl Default for Limits {
@@ -254,6 +279,12 @@ impl Default for Limits {
         Self {
             deadline_ms: 1_000,
             memory_bytes: 64 * 1024 * 1024,
+            table_elements: 20_000,
+            output_count: 1_000,
+            output_bytes: 4 * 1024 * 1024,
+            state_value_bytes: 1024 * 1024,
+            state_entries_per_key: 1_000,
+            log_lines: 100,
         }
     }
 }
@@ -297,6 +328,11 @@ impl HostConfig {
 
     /// Checks what serde cannot: names, sizes and subjects that make sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_wasm_stack_bytes) {
+            return Err(ConfigError::Setting(
+                "max_wasm_stack_bytes must be between 64 KiB and 64 MiB".into(),
+            ));
+        }
         let setting = |problem: &str| ConfigError::Setting(problem.to_string());
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return Err(setting("tracing.sample_ratio must be between 0.0 and 1.0"));
@@ -343,6 +379,14 @@ impl HostConfig {
             }
             if function.limits.deadline_ms == 0 {
                 return Err(problem("limits.deadline_ms must be at least 1"));
+            }
+            if function.limits.output_count == 0 || function.limits.state_entries_per_key == 0 {
+                return Err(problem(
+                    "limits.output_count and limits.state_entries_per_key must be at least 1",
+                ));
+            }
+            if let Some(breaker) = function.breaker.problem() {
+                return Err(problem(breaker));
             }
             if function
                 .outputs
@@ -391,6 +435,11 @@ mod tests {
         assert_eq!(fraud.event_time, TimeSource::JsonPointer("/ts".into()));
         assert_eq!(fraud.batch_size, 500);
         assert_eq!(fraud.retry.max_attempts, 5);
+        assert_eq!(
+            config.tracing.otlp_endpoint.as_deref(),
+            Some("http://jaeger:4318")
+        );
+        assert_eq!(config.health_listen, Some(([0, 0, 0, 0], 8080).into()));
     }
 
     #[test]
@@ -422,6 +471,20 @@ key = { subject_token = 0 }
                     base.replace("NAME", "f")
                 ),
                 "max_attempts",
+            ),
+            (
+                format!(
+                    "{}breaker = {{ failure_rate_threshold = 120.0 }}\n",
+                    base.replace("NAME", "f")
+                ),
+                "percentages",
+            ),
+            (
+                format!(
+                    "{}limits = {{ output_count = 0 }}\n",
+                    base.replace("NAME", "f")
+                ),
+                "output_count",
             ),
             (
                 format!("{}{}", base.replace("NAME", "f"), base.replace("NAME", "f")),

@@ -4,7 +4,8 @@
 //! `GET /healthz` answers 200 while the process runs. `GET /readyz` answers
 //! 200 once NATS and Postgres are connected and every function has started,
 //! and 503 with the list of what the host still waits for otherwise.
-//! `GET /metrics` is the Prometheus text format.
+//! `GET /metrics` is the Prometheus text format. `GET /status` is JSON with
+//! each function's version, circuit breaker and backlog.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,19 @@ pub struct Readiness {
     functions_total: AtomicUsize,
     functions_started: AtomicUsize,
     client: std::sync::OnceLock<async_nats::Client>,
+    functions: std::sync::Mutex<std::collections::BTreeMap<String, FunctionStatus>>,
+}
+
+/// One function as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionStatus {
+    pub name: String,
+    pub version: String,
+    pub breaker: crate::breaker::BreakerSnapshot,
+    /// Events the consumer had yet to deliver at the last batch.
+    pub pending: u64,
+    /// Events handed back by the open breaker, waiting for redelivery.
+    pub deferred: usize,
 }
 
 impl Readiness {
@@ -44,6 +58,18 @@ impl Readiness {
 
     pub fn function_started(&self) {
         self.functions_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the latest status of a function.
+    pub fn report(&self, status: FunctionStatus) {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        functions.insert(status.name.clone(), status);
+    }
+
+    /// Every function's latest status, by name.
+    pub fn statuses(&self) -> Vec<FunctionStatus> {
+        let functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        functions.values().cloned().collect()
     }
 
     /// What is not ready yet; empty when ready.
@@ -82,6 +108,7 @@ pub fn router(readiness: Arc<Readiness>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(readiness)
 }
 
@@ -97,6 +124,17 @@ async fn ready(State(readiness): State<Arc<Readiness>>) -> (StatusCode, Json<Rea
         waiting_for,
     };
     (status, Json(body))
+}
+
+#[derive(Serialize)]
+struct StatusBody {
+    functions: Vec<FunctionStatus>,
+}
+
+async fn status(State(readiness): State<Arc<Readiness>>) -> Json<StatusBody> {
+    Json(StatusBody {
+        functions: readiness.statuses(),
+    })
 }
 
 async fn metrics() -> (StatusCode, String) {
@@ -117,7 +155,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+    tracing::info!(%address, "serving /healthz, /readyz, /metrics and /status");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, router(readiness))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

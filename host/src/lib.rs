@@ -12,10 +12,12 @@
 //! [`control`] (where function bindings come from), [`serve`] (wiring and
 //! start-up), [`health`] (liveness and readiness), [`shutdown`],
 //! [`telemetry`] (logs and metrics), [`traces`] (OTLP spans of the path),
-//! [`guest_logs`] (guest log lines to the log and to NATS) and [`crash`]
+//! [`guest_logs`] (guest log lines to the log and to NATS), [`breaker`]
+//! (the circuit breaker around each function) and [`crash`]
 //! (named crash points for fault-injection tests).
 
 pub mod ack;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod crash;

@@ -21,8 +21,14 @@ pub enum FailureKind {
     /// The guest overflowed its stack.
     StackOverflow,
     /// The guest used a capability it was not granted (an undeclared output
-    /// subject) or passed a host limit (state value size).
+    /// subject, an invalid header).
     Denied,
+    /// The guest published more records or bytes in one call than its
+    /// limits allow.
+    OutputLimit,
+    /// The guest stored a value, or a number of entries under one key, past
+    /// its limits.
+    StateLimit,
 }
 
 impl FailureKind {
@@ -32,6 +38,13 @@ impl FailureKind {
             self,
             FailureKind::GuestRetry | FailureKind::Trap | FailureKind::Timeout
         )
+    }
+
+    /// Whether it says something about the function rather than the event:
+    /// such failures feed the circuit breaker. A reject or an unreadable
+    /// event is the event's fault.
+    pub fn counts_against_function(self) -> bool {
+        !matches!(self, FailureKind::GuestReject | FailureKind::BadEvent)
     }
 
     /// The stable name used in headers, logs and metrics.
@@ -45,6 +58,8 @@ impl FailureKind {
             FailureKind::OutOfMemory => "out-of-memory",
             FailureKind::StackOverflow => "stack-overflow",
             FailureKind::Denied => "denied",
+            FailureKind::OutputLimit => "output-limit",
+            FailureKind::StateLimit => "state-limit",
         }
     }
 }
@@ -86,4 +101,7 @@ pub enum EventOutcome {
     AlreadyApplied,
     /// The handler (or the host, before it) did not apply the event.
     Failed(Failure),
+    /// Not run: the function's circuit breaker is open. Delivered again
+    /// after `retry_after`, without spending an attempt.
+    Deferred { retry_after: std::time::Duration },
 }

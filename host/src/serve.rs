@@ -12,10 +12,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{FunctionSpec, HostConfig, StreamSpec};
 use crate::control::FunctionSource;
-use crate::dispatch::FunctionWorker;
+use crate::dispatch::{FunctionWorker, WorkerEnv, instance_settings};
 use crate::health::Readiness;
 use crate::ingest::Ingest;
-use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sandbox::{FunctionInstance, Sandbox, SandboxConfig};
 use crate::state::StateStore;
 use crate::traces::Tracing;
 
@@ -99,7 +99,7 @@ pub async fn serve<S: FunctionSource>(
 async fn run<S: FunctionSource>(
     config: HostConfig,
     source: S,
-    readiness: &Readiness,
+    readiness: &Arc<Readiness>,
     tracing: &Tracing,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
@@ -147,12 +147,21 @@ async fn run<S: FunctionSource>(
     let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         artifact_dir: config.artifact_dir.clone(),
         max_memory_bytes: max_memory,
+        max_wasm_stack_bytes: config.max_wasm_stack_bytes,
         ..SandboxConfig::default()
     })?);
 
+    let env = WorkerEnv {
+        state,
+        js,
+        dead_letter_prefix: config.dead_letter_prefix.clone(),
+        tracing: tracing.clone(),
+        guest_logs: config.guest_logs.clone(),
+        readiness: readiness.clone(),
+    };
     let tracker = TaskTracker::new();
     for spec in functions {
-        let worker = start_function(&spec, &sandbox, &js, &state, &config, tracing).await?;
+        let worker = start_function(&spec, &sandbox, &env).await?;
         tracker.spawn(worker.run(shutdown.clone()));
         readiness.function_started();
     }
@@ -162,14 +171,15 @@ async fn run<S: FunctionSource>(
     Ok(())
 }
 
+/// Checks a function's outputs, loads its component, instantiates it once
+/// (a start function that traps or never ends is refused here, at deploy)
+/// and binds its consumer.
 async fn start_function(
     spec: &FunctionSpec,
     sandbox: &Arc<Sandbox>,
-    js: &jetstream::Context,
-    state: &StateStore,
-    config: &HostConfig,
-    tracing: &Tracing,
+    env: &WorkerEnv,
 ) -> Result<FunctionWorker, ServeError> {
+    let js = &env.js;
     for subject in spec.outputs.iter().filter(|s| !s.contains(['*', '>'])) {
         if js.stream_by_subject(subject.as_str()).await.is_err() {
             return Err(ServeError::OutputNotCaptured {
@@ -180,23 +190,28 @@ async fn start_function(
     }
     let module = spec.module.clone();
     let loader = sandbox.clone();
-    // Compiling is CPU-bound; keep it off the async workers.
-    let code = tokio::task::spawn_blocking(move || loader.load_file(&module))
-        .await
-        .map_err(|e| ServeError::Load {
-            function: spec.name.clone(),
-            reason: e.to_string(),
-        })??;
+    let settings = instance_settings(spec);
+    let failed = |reason: String| ServeError::Load {
+        function: spec.name.clone(),
+        reason,
+    };
+    // Compiling and instantiating are CPU-bound; keep them off the async
+    // workers.
+    let (code, instance) = tokio::task::spawn_blocking(move || {
+        let code = loader.load_file(&module)?;
+        let instance = FunctionInstance::new(&code, &settings);
+        Ok::<_, crate::sandbox::SandboxError>((code, instance))
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))??;
+    let instance = instance.map_err(|e| failed(e.to_string()))?;
     let ingest = Ingest::bind(js, spec).await?;
     Ok(FunctionWorker::new(
         spec.clone(),
         ingest,
         code,
-        state.clone(),
-        js.clone(),
-        &config.dead_letter_prefix,
-        tracing.clone(),
-        &config.guest_logs,
+        Some(instance),
+        env,
     ))
 }
 

@@ -124,12 +124,12 @@ impl Tracing {
     }
 
     /// Opens the consumer span of one input message. `None` when tracing is
-    /// off.
+    /// off. Attributes are added afterwards, and only to sampled spans
+    /// ([`EventTrace::set_attributes`]): most events are not sampled.
     pub fn start_process(
         &self,
         headers: Option<&async_nats::HeaderMap>,
         start: SystemTime,
-        attributes: Vec<KeyValue>,
         subject: &str,
     ) -> Option<EventTrace> {
         let inner = self.inner.as_ref()?;
@@ -139,8 +139,7 @@ impl Tracing {
         };
         let builder = SpanBuilder::from_name(format!("process {subject}"))
             .with_kind(SpanKind::Consumer)
-            .with_start_time(start)
-            .with_attributes(attributes);
+            .with_start_time(start);
         let span = inner.tracer.build_with_context(builder, &parent);
         let context = parent.with_span(span);
         let sampled = context.span().span_context().is_sampled();
@@ -224,6 +223,11 @@ impl EventTrace {
     /// Whether this event's spans are recorded and exported.
     pub fn is_sampled(&self) -> bool {
         self.sampled
+    }
+
+    /// Sets attributes on the `process` span.
+    pub fn set_attributes(&self, attributes: Vec<KeyValue>) {
+        self.context.span().set_attributes(attributes);
     }
 
     /// The trace id, hex-encoded, for log lines.
@@ -359,7 +363,7 @@ mod tests {
         assert!(!tracing.is_enabled());
         assert!(
             tracing
-                .start_process(None, SystemTime::now(), Vec::new(), "s")
+                .start_process(None, SystemTime::now(), "s")
                 .is_none()
         );
         let mut headers = vec![("traceparent".to_string(), "kept".to_string())];

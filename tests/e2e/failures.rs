@@ -23,6 +23,7 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
         limits: Limits {
             deadline_ms: 100,
             memory_bytes: 16 << 20,
+            ..Limits::default()
         },
         retry: RetryPolicy {
             max_attempts: 3,

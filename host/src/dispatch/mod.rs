@@ -11,7 +11,13 @@
 //!
 //! Along the way each event gets its trace (see [`crate::traces`]) and the
 //! guest's log lines go to the function's [`GuestLogSink`].
+//!
+//! The function's circuit breaker is asked before every invocation. An event
+//! it refuses is handed back (naked until the breaker may close) without
+//! spending an attempt, and while it is open no events are fetched at all:
+//! the backlog waits in JetStream.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,9 +25,11 @@ use async_nats::jetstream::{self, AckKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{AckDecision, decide};
+use crate::breaker::{Breaker, CallResult, Permit, SystemClock, Transition};
 use crate::config::{FunctionSpec, GuestLogConfig};
 use crate::crash::{self, CrashPoint};
 use crate::guest_logs::{GuestLogSink, LineOrigin};
+use crate::health::{FunctionStatus, Readiness};
 use crate::ingest::{Delivery, Ingest};
 use crate::outcome::{EventOutcome, Failure, FailureKind};
 use crate::output::{
@@ -42,6 +50,27 @@ const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY_BATCHES: u64 = 200;
 /// How old an ack floor must be before the sequences below it are pruned.
 const PRUNE_LAG: Duration = Duration::from_secs(60);
+/// Deferral counts kept for events in flight; past it the oldest counts go
+/// (an event handed to another host never comes back to clear its own).
+const MAX_TRACKED_DEFERRALS: usize = 100_000;
+
+/// What every function's worker shares with the others.
+#[derive(Clone)]
+pub struct WorkerEnv {
+    pub state: StateStore,
+    pub js: jetstream::Context,
+    pub dead_letter_prefix: String,
+    pub tracing: Tracing,
+    pub guest_logs: GuestLogConfig,
+    /// Where the worker reports its status for `/status`.
+    pub readiness: Arc<Readiness>,
+}
+
+impl std::fmt::Debug for WorkerEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerEnv").finish_non_exhaustive()
+    }
+}
 
 /// Everything one function's worker needs.
 pub struct FunctionWorker {
@@ -68,6 +97,13 @@ pub struct FunctionWorker {
     batches: u64,
     tracing: Tracing,
     logs: GuestLogSink,
+    /// Taken while a batch runs on the blocking thread.
+    breaker: Option<Breaker>,
+    /// How many times the breaker handed back each event in flight; those
+    /// deliveries are not attempts.
+    deferrals: HashMap<u64, u64>,
+    readiness: Arc<Readiness>,
+    pending: u64,
 }
 
 impl std::fmt::Debug for FunctionWorker {
@@ -88,6 +124,8 @@ struct WorkerMetrics {
     batch_size: metrics::Histogram,
     in_flight: metrics::Gauge,
     consumer_pending: metrics::Gauge,
+    breaker_state: metrics::Gauge,
+    labels: [(&'static str, String); 2],
 }
 
 impl WorkerMetrics {
@@ -105,6 +143,8 @@ impl WorkerMetrics {
             batch_size: metrics::histogram!("weir_batch_size", &labels),
             in_flight: metrics::gauge!("weir_in_flight", &labels),
             consumer_pending: metrics::gauge!("weir_consumer_pending", &labels),
+            breaker_state: metrics::gauge!("weir_breaker_state", &labels),
+            labels,
         }
     }
 }
@@ -121,39 +161,43 @@ struct Slot {
 }
 
 impl FunctionWorker {
-    #[allow(clippy::too_many_arguments)] // each is a separate dependency of the loop
+    /// A worker of `spec` running `code`; `instance` is a first warm
+    /// instance, if one was made already.
     pub fn new(
         spec: FunctionSpec,
         ingest: Ingest,
         code: FunctionCode,
-        state: StateStore,
-        js: jetstream::Context,
-        dead_letter_prefix: &str,
-        tracing: Tracing,
-        guest_logs: &GuestLogConfig,
+        instance: Option<FunctionInstance>,
+        env: &WorkerEnv,
     ) -> Self {
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let settings = InstanceSettings {
-            function: name.clone(),
-            allowed_outputs: spec.outputs.clone().into(),
-            deadline: Duration::from_millis(spec.limits.deadline_ms),
-            memory_bytes: spec.limits.memory_bytes,
-        };
-        let version: String = code.digest().chars().take(12).collect();
+        let settings = instance_settings(&spec);
+        let version = version_of(&code);
+        let metrics = WorkerMetrics::new(&spec.name, &version);
+        metrics.breaker_state.set(0.0);
         Self {
-            metrics: WorkerMetrics::new(&spec.name, &version),
-            logs: GuestLogSink::new(guest_logs, name.clone(), version.clone(), js.client()),
-            tracing,
+            metrics,
+            logs: GuestLogSink::new(
+                &env.guest_logs,
+                name.clone(),
+                version.clone(),
+                env.js.client(),
+            ),
+            tracing: env.tracing.clone(),
+            breaker: Some(Breaker::new(spec.breaker.clone(), Arc::new(SystemClock))),
+            deferrals: HashMap::new(),
+            readiness: env.readiness.clone(),
+            pending: 0,
             version,
-            dead_letter_subject: format!("{dead_letter_prefix}.{}", spec.name),
+            dead_letter_subject: format!("{}.{}", env.dead_letter_prefix, spec.name),
             name,
             spec,
             ingest,
             code,
             settings,
-            instance: None,
-            state,
-            js,
+            instance,
+            state: env.state.clone(),
+            js: env.js.clone(),
             outbox_dirty: false,
             highest_applied: 0,
             prune_floor: None,
@@ -181,8 +225,25 @@ impl FunctionWorker {
             return;
         };
         self.highest_applied = highest;
-        while let Some(batch) = self.ingest.next_batch(&cancel).await {
+        self.report_status();
+        loop {
+            // An open breaker: leave the backlog in JetStream until probes
+            // may go through.
+            if let Some(wait) = self.breaker.as_ref().and_then(Breaker::open_for) {
+                if !pause(&cancel, wait).await {
+                    break;
+                }
+                continue;
+            }
+            let budget = self
+                .breaker
+                .as_ref()
+                .map_or(usize::MAX, Breaker::call_budget);
+            let Some(batch) = self.ingest.next_batch(&cancel, budget).await else {
+                break;
+            };
             self.process(batch, &cancel).await;
+            self.report_status();
             self.batches += 1;
             if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
                 self.prune_applied().await;
@@ -231,6 +292,7 @@ impl FunctionWorker {
         self.metrics.in_flight.set(batch.len() as f64);
         self.metrics.batch_size.record(batch.len() as f64);
         if let Some(last) = batch.last() {
+            self.pending = last.pending;
             self.metrics.consumer_pending.set(last.pending as f64);
         }
         self.process_batch(batch, cancel).await;
@@ -316,14 +378,25 @@ impl FunctionWorker {
             .iter()
             .map(|(index, event, _)| (*index, event.key.clone()))
             .collect();
-        let (instance, view, results) = self.invoke(view, to_run).await;
-        self.instance = instance;
-        self.metrics.invocations.increment(results.len() as u64);
-        for ((index, invocation), (_, key)) in results.into_iter().zip(&keys) {
+        let ran = self.invoke(view, to_run).await;
+        self.instance = ran.instance;
+        for transition in &ran.transitions {
+            self.observe_transition(transition);
+        }
+        let view = ran.view;
+        for ((index, run), (_, key)) in ran.results.into_iter().zip(&keys) {
+            let slot = &mut slots[index];
+            let invocation = match run {
+                Run::Invoked(invocation) => invocation,
+                Run::Deferred { retry_after } => {
+                    slot.outcome = Some(EventOutcome::Deferred { retry_after });
+                    continue;
+                }
+            };
+            self.metrics.invocations.increment(1);
             self.metrics
                 .invocation_seconds
                 .record(invocation.took.as_secs_f64());
-            let slot = &mut slots[index];
             self.observe_invocation(slot, key, &invocation).await;
             match invocation.result {
                 Ok(handled) => {
@@ -360,7 +433,7 @@ impl FunctionWorker {
         let decisions: Vec<AckDecision> = slots
             .iter()
             .map(|s| match &s.outcome {
-                Some(outcome) => decide(outcome, s.delivered, &self.spec.retry),
+                Some(outcome) => decide(outcome, self.attempt(s), &self.spec.retry),
                 // Every slot has an outcome by now; treat a gap as retryable.
                 None => AckDecision::Nak {
                     delay: BATCH_RETRY_DELAY,
@@ -432,6 +505,7 @@ impl FunctionWorker {
         }
 
         self.count_outcomes(&slots, &decisions);
+        self.track_deferrals(&slots, &decisions);
         for (slot, decision) in slots.into_iter().zip(decisions) {
             self.log_outcome(&slot, decision);
             let kind = match decision {
@@ -453,11 +527,14 @@ impl FunctionWorker {
 
     /// Opens the `process` span of one delivery; `None` when tracing is off.
     fn start_trace(&self, delivery: &Delivery, start: SystemTime) -> Option<EventTrace> {
-        if !self.tracing.is_enabled() {
-            return None;
-        }
         use opentelemetry::KeyValue;
         let message = &delivery.message;
+        let trace =
+            self.tracing
+                .start_process(message.headers.as_ref(), start, &message.subject)?;
+        if !trace.is_sampled() {
+            return Some(trace);
+        }
         let mut attributes = vec![
             KeyValue::new("messaging.system", "nats"),
             KeyValue::new("messaging.operation.type", "process"),
@@ -483,12 +560,8 @@ impl FunctionWorker {
         if let Ok(event) = &delivery.event {
             attributes.push(KeyValue::new("weir.key", event.key.clone()));
         }
-        self.tracing.start_process(
-            message.headers.as_ref(),
-            start,
-            attributes,
-            &message.subject,
-        )
+        trace.set_attributes(attributes);
+        Some(trace)
     }
 
     /// Records a batch-wide step from `started` until now under every
@@ -505,7 +578,6 @@ impl FunctionWorker {
 
     /// Traces one invocation and writes out its log lines.
     async fn observe_invocation(&mut self, slot: &Slot, key: &str, invocation: &Invocation) {
-        let trace_id = slot.trace.as_ref().map(EventTrace::trace_id);
         if let Some(trace) = &slot.trace {
             let end = invocation.started + invocation.took;
             trace.record_invocation(
@@ -519,6 +591,7 @@ impl FunctionWorker {
         if diagnostics.logs.is_empty() && diagnostics.dropped_logs == 0 {
             return;
         }
+        let trace_id = slot.trace.as_ref().map(EventTrace::trace_id);
         let origin = LineOrigin {
             key,
             sequence: slot.sequence,
@@ -542,60 +615,130 @@ impl FunctionWorker {
     }
 
     /// Runs `events` in order on a blocking thread, replacing the instance
-    /// after a trap.
-    async fn invoke(
-        &mut self,
-        view: BatchView,
-        events: Vec<(usize, Event, bool)>,
-    ) -> (
-        Option<FunctionInstance>,
-        BatchView,
-        Vec<(usize, Invocation)>,
-    ) {
+    /// after a trap. The breaker is asked before each call and told how it
+    /// went; events it refuses are not run.
+    async fn invoke(&mut self, view: BatchView, events: Vec<(usize, Event, bool)>) -> Ran {
         let code = self.code.clone();
         let settings = self.settings.clone();
         let instance = self.instance.take();
+        let breaker = self.breaker.take();
         let ran = tokio::task::spawn_blocking(move || {
-            let mut instance = instance;
-            let mut view = view;
-            let mut results = Vec::with_capacity(events.len());
+            let mut ran = Ran {
+                instance,
+                view,
+                results: Vec::with_capacity(events.len()),
+                transitions: Vec::new(),
+                breaker,
+            };
             for (index, event, traced) in events {
-                let live = match instance.take() {
-                    Some(live) if !live.is_poisoned() => Ok(live),
-                    _ => FunctionInstance::new(&code, &settings),
-                };
-                let mut live = match live {
-                    Ok(live) => live,
-                    Err(error) => {
-                        let failure = Failure::new(FailureKind::Trap, error.to_string());
-                        results.push((
-                            index,
-                            Invocation {
-                                result: Err(failure),
-                                started: SystemTime::now(),
-                                took: Duration::ZERO,
-                                diagnostics: InvocationDiagnostics::default(),
-                            },
-                        ));
+                if let Some(breaker) = &mut ran.breaker {
+                    let (permit, transition) = breaker.try_acquire();
+                    ran.transitions.extend(transition);
+                    if let Permit::Refused { retry_after } = permit {
+                        ran.results.push((index, Run::Deferred { retry_after }));
                         continue;
                     }
-                };
-                live.begin_batch(view);
-                results.push((index, live.handle(&event, traced)));
-                view = live.end_batch();
-                instance = Some(live);
+                }
+                let invocation = ran.run_one(&code, &settings, &event, traced);
+                if let Some(breaker) = &mut ran.breaker {
+                    let failed = match &invocation.result {
+                        Ok(_) => Some(false),
+                        Err(failure) if failure.kind.counts_against_function() => Some(true),
+                        Err(_) => None,
+                    };
+                    match failed {
+                        Some(failed) => ran.transitions.extend(breaker.record(CallResult {
+                            failed,
+                            duration: invocation.took,
+                        })),
+                        None => breaker.release(),
+                    }
+                }
+                ran.results.push((index, Run::Invoked(invocation)));
             }
-            (instance, view, results)
+            ran
         })
         .await;
         match ran {
-            Ok(ran) => ran,
+            Ok(mut ran) => {
+                self.breaker = ran.breaker.take();
+                ran
+            }
             Err(error) => {
                 // The blocking task panicked: a host bug, not the guest's.
+                // Nothing ran to completion; the batch is handed back.
                 tracing::error!(function = %self.name, %error, "invocation task failed");
-                (None, BatchView::default(), Vec::new())
+                self.breaker = Some(Breaker::new(
+                    self.spec.breaker.clone(),
+                    Arc::new(SystemClock),
+                ));
+                Ran::default()
             }
         }
+    }
+
+    /// Logs a breaker transition and updates its metrics.
+    fn observe_transition(&self, transition: &Transition) {
+        let (from, to) = (transition.from.as_str(), transition.to.as_str());
+        let (failure_rate, slow_call_rate) = (transition.failure_rate, transition.slow_call_rate);
+        match transition.to {
+            crate::breaker::BreakerState::Open => tracing::warn!(
+                function = %self.name, version = %self.version, from, to, failure_rate, slow_call_rate,
+                wait_ms = self.spec.breaker.wait_in_open_ms,
+                "circuit breaker opened: events are held in the stream until it lets probes through"
+            ),
+            _ => tracing::info!(
+                function = %self.name, version = %self.version, from, to, failure_rate, slow_call_rate,
+                "circuit breaker changed state"
+            ),
+        }
+        self.metrics.breaker_state.set(transition.to.gauge());
+        let mut labels = self.metrics.labels.to_vec();
+        labels.push(("to", to.to_string()));
+        metrics::counter!("weir_breaker_transitions_total", &labels).increment(1);
+    }
+
+    /// The attempt a slot's delivery is: deliveries the breaker handed back
+    /// do not count.
+    fn attempt(&self, slot: &Slot) -> u64 {
+        let deferred = self.deferrals.get(&slot.sequence).copied().unwrap_or(0);
+        slot.delivered.saturating_sub(deferred).max(1)
+    }
+
+    /// Counts this batch's deferrals and forgets the events that are done.
+    fn track_deferrals(&mut self, slots: &[Slot], decisions: &[AckDecision]) {
+        for (slot, decision) in slots.iter().zip(decisions) {
+            match (&slot.outcome, decision) {
+                (Some(EventOutcome::Deferred { .. }), _) => {
+                    *self.deferrals.entry(slot.sequence).or_default() += 1;
+                }
+                (_, AckDecision::Nak { .. }) => {}
+                _ => {
+                    self.deferrals.remove(&slot.sequence);
+                }
+            }
+        }
+        if self.deferrals.len() > MAX_TRACKED_DEFERRALS {
+            let mut sequences: Vec<u64> = self.deferrals.keys().copied().collect();
+            sequences.sort_unstable();
+            for sequence in &sequences[..sequences.len() - MAX_TRACKED_DEFERRALS] {
+                self.deferrals.remove(sequence);
+            }
+        }
+    }
+
+    /// Publishes the function's status for `/status`.
+    fn report_status(&self) {
+        let Some(breaker) = &self.breaker else {
+            return;
+        };
+        self.readiness.report(FunctionStatus {
+            name: self.name.to_string(),
+            version: self.version.clone(),
+            breaker: breaker.snapshot(),
+            pending: self.pending,
+            deferred: self.deferrals.len(),
+        });
     }
 
     fn dead_letter(&self, slot: &Slot) -> OutputRecord {
@@ -728,11 +871,80 @@ impl FunctionWorker {
     }
 }
 
+/// The sandbox settings of a function's instances.
+pub fn instance_settings(spec: &FunctionSpec) -> InstanceSettings {
+    InstanceSettings {
+        function: Arc::from(spec.name.as_str()),
+        allowed_outputs: spec.outputs.clone().into(),
+        deadline: Duration::from_millis(spec.limits.deadline_ms),
+        limits: spec.limits.clone(),
+    }
+}
+
+/// The `version` label of a function: its module digest's first 12 hex
+/// digits.
+pub fn version_of(code: &FunctionCode) -> String {
+    code.digest().chars().take(12).collect()
+}
+
+/// What one batch's run on the blocking thread gives back.
+#[derive(Default)]
+struct Ran {
+    instance: Option<FunctionInstance>,
+    view: BatchView,
+    results: Vec<(usize, Run)>,
+    transitions: Vec<Transition>,
+    breaker: Option<Breaker>,
+}
+
+impl Ran {
+    /// Runs one event on the warm instance, or a new one if there is none
+    /// or the last one trapped.
+    fn run_one(
+        &mut self,
+        code: &FunctionCode,
+        settings: &InstanceSettings,
+        event: &Event,
+        traced: bool,
+    ) -> Invocation {
+        let live = match self.instance.take() {
+            Some(live) if !live.is_poisoned() => Ok(live),
+            _ => FunctionInstance::new(code, settings),
+        };
+        let mut live = match live {
+            Ok(live) => live,
+            Err(error) => {
+                return Invocation {
+                    result: Err(Failure::new(FailureKind::Trap, error.to_string())),
+                    started: SystemTime::now(),
+                    took: Duration::ZERO,
+                    diagnostics: InvocationDiagnostics::default(),
+                };
+            }
+        };
+        live.begin_batch(std::mem::take(&mut self.view));
+        let invocation = live.handle(event, traced);
+        self.view = live.end_batch();
+        self.instance = Some(live);
+        invocation
+    }
+}
+
+/// What became of one event on the blocking thread.
+enum Run {
+    Invoked(Invocation),
+    /// The breaker refused the call.
+    Deferred {
+        retry_after: Duration,
+    },
+}
+
 /// The outcome label of metrics and spans, and the error, if any.
 fn outcome_label(outcome: Option<&EventOutcome>) -> (&'static str, Option<&str>) {
     match outcome {
         Some(EventOutcome::Applied) => ("applied", None),
         Some(EventOutcome::AlreadyApplied) => ("already-applied", None),
+        Some(EventOutcome::Deferred { .. }) => ("deferred", None),
         Some(EventOutcome::Failed(failure)) => (failure.kind.as_str(), Some(&failure.message)),
         None => ("unfinished", None),
     }

@@ -119,18 +119,24 @@ impl Ingest {
         })
     }
 
-    /// The next batch, or `None` once `cancel` fires. Takes whatever is
-    /// available now, up to the batch size; when nothing is, waits for the
-    /// first message in requests of [`IDLE_WAIT`]. A pull request is never
-    /// abandoned half-way, so no delivered message is stranded until the ack
-    /// wait: shutdown waits for the request in flight instead.
-    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Option<Vec<Delivery>> {
+    /// The next batch of at most `max` events (and never more than the
+    /// batch size), or `None` once `cancel` fires. Takes whatever is
+    /// available now; when nothing is, waits for the first message in
+    /// requests of [`IDLE_WAIT`]. A pull request is never abandoned
+    /// half-way, so no delivered message is stranded until the ack wait:
+    /// shutdown waits for the request in flight instead.
+    pub async fn next_batch(
+        &mut self,
+        cancel: &CancellationToken,
+        max: usize,
+    ) -> Option<Vec<Delivery>> {
+        let max = max.clamp(1, self.batch_size);
         loop {
             if cancel.is_cancelled() {
                 return None;
             }
-            let pulled = match self.fetch_available(self.batch_size).await {
-                Ok(batch) if batch.is_empty() => self.wait_for_first().await,
+            let pulled = match self.fetch_available(max).await {
+                Ok(batch) if batch.is_empty() => self.wait_for_first(max).await,
                 other => other,
             };
             match pulled {
@@ -160,8 +166,8 @@ impl Ingest {
     }
 
     /// Waits up to [`IDLE_WAIT`] for one message, then takes what else is
-    /// available up to the batch size.
-    async fn wait_for_first(&self) -> Result<Vec<Delivery>, String> {
+    /// available up to `max`.
+    async fn wait_for_first(&self, max: usize) -> Result<Vec<Delivery>, String> {
         let messages = self
             .consumer
             .batch()
@@ -171,8 +177,8 @@ impl Ingest {
             .await
             .map_err(|e| e.to_string())?;
         let mut batch = self.collect(messages).await?;
-        if !batch.is_empty() && self.batch_size > 1 {
-            batch.extend(self.fetch_available(self.batch_size - 1).await?);
+        if !batch.is_empty() && max > 1 {
+            batch.extend(self.fetch_available(max - 1).await?);
         }
         Ok(batch)
     }

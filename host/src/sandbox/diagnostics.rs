@@ -12,8 +12,6 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-/// Log lines kept per invocation; the rest are counted as dropped.
-pub const MAX_LOG_LINES_PER_INVOCATION: usize = 100;
 /// Longest log line kept; longer ones are cut.
 pub const MAX_LOG_LINE_BYTES: usize = 2048;
 /// Bytes of stdout (and, separately, stderr) kept per invocation.
@@ -90,7 +88,7 @@ pub struct GuestSpan {
 #[derive(Debug, Default)]
 pub struct InvocationDiagnostics {
     pub logs: Vec<GuestLogLine>,
-    /// Lines past [`MAX_LOG_LINES_PER_INVOCATION`] (or output bytes past
+    /// Lines past the function's `limits.log_lines` (or output bytes past
     /// [`MAX_CAPTURED_OUTPUT_BYTES`], counted as one line each stream).
     pub dropped_logs: u32,
     pub spans: Vec<GuestSpan>,
@@ -105,15 +103,17 @@ pub(crate) struct Diagnostics {
     /// Indexes in `spans` of the open spans, innermost last.
     open: Vec<usize>,
     logs: Vec<GuestLogLine>,
+    max_lines: usize,
     dropped_logs: u32,
     pub(crate) stdout: CapturedOutput,
     pub(crate) stderr: CapturedOutput,
 }
 
 impl Diagnostics {
-    /// Starts collecting for a new invocation.
-    pub(crate) fn begin(&mut self, traced: bool) {
+    /// Starts collecting for a new invocation that may keep `max_lines`.
+    pub(crate) fn begin(&mut self, traced: bool, max_lines: usize) {
         self.traced = traced;
+        self.max_lines = max_lines;
         self.spans.clear();
         self.open.clear();
         self.logs.clear();
@@ -152,7 +152,7 @@ impl Diagnostics {
     }
 
     pub(crate) fn push_log(&mut self, level: LogLevel, source: LogSource, message: &str) {
-        if self.logs.len() >= MAX_LOG_LINES_PER_INVOCATION {
+        if self.logs.len() >= self.max_lines {
             self.dropped_logs += 1;
             return;
         }
@@ -323,7 +323,7 @@ mod tests {
     #[test]
     fn spans_nest_close_with_their_parent_and_stop_at_the_limit() {
         let mut d = Diagnostics::default();
-        d.begin(true);
+        d.begin(true, 10);
         let outer = d.enter_span("outer");
         let inner = d.enter_span("inner");
         d.set_attribute(inner, "k", "v");
@@ -348,14 +348,14 @@ mod tests {
         );
         assert!(done.spans.iter().all(|s| s.end >= s.start));
 
-        d.begin(true);
+        d.begin(true, 10);
         for _ in 0..MAX_GUEST_SPANS {
             assert_ne!(d.enter_span("s"), 0);
         }
         assert_eq!(d.enter_span("one too many"), 0);
         assert_eq!(d.finish().spans.len(), MAX_GUEST_SPANS);
 
-        d.begin(false);
+        d.begin(false, 10);
         assert_eq!(d.enter_span("untraced"), 0);
         assert!(d.finish().spans.is_empty());
     }
@@ -363,15 +363,15 @@ mod tests {
     #[test]
     fn log_lines_and_captured_output_are_bounded() {
         let mut d = Diagnostics::default();
-        d.begin(false);
-        for i in 0..MAX_LOG_LINES_PER_INVOCATION + 5 {
+        d.begin(false, 10);
+        for i in 0..15 {
             d.push_log(LogLevel::Info, LogSource::Log, &format!("line {i}"));
         }
         let done = d.finish();
-        assert_eq!(done.logs.len(), MAX_LOG_LINES_PER_INVOCATION);
+        assert_eq!(done.logs.len(), 10);
         assert_eq!(done.dropped_logs, 5);
 
-        d.begin(false);
+        d.begin(false, 10);
         let mut stdout = d.stdout.clone();
         OutputStream::write(&mut stdout, Bytes::from_static(b"hello\nworld\n\n")).expect("write");
         d.stderr.append(&vec![b'x'; MAX_CAPTURED_OUTPUT_BYTES + 10]);
@@ -405,7 +405,7 @@ mod tests {
         );
         assert_eq!(done.dropped_logs, 1, "the truncated stderr");
         // The next invocation starts empty.
-        d.begin(false);
+        d.begin(false, 10);
         assert!(d.finish().logs.is_empty());
     }
 }

@@ -8,18 +8,19 @@
 //! collected in [`Diagnostics`] and handed to the dispatcher per invocation.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use wasmtime::component::Resource;
 use wasmtime::{ResourceLimiter, Result as WasmResult};
-use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::p2::{DynPollable, Pollable};
+use wasmtime_wasi::{HostMonotonicClock, ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::function::{emit, log, state, trace, types};
 use super::diagnostics::{Diagnostics, LogLevel, LogSource};
+use crate::config::Limits;
 use crate::output::{is_publishable_subject, is_valid_header, subject_matches};
 use crate::state::BatchView;
-
-/// Largest value a guest may store under one state entry name.
-pub const MAX_STATE_VALUE_BYTES: usize = 1 << 20;
 
 /// An output published by the event being handled, before it gets its id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +34,15 @@ pub struct PendingOutput {
 /// failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
-    MemoryLimit { desired: usize, limit: usize },
+    MemoryLimit {
+        desired: usize,
+        limit: usize,
+    },
     Denied(String),
+    OutputLimit(String),
+    StateLimit(String),
+    /// Asked to sleep past the invocation's deadline.
+    SleepPastDeadline(String),
 }
 
 /// The data of one instance's store.
@@ -43,7 +51,12 @@ pub struct InvocationState {
     table: ResourceTable,
     function: Arc<str>,
     allowed_outputs: Arc<[String]>,
-    memory_limit: usize,
+    limits: Limits,
+    /// When the invocation in progress must end; bounds guest sleeps.
+    pub(crate) deadline_at: Instant,
+    /// Payload and header bytes published by the invocation in progress.
+    output_bytes: usize,
+    clock: GuestClock,
     /// The state of the batch being run; swapped in and out per batch.
     pub(crate) view: BatchView,
     /// The outputs of the event being handled.
@@ -53,25 +66,26 @@ pub struct InvocationState {
 }
 
 impl InvocationState {
-    pub(crate) fn new(
-        function: Arc<str>,
-        allowed_outputs: Arc<[String]>,
-        memory_limit: usize,
-    ) -> Self {
+    pub(crate) fn new(function: Arc<str>, allowed_outputs: Arc<[String]>, limits: Limits) -> Self {
         let diagnostics = Diagnostics::default();
+        let clock = GuestClock::default();
         // The default context grants nothing: no preopened directories, no
         // environment, no arguments, every socket address denied and name
         // lookup off. Only stdout and stderr are captured, as log lines.
         let wasi = WasiCtx::builder()
             .stdout(diagnostics.stdout.clone())
             .stderr(diagnostics.stderr.clone())
+            .monotonic_clock(clock)
             .build();
         Self {
             wasi,
             table: ResourceTable::new(),
             function,
             allowed_outputs,
-            memory_limit,
+            limits,
+            deadline_at: Instant::now(),
+            output_bytes: 0,
+            clock,
             view: BatchView::default(),
             outputs: Vec::new(),
             violation: None,
@@ -80,9 +94,86 @@ impl InvocationState {
     }
 
     fn deny(&mut self, message: String) -> wasmtime::Error {
-        let error = wasmtime::format_err!("{message}");
-        self.violation = Some(Violation::Denied(message));
+        self.violate(Violation::Denied(message))
+    }
+
+    /// Records why the call is being stopped and returns the trap for it.
+    fn violate(&mut self, violation: Violation) -> wasmtime::Error {
+        let error = match &violation {
+            Violation::MemoryLimit { desired, limit } => {
+                wasmtime::format_err!("memory limit: wanted {desired} bytes, the limit is {limit}")
+            }
+            Violation::Denied(message)
+            | Violation::OutputLimit(message)
+            | Violation::StateLimit(message)
+            | Violation::SleepPastDeadline(message) => wasmtime::format_err!("{message}"),
+        };
+        self.violation = Some(violation);
         error
+    }
+
+    /// Starts the per-invocation accounting of a new call.
+    pub(crate) fn begin_invocation(&mut self, deadline: Duration, traced: bool) {
+        self.deadline_at = Instant::now() + deadline;
+        self.output_bytes = 0;
+        self.outputs.clear();
+        self.violation = None;
+        self.diagnostics
+            .begin(traced, self.limits.log_lines as usize);
+    }
+
+    /// A pollable that is ready after `wait`, for WASI's clock
+    /// subscriptions. A wait that would outlast the invocation's deadline
+    /// fails the call at once: the epoch deadline cannot interrupt a host
+    /// sleep, so an unbounded one would hold the worker forever.
+    pub(crate) fn bounded_sleep(&mut self, wait: Duration) -> WasmResult<Resource<DynPollable>> {
+        let until = Instant::now().checked_add(wait);
+        if until.is_none_or(|until| until > self.deadline_at) {
+            return Err(self.violate(Violation::SleepPastDeadline(format!(
+                "the guest asked to sleep {wait:?}, past its deadline"
+            ))));
+        }
+        let sleep = self
+            .table
+            .push(BoundedSleep(tokio::time::Instant::now() + wait))?;
+        wasmtime_wasi::p2::subscribe(&mut self.table, sleep)
+    }
+
+    /// A sleep until the guest clock reads `when` (nanoseconds).
+    pub(crate) fn bounded_sleep_until(&mut self, when: u64) -> WasmResult<Resource<DynPollable>> {
+        let wait = Duration::from_nanos(when.saturating_sub(self.clock.now()));
+        self.bounded_sleep(wait)
+    }
+}
+
+/// The guest's monotonic clock: nanoseconds since the instance started.
+/// The host keeps a copy to turn `subscribe-instant` into a wait.
+#[derive(Debug, Clone, Copy)]
+struct GuestClock(Instant);
+
+impl Default for GuestClock {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl HostMonotonicClock for GuestClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A sleep the host has checked against the invocation's deadline.
+struct BoundedSleep(tokio::time::Instant);
+
+#[async_trait::async_trait]
+impl Pollable for BoundedSleep {
+    async fn ready(&mut self) {
+        tokio::time::sleep_until(self.0).await;
     }
 }
 
@@ -102,15 +193,9 @@ impl ResourceLimiter for InvocationState {
         desired: usize,
         _maximum: Option<usize>,
     ) -> WasmResult<bool> {
-        if desired > self.memory_limit {
-            self.violation = Some(Violation::MemoryLimit {
-                desired,
-                limit: self.memory_limit,
-            });
-            wasmtime::bail!(
-                "memory limit: wanted {desired} bytes, the limit is {}",
-                self.memory_limit
-            );
+        let limit = self.limits.memory_bytes;
+        if desired > limit {
+            return Err(self.violate(Violation::MemoryLimit { desired, limit }));
         }
         Ok(true)
     }
@@ -121,9 +206,9 @@ impl ResourceLimiter for InvocationState {
         desired: usize,
         _maximum: Option<usize>,
     ) -> WasmResult<bool> {
-        // Tables hold function references; 100k entries is far past what
-        // compiled code needs and keeps a table bomb small.
-        Ok(desired <= 100_000)
+        // Refusing the growth makes `table.grow` return -1, which a guest
+        // can handle; compiled code rarely grows tables at all.
+        Ok(desired <= self.limits.table_elements as usize)
     }
 }
 
@@ -135,11 +220,20 @@ impl state::Host for InvocationState {
     }
 
     fn set(&mut self, name: String, value: Vec<u8>) -> WasmResult<()> {
-        if value.len() > MAX_STATE_VALUE_BYTES {
-            return Err(self.deny(format!(
-                "state value `{name}` is {} bytes; the limit is {MAX_STATE_VALUE_BYTES}",
+        let limit = self.limits.state_value_bytes;
+        if value.len() > limit {
+            return Err(self.violate(Violation::StateLimit(format!(
+                "state value `{}` is {} bytes; the limit is {limit}",
+                crate::output::header_text(&name),
                 value.len()
-            )));
+            ))));
+        }
+        let max_entries = self.limits.state_entries_per_key as usize;
+        if self.view.get(&name).is_none() && self.view.entry_count() >= max_entries {
+            return Err(self.violate(Violation::StateLimit(format!(
+                "key `{}` already holds {max_entries} state entries, the limit",
+                crate::output::header_text(self.view.current_key())
+            ))));
         }
         self.view.set(name, Bytes::from(value));
         Ok(())
@@ -176,6 +270,24 @@ impl emit::Host for InvocationState {
                 crate::output::header_text(name)
             )));
         }
+        let count_limit = self.limits.output_count as usize;
+        if self.outputs.len() >= count_limit {
+            return Err(self.violate(Violation::OutputLimit(format!(
+                "the invocation published more than {count_limit} records"
+            ))));
+        }
+        let size = payload.len()
+            + headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>();
+        let bytes_limit = self.limits.output_bytes;
+        if self.output_bytes + size > bytes_limit {
+            return Err(self.violate(Violation::OutputLimit(format!(
+                "the invocation published more than {bytes_limit} bytes"
+            ))));
+        }
+        self.output_bytes += size;
         self.outputs.push(PendingOutput {
             subject,
             payload: Bytes::from(payload),

@@ -35,6 +35,7 @@ pub struct Invocation {
 pub struct FunctionInstance {
     store: Store<InvocationState>,
     handler: EventHandler,
+    deadline: Duration,
     deadline_ticks: u64,
     /// Set after a trap: the guest's memory may be inconsistent, so the
     /// instance must not run again.
@@ -54,19 +55,22 @@ impl std::fmt::Debug for FunctionInstance {
 pub struct InstanceSettings {
     pub function: Arc<str>,
     pub allowed_outputs: Arc<[String]>,
-    pub deadline: std::time::Duration,
-    pub memory_bytes: usize,
+    pub deadline: Duration,
+    pub limits: crate::config::Limits,
 }
 
 impl FunctionInstance {
     /// Instantiates `code`; the start function runs under the same deadline
     /// as an invocation.
     pub fn new(code: &FunctionCode, settings: &InstanceSettings) -> Result<Self, SandboxError> {
-        let state = InvocationState::new(
+        let mut state = InvocationState::new(
             settings.function.clone(),
             settings.allowed_outputs.clone(),
-            settings.memory_bytes,
+            settings.limits.clone(),
         );
+        // The start function runs under the invocation deadline, sleeps
+        // included.
+        state.deadline_at = Instant::now() + settings.deadline;
         let mut store = Store::new(&code.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_trap();
@@ -82,6 +86,7 @@ impl FunctionInstance {
         Ok(Self {
             store,
             handler,
+            deadline: settings.deadline,
             deadline_ticks,
             poisoned: false,
         })
@@ -108,11 +113,10 @@ impl FunctionInstance {
     pub fn handle(&mut self, event: &Event, traced: bool) -> Invocation {
         debug_assert!(!self.poisoned, "a poisoned instance was reused");
         {
+            let deadline = self.deadline;
             let data = self.store.data_mut();
             data.view.begin_event(&event.key);
-            data.outputs.clear();
-            data.violation = None;
-            data.diagnostics.begin(traced);
+            data.begin_invocation(deadline, traced);
         }
         self.store.set_epoch_deadline(self.deadline_ticks);
         let started = SystemTime::now();
@@ -146,6 +150,15 @@ impl FunctionInstance {
     fn classify_trap(&mut self, error: &wasmtime::Error) -> Failure {
         match self.store.data_mut().violation.take() {
             Some(Violation::Denied(message)) => return Failure::new(FailureKind::Denied, message),
+            Some(Violation::OutputLimit(message)) => {
+                return Failure::new(FailureKind::OutputLimit, message);
+            }
+            Some(Violation::StateLimit(message)) => {
+                return Failure::new(FailureKind::StateLimit, message);
+            }
+            Some(Violation::SleepPastDeadline(message)) => {
+                return Failure::new(FailureKind::Timeout, message);
+            }
             Some(Violation::MemoryLimit { desired, limit }) => {
                 return Failure::new(
                     FailureKind::OutOfMemory,

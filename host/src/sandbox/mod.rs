@@ -4,16 +4,15 @@
 //! [`FunctionInstance`]s that run one event at a time.
 //!
 //! WASI p2 is linked because language runtimes import it, but nothing is
-//! granted: no preopened directories, no network, no environment.
+//! granted: no preopened directories, no network, no environment. Its clock
+//! subscriptions are replaced by ones bounded by the invocation deadline:
+//! a host-side sleep is out of reach of epoch interruption.
 
 mod bindings;
 mod diagnostics;
 mod host;
 mod instance;
-pub use diagnostics::{
-    GuestLogLine, GuestSpan, InvocationDiagnostics, LogLevel, LogSource,
-    MAX_LOG_LINES_PER_INVOCATION,
-};
+pub use diagnostics::{GuestLogLine, GuestSpan, InvocationDiagnostics, LogLevel, LogSource};
 pub use instance::{Handled, InstanceSettings, Invocation};
 
 use std::hash::{Hash, Hasher};
@@ -28,7 +27,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use bindings::weir::function::types::Event;
-pub use host::{InvocationState, MAX_STATE_VALUE_BYTES, PendingOutput};
+pub use host::{InvocationState, PendingOutput};
 pub use instance::FunctionInstance;
 
 use bindings::{EventHandler, EventHandlerPre};
@@ -65,6 +64,8 @@ pub struct SandboxConfig {
     pub max_instances: u32,
     /// Largest memory any function may be given.
     pub max_memory_bytes: usize,
+    /// Deepest wasm stack of any guest.
+    pub max_wasm_stack_bytes: usize,
 }
 
 impl Default for SandboxConfig {
@@ -73,6 +74,7 @@ impl Default for SandboxConfig {
             artifact_dir: std::env::temp_dir().join("weir-artifacts"),
             max_instances: 128,
             max_memory_bytes: 1 << 30,
+            max_wasm_stack_bytes: 512 * 1024,
         }
     }
 }
@@ -133,12 +135,14 @@ impl Sandbox {
             // Weir calls guests synchronously; async-call bookkeeping costs
             // about half of a small call (see docs/design.md).
             .concurrency_support(false)
+            .max_wasm_stack(config.max_wasm_stack_bytes)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
         EventHandler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(engine_error)?;
+        link_bounded_clock(&mut linker).map_err(engine_error)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_tag = format!("{:016x}", hasher.finish());
@@ -234,6 +238,31 @@ impl Sandbox {
             tracing::warn!(path = %path.display(), %error, "could not cache compiled artifact");
         }
     }
+}
+
+/// Replaces WASI's monotonic-clock subscriptions (what `sleep` and poll
+/// timeouts use) with ones that cannot outlast the invocation's deadline.
+fn link_bounded_clock(linker: &mut Linker<InvocationState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: wasmtime::StoreContextMut<'_, InvocationState>, (nanos,): (u64,)| {
+            let wait = Duration::from_nanos(nanos);
+            store.data_mut().bounded_sleep(wait).map(|sleep| (sleep,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: wasmtime::StoreContextMut<'_, InvocationState>, (when,): (u64,)| {
+            store
+                .data_mut()
+                .bounded_sleep_until(when)
+                .map(|sleep| (sleep,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] on one thread, so every

@@ -86,6 +86,25 @@ impl BatchView {
         }
     }
 
+    /// How many entries the current key holds, this event's writes included.
+    pub fn entry_count(&self) -> usize {
+        let view = self.keys.get(&self.current_key);
+        let mut names: std::collections::HashSet<&str> = view
+            .map(|v| v.committed.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let changes = view
+            .into_iter()
+            .flat_map(|v| v.changes.iter())
+            .chain(self.event_changes.iter());
+        for (name, change) in changes {
+            match change {
+                Some(_) => names.insert(name),
+                None => names.remove(name.as_str()),
+            };
+        }
+        names.len()
+    }
+
     pub fn set(&mut self, name: String, value: Bytes) {
         self.event_changes.insert(name, Some(value));
     }
