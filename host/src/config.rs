@@ -435,6 +435,8 @@ mod tests {
         assert_eq!(fraud.event_time, TimeSource::JsonPointer("/ts".into()));
         assert_eq!(fraud.batch_size, 500);
         assert_eq!(fraud.retry.max_attempts, 5);
+        assert_eq!(fraud.breaker.window_size, 50);
+        assert_eq!(fraud.limits.output_count, 10);
         assert_eq!(
             config.tracing.otlp_endpoint.as_deref(),
             Some("http://jaeger:4318")

@@ -32,6 +32,7 @@ pub struct OutputRecord {
 /// Header names Weir writes on dead letters.
 pub mod dead_letter_headers {
     pub const FUNCTION: &str = "Weir-Function";
+    pub const VERSION: &str = "Weir-Function-Version";
     pub const REASON: &str = "Weir-Error";
     pub const KIND: &str = "Weir-Error-Kind";
     pub const ATTEMPTS: &str = "Weir-Attempts";

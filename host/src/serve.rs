@@ -144,8 +144,13 @@ async fn run<S: FunctionSource>(
         .max()
         .unwrap_or(0)
         .max(64 << 20);
+    // Each function holds one warm instance, and briefly a second while a
+    // trapped one is replaced: two pool slots each, so no function can
+    // take another's.
+    let slots = u32::try_from(functions.len() * 2 + 8).unwrap_or(u32::MAX);
     let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         artifact_dir: config.artifact_dir.clone(),
+        max_instances: slots.max(SandboxConfig::default().max_instances),
         max_memory_bytes: max_memory,
         max_wasm_stack_bytes: config.max_wasm_stack_bytes,
         ..SandboxConfig::default()

@@ -14,6 +14,12 @@
 //! Tracing overhead: (b) again with traces exported over OTLP/HTTP to a
 //! receiver in this process, at 100 % and at 1 % sampling, interleaved with
 //! tracing off.
+//!
+//! Isolation: a fast passthrough function's backlog throughput and its p99
+//! at a fixed rate, alone and beside a neighbour that sleeps in every call,
+//! one that loops until its deadline (breaker on), and the same looper with
+//! its breaker off. Epoch cost: a compute-bound guest timed directly on an
+//! engine with epoch interruption and on one without.
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -33,7 +39,7 @@ struct Options {
     rounds: usize,
     rate: u64,
     latency_secs: u64,
-    /// `all`, or `tracing` for the tracing overhead alone.
+    /// `all`, or one part: `tracing`, `isolation` or `epoch`.
     only: String,
 }
 
@@ -56,7 +62,7 @@ fn options() -> Result<Options> {
             "--latency-secs" => options.latency_secs = value.parse()?,
             "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing|isolation|epoch"
             ),
         }
         i += 2;
@@ -107,8 +113,14 @@ async fn run(
             .unwrap_or(0)
     );
     let passthrough_payload = vec![b'x'; 100];
-    if options.only == "tracing" {
-        return tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await;
+    match options.only.as_str() {
+        "all" => {}
+        "tracing" => {
+            return tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await;
+        }
+        "isolation" => return isolation(options, nats, js, url, artifacts).await,
+        "epoch" => return epoch_cost(options, artifacts),
+        other => anyhow::bail!("unknown part {other}"),
     }
     let mut raw_rates = Vec::new();
     let mut pass_rates = Vec::new();
@@ -189,7 +201,203 @@ async fn run(
         histogram.max() as f64 / 1000.0,
         histogram.len()
     );
-    tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await
+    tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await?;
+    isolation(options, nats, js, url, artifacts).await?;
+    epoch_cost(options, artifacts)
+}
+
+/// A neighbour of the fast function in the isolation runs.
+#[derive(Clone, Copy, Debug)]
+enum Neighbour {
+    Alone,
+    /// Sleeps 20 ms in every call (waiting, not computing).
+    Sleeper,
+    /// Spins until its 100 ms deadline in every call.
+    Looper {
+        breaker: bool,
+    },
+}
+
+impl Neighbour {
+    fn label(self) -> &'static str {
+        match self {
+            Neighbour::Alone => "alone",
+            Neighbour::Sleeper => "beside a sleeper",
+            Neighbour::Looper { breaker: true } => "beside a looper (breaker on)",
+            Neighbour::Looper { breaker: false } => "beside a looper (breaker off)",
+        }
+    }
+
+    fn action(self) -> Option<serde_json::Value> {
+        match self {
+            Neighbour::Alone => None,
+            Neighbour::Sleeper => Some(serde_json::json!({"do": "sleep", "ms": 20, "key": "n"})),
+            Neighbour::Looper { .. } => Some(serde_json::json!({"do": "loop", "key": "n"})),
+        }
+    }
+}
+
+/// The fast function's backlog throughput and fixed-rate p99, alone and
+/// beside each kind of neighbour, interleaved over the rounds.
+async fn isolation(
+    options: &Options,
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+) -> Result<()> {
+    let variants = [
+        Neighbour::Alone,
+        Neighbour::Sleeper,
+        Neighbour::Looper { breaker: true },
+        Neighbour::Looper { breaker: false },
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let events = options.events / 2;
+    for round in 0..options.rounds {
+        for (i, neighbour) in variants.iter().enumerate() {
+            let (rate, histogram) =
+                isolation_run(nats, js, url, artifacts, *neighbour, events, options).await?;
+            let p99 = histogram.value_at_quantile(0.99) as f64 / 1000.0;
+            println!(
+                "isolation round {}: fast function {:<30} {rate:>8.0} ev/s, p99 {p99:.2} ms at {} ev/s",
+                round + 1,
+                neighbour.label(),
+                options.rate / 2
+            );
+            rates[i].push(rate);
+            p99s[i].push(p99);
+        }
+    }
+    for (i, neighbour) in variants.iter().enumerate().skip(1) {
+        let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(n, a)| n / a).collect();
+        let p99_ratios: Vec<f64> = p99s[i].iter().zip(&p99s[0]).map(|(n, a)| n / a).collect();
+        println!(
+            "isolation: {} — throughput {:.0} ev/s ({:.2} of alone), p99 {:.2} ms ({:.2}× alone)",
+            neighbour.label(),
+            median(&rates[i]),
+            median(&ratios),
+            median(&p99s[i]),
+            median(&p99_ratios)
+        );
+    }
+    println!(
+        "isolation: alone — throughput {:.0} ev/s, p99 {:.2} ms",
+        median(&rates[0]),
+        median(&p99s[0])
+    );
+    Ok(())
+}
+
+async fn isolation_run(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+    neighbour: Neighbour,
+    events: usize,
+    options: &Options,
+) -> Result<(f64, Histogram<u64>)> {
+    fresh_stream(js, "ISO_IN", "iso.in").await?;
+    fresh_stream(js, "BENCH_OUT", "bench.out").await?;
+    fresh_stream(js, "NEIGH_IN", "neigh.in").await?;
+    fresh_stream(js, "FIXTURE_OUT", "fixture.out").await?;
+    let mut config = host_config(nats, url, artifacts);
+    config.functions = vec![passthrough_function("iso", "ISO_IN", "iso.in")?];
+    if let Some(action) = neighbour.action() {
+        let payload = action.to_string().into_bytes();
+        publish_all(js, "neigh.in", (0..20_000).map(|_| payload.clone())).await?;
+        let mut spec = FunctionSpec {
+            outputs: vec!["fixture.out".into()],
+            batch_size: 10,
+            ..FunctionSpec::new(
+                "neighbour",
+                component("misbehave")?,
+                "NEIGH_IN",
+                "neigh.in",
+                KeySource::JsonPointer("/key".into()),
+            )
+        };
+        spec.limits.deadline_ms = 100;
+        spec.retry.max_attempts = 2;
+        spec.breaker.enabled = matches!(neighbour, Neighbour::Looper { breaker: true });
+        config.functions.push(spec);
+    }
+    let host = RunningHost::start(config);
+    wait_for_consumer(js, "ISO_IN", "weir-iso").await?;
+    // The neighbour runs for a while first (long enough for a looper's
+    // breaker to trip: 20 calls of 100 ms).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let payload = vec![b'x'; 100];
+    let started = Instant::now();
+    publish_all(js, "iso.in", (0..events).map(|_| payload.clone())).await?;
+    wait_for_len(js, "BENCH_OUT", events as u64).await?;
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let histogram = measure_latency(nats, "iso.in", options.rate / 2, 5).await?;
+    host.stop().await?;
+    Ok((rate, histogram))
+}
+
+/// What epoch interruption costs a compute-bound guest: the same calls
+/// timed on an engine with it and on one without, interleaved.
+fn epoch_cost(options: &Options, artifacts: &std::path::Path) -> Result<()> {
+    use weir_host::config::Limits;
+    use weir_host::sandbox::{Event, FunctionInstance, InstanceSettings, Sandbox, SandboxConfig};
+    let module = component("misbehave")?;
+    let settings = InstanceSettings {
+        function: "compute".into(),
+        allowed_outputs: vec!["fixture.out".to_string()].into(),
+        deadline: Duration::from_secs(60),
+        limits: Limits::default(),
+    };
+    let event = Event {
+        subject: "compute".into(),
+        key: "k".into(),
+        payload: br#"{"do":"compute","n":20000000}"#.to_vec(),
+        headers: Vec::new(),
+        event_time_ms: 0,
+        sequence: 1,
+    };
+    let mut instances = Vec::new();
+    for epoch_interruption in [true, false] {
+        let sandbox = Sandbox::new(&SandboxConfig {
+            artifact_dir: artifacts.to_path_buf(),
+            epoch_interruption,
+            ..SandboxConfig::default()
+        })?;
+        let code = sandbox.load_file(&module)?;
+        let mut instance = FunctionInstance::new(&code, &settings)?;
+        instance.begin_batch(Default::default());
+        instances.push((sandbox, instance));
+    }
+    let calls = 10;
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for _ in 0..options.rounds.max(3) {
+        for (i, (_, instance)) in instances.iter_mut().enumerate() {
+            let started = Instant::now();
+            for _ in 0..calls {
+                let invocation = instance.handle(&event, false);
+                anyhow::ensure!(invocation.result.is_ok(), "{:?}", invocation.result.err());
+            }
+            let per_call = started.elapsed().as_secs_f64() * 1e3 / calls as f64;
+            if i == 0 {
+                on.push(per_call)
+            } else {
+                off.push(per_call)
+            }
+        }
+    }
+    let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+    println!(
+        "epoch interruption on a compute-bound guest (20M rounds per call): {:.1} ms per call with it, {:.1} ms without; cost {:+.1} % (median of {} rounds)",
+        median(&on),
+        median(&off),
+        (median(&ratios) - 1.0) * 100.0,
+        ratios.len()
+    );
+    Ok(())
 }
 
 /// Passthrough with tracing off, at 1 % and at 100 % sampling, interleaved.
@@ -567,16 +775,21 @@ async fn latency(
     config.functions = vec![passthrough_function("latency", "LAT_IN", "lat.in")?];
     let host = RunningHost::start(config);
     // Let the host bind its consumer before the clock starts.
-    eventually(Duration::from_secs(60), "the latency consumer", || async {
-        Ok(js
-            .get_stream("LAT_IN")
-            .await?
-            .consumer_info("weir-latency")
-            .await
-            .is_ok())
-    })
-    .await?;
+    wait_for_consumer(js, "LAT_IN", "weir-latency").await?;
 
+    let histogram = measure_latency(nats, "lat.in", rate, seconds).await?;
+    host.stop().await?;
+    Ok(histogram)
+}
+
+/// Publishes to `subject` at `rate` for `seconds` and times each event until
+/// its output shows up on `bench.out`.
+async fn measure_latency(
+    nats: &NatsServer,
+    subject: &str,
+    rate: u64,
+    seconds: u64,
+) -> Result<Histogram<u64>> {
     let client = async_nats::connect(nats.url()).await?;
     let mut outputs = client.subscribe("bench.out").await?;
     let total = rate * seconds;
@@ -615,7 +828,7 @@ async fn latency(
         headers.insert("Bench-Sent-Us", now_micros().to_string().as_str());
         pending.push(
             publisher
-                .publish_with_headers("lat.in", headers, vec![b'x'; 100].into())
+                .publish_with_headers(subject.to_string(), headers, vec![b'x'; 100].into())
                 .await?,
         );
         if pending.len() >= 256 {
@@ -627,9 +840,7 @@ async fn latency(
     for ack in pending {
         ack.into_future().await?;
     }
-    let histogram = receiver.await??;
-    host.stop().await?;
-    Ok(histogram)
+    receiver.await?
 }
 
 fn now_micros() -> u64 {

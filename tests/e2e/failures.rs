@@ -114,6 +114,11 @@ async fn every_failure_mode_is_dead_lettered_and_nothing_else_is_lost(
         let header = |name: &str| header(message, name);
         let payload: serde_json::Value = serde_json::from_slice(&message.payload)?;
         let action = payload["do"].as_str().unwrap_or_default().to_string();
+        let version = header(dlq::VERSION);
+        assert!(
+            version.len() == 12 && version.chars().all(|c| c.is_ascii_hexdigit()),
+            "{version:?}"
+        );
         seen.insert(
             action,
             (header(dlq::KIND), header(dlq::ATTEMPTS).parse::<u64>()?),

@@ -2,10 +2,12 @@
 //! Postgres (a fresh database per test through `#[sqlx::test]`), the example
 //! components built from source. One binary, one module per area.
 
+mod breaker;
 mod enrich;
 mod failures;
 mod faults;
 mod fraud;
+mod hostile;
 mod logs;
 mod metrics;
 mod recovery;

@@ -40,8 +40,19 @@ async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
     let core_module = files.path().join("core.wasm");
     std::fs::write(&core_module, b"\0asm\x01\0\0\0")?;
     let passthrough = component("passthrough")?;
+    let imports_http = files.path().join("imports-http.wasm");
+    std::fs::write(&imports_http, wat_fixture("imports-http")?)?;
+    let start_loop = files.path().join("start-loop.wasm");
+    std::fs::write(&start_loop, wat_fixture("start-loop")?)?;
 
     let cases = [
+        (
+            function(imports_http, &["out"]),
+            "wasi:http/outgoing-handler@0.2.0",
+        ),
+        // Its start function would spin forever: cut by the deadline at
+        // the trial instantiation, so the function is refused at deploy.
+        (function(start_loop, &["out"]), "interrupt"),
         (function(not_wasm, &["out"]), "not a valid Weir component"),
         (
             function(core_module, &["out"]),
@@ -84,6 +95,14 @@ async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
         "{error}"
     );
     Ok(())
+}
+
+/// A fixture component written in the component text format, compiled here.
+fn wat_fixture(name: &str) -> Result<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/wat")
+        .join(format!("{name}.wat"));
+    Ok(wat::parse_file(path)?)
 }
 
 #[test]

@@ -424,6 +424,23 @@ pub fn header(message: &async_nats::Message, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until the host has bound `consumer` on `stream`.
+pub async fn wait_for_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Result<()> {
+    eventually(Duration::from_secs(60), consumer, || async {
+        Ok(js
+            .get_stream(stream)
+            .await?
+            .consumer_info(consumer)
+            .await
+            .is_ok())
+    })
+    .await
+}
+
 /// Number of messages in `stream` now.
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> Result<u64> {
     Ok(js.get_stream(stream).await?.info().await?.state.messages)

@@ -763,6 +763,7 @@ impl FunctionWorker {
         }
         headers.extend([
             (dlq::FUNCTION.to_string(), self.name.to_string()),
+            (dlq::VERSION.to_string(), self.version.clone()),
             (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
             (dlq::REASON.to_string(), header_text(&failure.message)),
             (dlq::ATTEMPTS.to_string(), slot.delivered.to_string()),

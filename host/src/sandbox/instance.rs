@@ -124,17 +124,22 @@ impl FunctionInstance {
         let result = self.handler.call_handle(&mut self.store, event);
         let took = clock.elapsed();
         let outcome = match result {
-            Ok(Ok(())) => Ok(std::mem::take(&mut self.store.data_mut().outputs)),
+            Ok(Ok(())) => Ok(Ok(std::mem::take(&mut self.store.data_mut().outputs))),
             Ok(Err(GuestError::Retry(message))) => {
-                Err(Failure::new(FailureKind::GuestRetry, message))
+                Ok(Err(Failure::new(FailureKind::GuestRetry, message)))
             }
             Ok(Err(GuestError::Reject(message))) => {
-                Err(Failure::new(FailureKind::GuestReject, message))
+                Ok(Err(Failure::new(FailureKind::GuestReject, message)))
             }
             Err(error) => {
                 self.poisoned = true;
-                Err(self.classify_trap(&error))
+                Err(error)
             }
+        };
+        let diagnostics = self.store.data_mut().diagnostics.finish();
+        let outcome = match outcome {
+            Ok(result) => result,
+            Err(trap) => Err(self.classify_trap(&trap, &diagnostics)),
         };
         let data = self.store.data_mut();
         let wrote = data.view.finish_event(outcome.is_ok());
@@ -143,11 +148,15 @@ impl FunctionInstance {
             result: outcome.map(|outputs| Handled { outputs, wrote }),
             started,
             took,
-            diagnostics: data.diagnostics.finish(),
+            diagnostics,
         }
     }
 
-    fn classify_trap(&mut self, error: &wasmtime::Error) -> Failure {
+    fn classify_trap(
+        &mut self,
+        error: &wasmtime::Error,
+        diagnostics: &InvocationDiagnostics,
+    ) -> Failure {
         match self.store.data_mut().violation.take() {
             Some(Violation::Denied(message)) => return Failure::new(FailureKind::Denied, message),
             Some(Violation::OutputLimit(message)) => {
@@ -178,7 +187,35 @@ impl FunctionInstance {
             Some(Trap::StackOverflow) => {
                 Failure::new(FailureKind::StackOverflow, "the guest overflowed its stack")
             }
-            _ => Failure::new(FailureKind::Trap, format!("{error:#}")),
+            Some(trap) => Failure::new(FailureKind::Trap, trap_message(trap, diagnostics)),
+            None => Failure::new(FailureKind::Trap, format!("{error:#}")),
         }
+    }
+}
+
+/// A trap's reason without the wasm backtrace, led by the guest's panic
+/// message when its stderr has one (Rust and other runtimes print it
+/// before trapping).
+fn trap_message(trap: &Trap, diagnostics: &InvocationDiagnostics) -> String {
+    use super::diagnostics::LogSource;
+    let stderr: Vec<&str> = diagnostics
+        .logs
+        .iter()
+        .filter(|line| line.source == LogSource::Stderr)
+        .map(|line| line.message.as_str())
+        .collect();
+    let panic = stderr
+        .iter()
+        .position(|line| line.contains("panicked at"))
+        .map(|at| {
+            let place = stderr[at]
+                .split_once("panicked at")
+                .map_or("", |(_, place)| place.trim().trim_end_matches(':'));
+            let message = stderr.get(at + 1).copied().unwrap_or("");
+            format!("panicked at {place}: {message}")
+        });
+    match panic {
+        Some(panic) => format!("{panic} (wasm trap: {trap})"),
+        None => format!("wasm trap: {trap}"),
     }
 }

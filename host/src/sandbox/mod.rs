@@ -66,6 +66,9 @@ pub struct SandboxConfig {
     pub max_memory_bytes: usize,
     /// Deepest wasm stack of any guest.
     pub max_wasm_stack_bytes: usize,
+    /// Deadlines by epoch interruption. Only benchmarks turn it off, to
+    /// measure what it costs: without it an endless guest is never stopped.
+    pub epoch_interruption: bool,
 }
 
 impl Default for SandboxConfig {
@@ -75,6 +78,7 @@ impl Default for SandboxConfig {
             max_instances: 128,
             max_memory_bytes: 1 << 30,
             max_wasm_stack_bytes: 512 * 1024,
+            epoch_interruption: true,
         }
     }
 }
@@ -85,7 +89,7 @@ pub struct Sandbox {
     linker: Linker<InvocationState>,
     artifact_dir: PathBuf,
     engine_tag: String,
-    _ticker: EpochTicker,
+    _ticker: Option<EpochTicker>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -131,7 +135,7 @@ impl Sandbox {
             .max_memory_size(config.max_memory_bytes);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
-            .epoch_interruption(true)
+            .epoch_interruption(config.epoch_interruption)
             // Weir calls guests synchronously; async-call bookkeeping costs
             // about half of a small call (see docs/design.md).
             .concurrency_support(false)
@@ -152,8 +156,12 @@ impl Sandbox {
                 source,
             }
         })?;
-        let ticker = EpochTicker::start(engine.clone())
-            .map_err(|e| SandboxError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let ticker = match config.epoch_interruption {
+            true => Some(EpochTicker::start(engine.clone()).map_err(|e| {
+                SandboxError::Engine(format!("cannot start the epoch ticker: {e}"))
+            })?),
+            false => None,
+        };
         Ok(Self {
             engine,
             linker,
