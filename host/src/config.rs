@@ -48,6 +48,8 @@ pub struct HostConfig {
     pub tracing: TracingConfig,
     /// Where guest log lines go besides the host's own log.
     pub guest_logs: GuestLogConfig,
+    /// The control-plane HTTP API; off unless `api.listen` is set.
+    pub api: ApiConfig,
     /// Streams to create (or leave as they are) at start-up.
     pub streams: Vec<StreamSpec>,
     /// Function bindings to run. The control plane replaces this source later.
@@ -66,6 +68,7 @@ impl Default for HostConfig {
             health_listen: None,
             tracing: TracingConfig::default(),
             guest_logs: GuestLogConfig::default(),
+            api: ApiConfig::default(),
             streams: Vec::new(),
             functions: Vec::new(),
         }
@@ -134,6 +137,50 @@ impl Default for GuestLogConfig {
             retention_secs: 24 * 3600,
             max_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+/// The control-plane API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Where `/v1` is served, e.g. `0.0.0.0:7070`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// An admin token for every namespace, to create the first real tokens
+    /// with. Set it from the environment (`WEIR__API__BOOTSTRAP_TOKEN`)
+    /// rather than the file.
+    pub bootstrap_token: Option<Secret>,
+    /// Largest module upload; bigger ones are refused before they are read.
+    pub max_module_bytes: usize,
+    /// Requests per second one token may make, with bursts of twice that.
+    pub requests_per_second: u32,
+    /// Uploads compiled at once; more wait.
+    pub concurrent_compiles: usize,
+    /// Longest an upload may take to compile before it is refused.
+    pub compile_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            bootstrap_token: None,
+            max_module_bytes: 50 * 1024 * 1024,
+            requests_per_second: 50,
+            concurrent_compiles: 2,
+            compile_timeout_secs: 60,
+        }
+    }
+}
+
+/// A value never printed: `Debug` shows `***`.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
     }
 }
 
@@ -529,6 +576,19 @@ key = { subject_token = 0 }
         assert_eq!(config.tracing.protocol, OtlpProtocol::HttpJson);
         assert_eq!(config.tracing.sample_ratio, 0.01);
         assert_eq!(config.guest_logs.lines_per_second, 100);
+    }
+
+    #[test]
+    fn the_bootstrap_token_is_never_printed() {
+        let (path, _guard) =
+            write("[api]\nlisten = \"127.0.0.1:7070\"\nbootstrap_token = \"weir_very_secret\"\n");
+        let config = HostConfig::load(Some(&path)).expect("valid");
+        assert_eq!(
+            config.api.bootstrap_token,
+            Some(Secret("weir_very_secret".into()))
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("very_secret"), "{printed}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuestLogConfig;
+use crate::ratelimit::TokenBucket;
 use crate::sandbox::{InvocationDiagnostics, LogLevel};
 
 /// The stream that keeps guest log lines.
@@ -189,55 +190,9 @@ fn millis(time: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
-#[derive(Debug, Clone)]
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        Self {
-            rate,
-            burst,
-            tokens: burst,
-            refilled: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(10.0, 20.0, start);
-        let burst = (0..100).filter(|_| bucket.take(start)).count();
-        assert_eq!(burst, 20);
-        // Half a second later: 5 more.
-        let later = start + Duration::from_millis(500);
-        assert_eq!((0..100).filter(|_| bucket.take(later)).count(), 5);
-        // A long pause refills only up to the burst.
-        let much_later = later + Duration::from_secs(60);
-        assert_eq!((0..100).filter(|_| bucket.take(much_later)).count(), 20);
-    }
 
     #[test]
     fn records_round_trip_as_json() {

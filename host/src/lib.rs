@@ -27,6 +27,7 @@ pub mod health;
 pub mod ingest;
 pub mod outcome;
 pub mod output;
+pub mod ratelimit;
 pub mod sandbox;
 pub mod serve;
 pub mod shutdown;

@@ -44,6 +44,11 @@ pub enum ServeError {
         address: std::net::SocketAddr,
         reason: String,
     },
+    #[error("cannot serve the API on {address}: {reason}")]
+    Api {
+        address: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("loading function `{function}` failed: {reason}")]
     Load { function: String, reason: String },
     #[error(transparent)]
@@ -122,7 +127,7 @@ async fn run<S: FunctionSource>(
     else {
         return Ok(());
     };
-    let state = StateStore::open(pool, config.state_cache_bytes).await?;
+    let state = StateStore::open(pool.clone(), config.state_cache_bytes).await?;
     readiness.postgres_connected();
     let js = jetstream::new(client);
 
@@ -156,6 +161,10 @@ async fn run<S: FunctionSource>(
         ..SandboxConfig::default()
     })?);
 
+    let api = match config.api.listen {
+        Some(address) => Some(start_api(address, &config, &pool, &sandbox, &shutdown).await?),
+        None => None,
+    };
     let env = WorkerEnv {
         state,
         js,
@@ -173,7 +182,44 @@ async fn run<S: FunctionSource>(
     tracker.close();
     tracing::info!("weir is running");
     tracker.wait().await;
+    // With no functions (yet), the host runs for its API until shut down.
+    shutdown.cancelled().await;
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     Ok(())
+}
+
+/// Serves `/v1` on `address` until `shutdown`.
+async fn start_api(
+    address: std::net::SocketAddr,
+    config: &HostConfig,
+    pool: &sqlx::PgPool,
+    sandbox: &Arc<Sandbox>,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    use crate::control::{api, auth, modules};
+    let settings = &config.api;
+    let api_state = api::ApiState {
+        auth: Arc::new(auth::Authenticator::new(
+            pool.clone(),
+            settings.bootstrap_token.as_ref().map(|t| t.0.as_str()),
+            settings.requests_per_second,
+        )),
+        modules: modules::ModuleRegistry::new(
+            pool.clone(),
+            sandbox.clone(),
+            settings.concurrent_compiles,
+            Duration::from_secs(settings.compile_timeout_secs),
+        ),
+        max_module_bytes: settings.max_module_bytes,
+    };
+    api::start(address, api_state, shutdown.clone())
+        .await
+        .map_err(|e| ServeError::Api {
+            address,
+            reason: e.to_string(),
+        })
 }
 
 /// Checks a function's outputs, loads its component, instantiates it once

@@ -2,6 +2,7 @@
 //! Postgres (a fresh database per test through `#[sqlx::test]`), the example
 //! components built from source. One binary, one module per area.
 
+mod api;
 mod breaker;
 mod enrich;
 mod failures;

@@ -1,8 +1,15 @@
-//! Where the host learns which functions to run.
+//! Where the host learns which functions to run, and the control plane's
+//! HTTP API.
 //!
 //! The data path depends only on [`FunctionSource`]; today the source is the
-//! static list from the config file ([`StaticFunctions`]). The control plane
-//! (HTTP API, versions, rollouts) plugs in as another implementation.
+//! static list from the config file ([`StaticFunctions`]). The API
+//! ([`api`]) so far registers modules ([`modules`]) and issues tokens
+//! ([`auth`]); functions, versions and rollouts will come through it as
+//! another [`FunctionSource`].
+
+pub mod api;
+pub mod auth;
+pub mod modules;
 
 use std::future::Future;
 

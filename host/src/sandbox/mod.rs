@@ -52,6 +52,12 @@ pub enum SandboxError {
     Engine(String),
     #[error("module {digest} is not a valid Weir component: {reason}")]
     Invalid { digest: String, reason: String },
+    #[error("module {digest} imports what Weir does not provide: {reason}")]
+    UnknownImport { digest: String, reason: String },
+    #[error(
+        "module {digest} does not export Weir's `event-handler` world (a `handle` function): {reason}"
+    )]
+    WrongWorld { digest: String, reason: String },
     #[error("instantiating module {digest} failed: {reason}")]
     Instantiate { digest: String, reason: String },
 }
@@ -197,8 +203,17 @@ impl Sandbox {
                 component
             }
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
-        let pre = EventHandlerPre::new(pre).map_err(invalid)?;
+        let pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| SandboxError::UnknownImport {
+                    digest: digest.clone(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = EventHandlerPre::new(pre).map_err(|e| SandboxError::WrongWorld {
+            digest: digest.clone(),
+            reason: format!("{e:#}"),
+        })?;
         Ok(FunctionCode {
             digest,
             pre,

@@ -1,0 +1,325 @@
+//! The HTTP API under `/v1` (axum): module uploads and API tokens so far.
+//! Every error is JSON `{error, message}` with a 4xx status for what the
+//! caller can fix, and never carries the host's internals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
+use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
+
+/// Largest JSON body of any call but a module upload.
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub auth: Arc<Authenticator>,
+    pub modules: ModuleRegistry,
+    /// Largest module upload, in bytes.
+    pub max_module_bytes: usize,
+}
+
+/// A refused or failed call, as the client sees it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(%error, "API: {what} failed");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{what} is unavailable; try again"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody {
+            error: self.code,
+            message: &self.message,
+        });
+        let mut response = (self.status, body).into_response();
+        if let Some(seconds) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Missing | AuthError::Invalid => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string())
+            }
+            AuthError::Forbidden(_) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", error.to_string())
+            }
+            AuthError::RateLimited { retry_after } => Self {
+                retry_after_secs: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                ..Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    error.to_string(),
+                )
+            },
+            AuthError::Database(error) => Self::unavailable("the token store", &error),
+            AuthError::Entropy(error) => Self::unavailable("token generation", &error),
+        }
+    }
+}
+
+impl From<ModuleError> for ApiError {
+    fn from(error: ModuleError) -> Self {
+        match error {
+            ModuleError::Database(error) => Self::unavailable("the module store", &error),
+            ModuleError::Host(reason) => {
+                tracing::error!(%reason, "API: compiling an upload failed inside the host");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "compiling the component failed inside the host; see the host log",
+                )
+            }
+            invalid => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_module",
+                invalid.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+            _ => "malformed_body",
+        };
+        Self::new(rejection.status(), code, rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let code = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            _ => "malformed_body",
+        };
+        Self::new(rejection.status(), code, rejection.body_text())
+    }
+}
+
+/// The `/v1` routes.
+pub fn router(state: ApiState) -> Router {
+    let upload_limit = state.max_module_bytes;
+    Router::new()
+        .route(
+            "/v1/modules",
+            post(upload_module).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/v1/modules/{digest}", get(get_module))
+        .route(
+            "/v1/tokens",
+            post(create_token).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept {method}", uri.path()),
+    )
+}
+
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    Ok(state.auth.authenticate(authorization).await?)
+}
+
+#[derive(Serialize)]
+struct UploadedModule {
+    #[serde(flatten)]
+    module: ModuleInfo,
+    /// False when the same bytes were uploaded before.
+    created: bool,
+}
+
+async fn upload_module(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<UploadedModule>), ApiError> {
+    let principal = caller(&state, &headers).await?;
+    principal.require_role(Role::Deploy)?;
+    let body = body?;
+    let (module, created) = state.modules.upload(body).await?;
+    let status = if created {
+        tracing::info!(digest = %module.digest, size = module.size, token = %principal.token_id, "module uploaded");
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(UploadedModule { module, created })))
+}
+
+async fn get_module(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<Json<ModuleInfo>, ApiError> {
+    caller(&state, &headers).await?.require_role(Role::Read)?;
+    match state.modules.get(&digest).await? {
+        Some(module) => Ok(Json(module)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no module with digest `{digest}`"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    namespace: String,
+    role: Role,
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    id: String,
+    /// Shown once; only its hash is stored.
+    token: String,
+    namespace: String,
+    role: Role,
+}
+
+async fn create_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<NewToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let principal = caller(&state, &headers).await?;
+    let Json(request) = body?;
+    if request.namespace != ANY_NAMESPACE && !is_namespace_name(&request.namespace) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "namespace: 1 to 63 lowercase letters, digits or `-`, or `*` for every namespace",
+        ));
+    }
+    principal.require(&request.namespace, Role::Admin)?;
+    let (id, token) = state
+        .auth
+        .create_token(&request.namespace, request.role)
+        .await?;
+    tracing::info!(%id, namespace = %request.namespace, role = request.role.as_str(), by = %principal.token_id, "API token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id,
+            token,
+            namespace: request.namespace,
+            role: request.role,
+        }),
+    ))
+}
+
+/// A namespace name: what is safe in URLs, subjects and consumer names.
+pub fn is_namespace_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Binds `address` now (a taken port fails start-up) and serves the API
+/// until `shutdown`.
+pub async fn start(
+    address: SocketAddr,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(%address, "serving the API under /v1");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "API server failed");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_names() {
+        assert!(is_namespace_name("shop-2"));
+        assert!(!is_namespace_name(""));
+        assert!(!is_namespace_name("Shop"));
+        assert!(!is_namespace_name("a.b"));
+        assert!(!is_namespace_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,259 @@
+//! Who may call the API: bearer tokens scoped to a namespace and a role
+//! (read < deploy < admin), stored as sha256 hashes in `weir_tokens`; a
+//! bootstrap admin token from the config; and a request rate per token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row};
+
+use crate::ratelimit::TokenBucket;
+
+/// What a token allows, each role including the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Deploy,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Deploy => "deploy",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "read" => Some(Role::Read),
+            "deploy" => Some(Role::Deploy),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The namespace of a token that may act in every namespace.
+pub const ANY_NAMESPACE: &str = "*";
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: String,
+    pub namespace: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// Whether this caller may act as `role` in `namespace`.
+    pub fn require(&self, namespace: &str, role: Role) -> Result<(), AuthError> {
+        if self.namespace != ANY_NAMESPACE && self.namespace != namespace {
+            return Err(AuthError::Forbidden(format!(
+                "this token is for namespace `{}`, not `{namespace}`",
+                self.namespace
+            )));
+        }
+        if self.role < role {
+            return Err(AuthError::Forbidden(format!(
+                "this needs the `{}` role; the token has `{}`",
+                role.as_str(),
+                self.role.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this caller has `role` in at least one namespace.
+    pub fn require_role(&self, role: Role) -> Result<(), AuthError> {
+        self.require(&self.namespace.clone(), role)
+    }
+}
+
+/// Why a request is not allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the bearer token is not valid")]
+    Invalid,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("too many requests for this token; retry in {} ms", .retry_after.as_millis())]
+    RateLimited { retry_after: Duration },
+    #[error("token store: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the operating system's random generator failed: {0}")]
+    Entropy(String),
+}
+
+/// The hex sha256 of a token: what is stored and compared.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Checks tokens and rates.
+pub struct Authenticator {
+    pool: PgPool,
+    bootstrap_hash: Option<String>,
+    requests_per_second: f64,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+/// Buckets kept per token before idle ones are forgotten.
+const MAX_BUCKETS: usize = 10_000;
+
+impl Authenticator {
+    pub fn new(pool: PgPool, bootstrap_token: Option<&str>, requests_per_second: u32) -> Self {
+        Self {
+            pool,
+            bootstrap_hash: bootstrap_token.map(hash_token),
+            requests_per_second: f64::from(requests_per_second.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller of a request with this `Authorization` header value, once
+    /// its token is known and within its rate.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let token = authorization
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let hash = hash_token(token);
+        let principal = if self.bootstrap_hash.as_deref() == Some(hash.as_str()) {
+            Principal {
+                token_id: "bootstrap".into(),
+                namespace: ANY_NAMESPACE.into(),
+                role: Role::Admin,
+            }
+        } else {
+            let row = sqlx::query("SELECT id, namespace, role FROM weir_tokens WHERE hash = $1")
+                .bind(&hash)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(AuthError::Invalid)?;
+            let role: String = row.try_get(2)?;
+            Principal {
+                token_id: row.try_get(0)?,
+                namespace: row.try_get(1)?,
+                role: Role::parse(&role).ok_or(AuthError::Invalid)?,
+            }
+        };
+        self.admit(&principal.token_id)?;
+        Ok(principal)
+    }
+
+    /// Takes one request from the token's bucket.
+    fn admit(&self, token_id: &str) -> Result<(), AuthError> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(token_id) {
+            buckets.clear();
+        }
+        let rate = self.requests_per_second;
+        let bucket = buckets
+            .entry(token_id.to_string())
+            .or_insert_with(|| TokenBucket::new(rate, rate * 2.0, now));
+        if bucket.take(now) {
+            Ok(())
+        } else {
+            Err(AuthError::RateLimited {
+                retry_after: bucket.wait(),
+            })
+        }
+    }
+
+    /// Creates a token for `namespace` and `role`; returns its id and the
+    /// token, which is not stored and cannot be shown again.
+    pub async fn create_token(
+        &self,
+        namespace: &str,
+        role: Role,
+    ) -> Result<(String, String), AuthError> {
+        let token = format!("weir_{}", random_hex(24)?);
+        let id = format!("tok_{}", random_hex(8)?);
+        sqlx::query("INSERT INTO weir_tokens (id, hash, namespace, role) VALUES ($1, $2, $3, $4)")
+            .bind(&id)
+            .bind(hash_token(&token))
+            .bind(namespace)
+            .bind(role.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok((id, token))
+    }
+}
+
+/// `bytes` random bytes from the OS, hex-encoded.
+fn random_hex(bytes: usize) -> Result<String, AuthError> {
+    let mut buffer = vec![0u8; bytes];
+    getrandom::fill(&mut buffer).map_err(|e| AuthError::Entropy(e.to_string()))?;
+    Ok(hex::encode(buffer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(namespace: &str, role: Role) -> Principal {
+        Principal {
+            token_id: "t".into(),
+            namespace: namespace.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn roles_and_namespaces() {
+        let deployer = principal("shop", Role::Deploy);
+        assert!(deployer.require("shop", Role::Read).is_ok());
+        assert!(deployer.require("shop", Role::Deploy).is_ok());
+        let too_low = deployer.require("shop", Role::Admin).expect_err("admin");
+        assert!(too_low.to_string().contains("needs the `admin` role"));
+        let elsewhere = deployer
+            .require("billing", Role::Read)
+            .expect_err("namespace");
+        assert!(
+            elsewhere
+                .to_string()
+                .contains("namespace `shop`, not `billing`")
+        );
+        assert!(
+            principal("*", Role::Admin)
+                .require("any", Role::Admin)
+                .is_ok()
+        );
+        assert!(
+            principal("*", Role::Read)
+                .require("any", Role::Deploy)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed() {
+        let hash = hash_token("weir_secret");
+        assert_eq!(hash.len(), 64);
+        assert_ne!(hash, "weir_secret");
+        assert_eq!(hash, hash_token("weir_secret"));
+        let (a, b) = (
+            random_hex(24).expect("random"),
+            random_hex(24).expect("random"),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 48);
+    }
+}

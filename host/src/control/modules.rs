@@ -1,0 +1,195 @@
+//! The module registry: an uploaded component is checked (WebAssembly, a
+//! component rather than a core module, only imports Weir links, exports
+//! the `event-handler` world), compiled under the host's engine settings
+//! off the request path with bounded concurrency and time, and stored in
+//! `weir_modules` under its sha256. The compiled artifact lands in the
+//! artifact cache, so a host that later runs it does not compile again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row};
+use tokio::sync::Semaphore;
+
+use crate::sandbox::{Sandbox, SandboxError};
+
+/// The world every module must export today.
+pub const EVENT_HANDLER_WORLD: &str = "weir:function/event-handler@0.1.0";
+
+/// A stored module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModuleInfo {
+    pub digest: String,
+    pub size: i64,
+    pub world: String,
+}
+
+/// Why an upload was refused or could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("the upload is empty")]
+    Empty,
+    #[error("the upload is not WebAssembly: it does not start with the `\\0asm` magic bytes")]
+    NotWasm,
+    #[error(
+        "the upload is a core WebAssembly module, not a component: build for `wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("the upload is not a valid component: {0}")]
+    Invalid(String),
+    #[error("the component imports what Weir does not provide: {0}")]
+    UnknownImport(String),
+    #[error(
+        "the component does not export Weir's `event-handler` world (a `handle` function): {0}"
+    )]
+    WrongWorld(String),
+    #[error("compiling the component took longer than {} s", .0.as_secs())]
+    CompileTimeout(Duration),
+    #[error("module store: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("compiling the component failed inside the host: {0}")]
+    Host(String),
+}
+
+/// Compiles and stores modules.
+#[derive(Clone)]
+pub struct ModuleRegistry {
+    pool: PgPool,
+    sandbox: Arc<Sandbox>,
+    compile_slots: Arc<Semaphore>,
+    compile_timeout: Duration,
+}
+
+impl std::fmt::Debug for ModuleRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleRegistry").finish_non_exhaustive()
+    }
+}
+
+impl ModuleRegistry {
+    /// A registry that compiles at most `concurrent_compiles` uploads at a
+    /// time, each for at most `compile_timeout`.
+    pub fn new(
+        pool: PgPool,
+        sandbox: Arc<Sandbox>,
+        concurrent_compiles: usize,
+        compile_timeout: Duration,
+    ) -> Self {
+        Self {
+            pool,
+            sandbox,
+            compile_slots: Arc::new(Semaphore::new(concurrent_compiles.max(1))),
+            compile_timeout,
+        }
+    }
+
+    /// Checks, compiles and stores `bytes`. Returns the module and whether
+    /// it is new; uploading the same bytes again finds the stored one.
+    pub async fn upload(&self, bytes: Bytes) -> Result<(ModuleInfo, bool), ModuleError> {
+        check_header(&bytes)?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if let Some(existing) = self.get(&digest).await? {
+            return Ok((existing, false));
+        }
+        let compiled = {
+            let _slot = self
+                .compile_slots
+                .acquire()
+                .await
+                .map_err(|e| ModuleError::Host(e.to_string()))?;
+            let sandbox = self.sandbox.clone();
+            let source = bytes.clone();
+            let compile = tokio::task::spawn_blocking(move || sandbox.load(&source));
+            // A compile past the limit keeps its thread until it ends, but
+            // the request does not wait for it and its slot is freed.
+            match tokio::time::timeout(self.compile_timeout, compile).await {
+                Ok(joined) => joined.map_err(|e| ModuleError::Host(e.to_string()))?,
+                Err(_) => return Err(ModuleError::CompileTimeout(self.compile_timeout)),
+            }
+        };
+        compiled.map_err(|error| match error {
+            SandboxError::Invalid { reason, .. } => ModuleError::Invalid(reason),
+            SandboxError::UnknownImport { reason, .. } => ModuleError::UnknownImport(reason),
+            SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
+            other => ModuleError::Host(other.to_string()),
+        })?;
+        let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        let inserted = sqlx::query(
+            "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (digest) DO NOTHING",
+        )
+        .bind(&digest)
+        .bind(bytes.as_ref())
+        .bind(size)
+        .bind(EVENT_HANDLER_WORLD)
+        .execute(&self.pool)
+        .await?;
+        let info = ModuleInfo {
+            digest,
+            size,
+            world: EVENT_HANDLER_WORLD.to_string(),
+        };
+        Ok((info, inserted.rows_affected() == 1))
+    }
+
+    /// The stored module with this digest, if any.
+    pub async fn get(&self, digest: &str) -> Result<Option<ModuleInfo>, ModuleError> {
+        let row = sqlx::query("SELECT digest, size, world FROM weir_modules WHERE digest = $1")
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(ModuleInfo {
+                digest: row.try_get(0)?,
+                size: row.try_get(1)?,
+                world: row.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+/// Refuses what is not a component before anything is compiled: the
+/// preamble is `\0asm`, then a version and a layer (1 for core modules,
+/// 0x0d with layer 1 for components).
+fn check_header(bytes: &[u8]) -> Result<(), ModuleError> {
+    if bytes.is_empty() {
+        return Err(ModuleError::Empty);
+    }
+    if !bytes.starts_with(b"\0asm") {
+        return Err(ModuleError::NotWasm);
+    }
+    match bytes.get(4..8) {
+        Some([1, 0, 0, 0]) => Err(ModuleError::CoreModule),
+        Some([_, _, 1, 0]) => Ok(()),
+        _ => Err(ModuleError::Invalid(
+            "the preamble is truncated or of an unknown version".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_told_apart() {
+        assert!(matches!(check_header(b""), Err(ModuleError::Empty)));
+        assert!(matches!(
+            check_header(b"#!/bin/sh"),
+            Err(ModuleError::NotWasm)
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(ModuleError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+        assert!(matches!(
+            check_header(b"\0asm\x0d"),
+            Err(ModuleError::Invalid(_))
+        ));
+    }
+}

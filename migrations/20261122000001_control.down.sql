@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS weir_tokens;
+DROP TABLE IF EXISTS weir_modules;

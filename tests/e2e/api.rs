@@ -1,0 +1,521 @@
+//! The control-plane API: uploads checked, compiled ahead and stored once by
+//! digest; bad uploads refused with the reason and nothing stored; tokens,
+//! roles and namespaces; a rate limit per token; and bad calls, including
+//! fuzzed bodies, answered with 4xx JSON, never a 5xx.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+use weir_host::config::Secret;
+
+const ADMIN: &str = "weir_bootstrap_for_tests";
+
+/// Starts a host serving the API (and no functions) with these limits.
+async fn api_host(
+    stack: &Stack,
+    max_module_bytes: usize,
+    requests_per_second: u32,
+) -> Result<(RunningHost, SocketAddr)> {
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.max_module_bytes = max_module_bytes;
+    config.api.requests_per_second = requests_per_second;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    Ok((host, address))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+async fn post(
+    address: SocketAddr,
+    path: &str,
+    token: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<HttpResponse> {
+    let auth = bearer(token);
+    http_request(
+        address,
+        "POST",
+        path,
+        &[("Authorization", &auth), ("Content-Type", content_type)],
+        body,
+    )
+    .await
+}
+
+async fn new_token(address: SocketAddr, namespace: &str, role: &str) -> Result<String> {
+    let body = serde_json::json!({"namespace": namespace, "role": role}).to_string();
+    let response = post(
+        address,
+        "/v1/tokens",
+        ADMIN,
+        "application/json",
+        body.as_bytes(),
+    )
+    .await?;
+    anyhow::ensure!(response.status == 201, "{response:?}");
+    Ok(response.json()?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Status, `error` and `message` of a refused call; fails unless the body
+/// is the API's error JSON.
+fn refusal(response: &HttpResponse) -> Result<(u16, String, String)> {
+    let body = response.json()?;
+    let text = |field: &str| body[field].as_str().map(str::to_string);
+    match (text("error"), text("message")) {
+        (Some(error), Some(message)) => Ok((response.status, error, message)),
+        _ => anyhow::bail!("not an error body: {response:?}"),
+    }
+}
+
+fn wat_fixture(name: &str) -> Result<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/wat")
+        .join(format!("{name}.wat"));
+    Ok(wat::parse_file(path)?)
+}
+
+#[sqlx::test(migrations = false)]
+async fn uploads_are_checked_compiled_ahead_and_stored_once(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(&stack, 1 << 20, 1_000).await?;
+    let deployer = new_token(address, "shop", "deploy").await?;
+    let pool = stack.pool().await?;
+    let stored = || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_modules")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::Ok(count)
+    };
+
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let bad = [
+        ("empty", Vec::new(), 422, "the upload is empty"),
+        (
+            "not wasm",
+            b"#!/bin/sh\necho hi\n".to_vec(),
+            422,
+            "not WebAssembly",
+        ),
+        (
+            "core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            422,
+            "a core WebAssembly module, not a component",
+        ),
+        (
+            "truncated",
+            passthrough[..passthrough.len() / 2].to_vec(),
+            422,
+            "not a valid component",
+        ),
+        (
+            "wrong world",
+            wat::parse_str("(component)")?,
+            422,
+            "does not export Weir's `event-handler` world",
+        ),
+        (
+            "imports wasi:http",
+            wat_fixture("imports-http")?,
+            422,
+            "wasi:http/outgoing-handler@0.2.0",
+        ),
+        ("over the limit", vec![0u8; 2 << 20], 413, ""),
+    ];
+    for (what, bytes, status, expected) in bad {
+        let response = post(
+            address,
+            "/v1/modules",
+            &deployer,
+            "application/wasm",
+            &bytes,
+        )
+        .await?;
+        let (got, code, message) = refusal(&response)?;
+        assert_eq!(got, status, "{what}: {message}");
+        assert!(message.contains(expected), "{what}: {message}");
+        if status == 422 {
+            assert_eq!(code, "invalid_module", "{what}");
+        } else {
+            assert_eq!(code, "too_large", "{what}");
+        }
+        assert_eq!(stored().await?, 0, "{what}: nothing stored");
+    }
+
+    let digest = hex::encode(Sha256::digest(&passthrough));
+    let first = post(
+        address,
+        "/v1/modules",
+        &deployer,
+        "application/wasm",
+        &passthrough,
+    )
+    .await?;
+    assert_eq!(first.status, 201, "{first:?}");
+    let body = first.json()?;
+    assert_eq!(body["digest"], digest.as_str());
+    assert_eq!(body["created"], true);
+    assert_eq!(body["size"], passthrough.len() as u64);
+    assert_eq!(body["world"], "weir:function/event-handler@0.1.0");
+    let again = post(
+        address,
+        "/v1/modules",
+        &deployer,
+        "application/wasm",
+        &passthrough,
+    )
+    .await?;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()?["digest"], digest.as_str());
+    assert_eq!(again.json()?["created"], false);
+    assert_eq!(stored().await?, 1);
+    // Compiled once, by the upload: a host running it loads the artifact.
+    let artifacts: Vec<String> = std::fs::read_dir(stack.artifacts.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with(&digest))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+
+    let auth = bearer(&deployer);
+    let read = http_request(
+        address,
+        "GET",
+        &format!("/v1/modules/{digest}"),
+        &[("Authorization", &auth)],
+        &[],
+    )
+    .await?;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.json()?["size"], passthrough.len() as u64);
+    let missing = http_request(
+        address,
+        "GET",
+        "/v1/modules/0000",
+        &[("Authorization", &auth)],
+        &[],
+    )
+    .await?;
+    assert_eq!(refusal(&missing)?.0, 404);
+    host.stop().await
+}
+
+#[sqlx::test(migrations = false)]
+async fn tokens_roles_namespaces_and_rate_limits(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(&stack, 1 << 20, 5).await?;
+    let reader = new_token(address, "shop", "read").await?;
+    let deployer = new_token(address, "shop", "deploy").await?;
+    let shop_admin = new_token(address, "shop", "admin").await?;
+
+    let anonymous = http_request(address, "GET", "/v1/modules/x", &[], &[]).await?;
+    assert_eq!(refusal(&anonymous)?.0, 401);
+    assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"));
+    let forged = http_request(
+        address,
+        "GET",
+        "/v1/modules/x",
+        &[("Authorization", "Bearer weir_not_a_token")],
+        &[],
+    )
+    .await?;
+    assert_eq!(refusal(&forged)?.0, 401);
+
+    let upload = post(
+        address,
+        "/v1/modules",
+        &reader,
+        "application/wasm",
+        b"\0asm",
+    )
+    .await?;
+    let (status, code, message) = refusal(&upload)?;
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
+    assert!(message.contains("needs the `deploy` role"), "{message}");
+
+    let token_body = |ns: &str| serde_json::json!({"namespace": ns, "role": "read"}).to_string();
+    let by_deployer = post(
+        address,
+        "/v1/tokens",
+        &deployer,
+        "application/json",
+        token_body("shop").as_bytes(),
+    )
+    .await?;
+    assert_eq!(refusal(&by_deployer)?.0, 403);
+    let across = post(
+        address,
+        "/v1/tokens",
+        &shop_admin,
+        "application/json",
+        token_body("billing").as_bytes(),
+    )
+    .await?;
+    let (status, _, message) = refusal(&across)?;
+    assert_eq!(status, 403);
+    assert!(
+        message.contains("namespace `shop`, not `billing`"),
+        "{message}"
+    );
+    let own = post(
+        address,
+        "/v1/tokens",
+        &shop_admin,
+        "application/json",
+        token_body("shop").as_bytes(),
+    )
+    .await?;
+    assert_eq!(own.status, 201, "{own:?}");
+
+    // Stored hashed: no row holds a token as issued.
+    let pool = stack.pool().await?;
+    let hashes: Vec<String> = sqlx::query_scalar("SELECT hash FROM weir_tokens")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(hashes.len(), 4);
+    for token in [&reader, &deployer, &shop_admin] {
+        assert!(!hashes.contains(token));
+    }
+
+    // 5 requests a second with bursts of 10: a fresh token gets 10, then
+    // 429 with a Retry-After.
+    let limited = new_token(address, "shop", "read").await?;
+    let auth = bearer(&limited);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..30 {
+        let response = http_request(
+            address,
+            "GET",
+            "/v1/modules/x",
+            &[("Authorization", &auth)],
+            &[],
+        )
+        .await?;
+        if response.status == 429 {
+            retry_after = response.header("retry-after").map(str::to_string);
+        }
+        statuses.push(response.status);
+    }
+    assert_eq!(statuses[..10], [404; 10], "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 429).count() >= 15,
+        "{statuses:?}"
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    host.stop().await
+}
+
+/// A small deterministic generator (xorshift64*), so a failing body can be
+/// reproduced from the seed.
+struct Fuzz(u64);
+
+impl Fuzz {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn json(&mut self, depth: u32) -> serde_json::Value {
+        use serde_json::Value;
+        let keys = ["namespace", "role", "extra", "", "Namespace", "role\u{0}"];
+        let words = [
+            "shop", "read", "deploy", "admin", "*", "", "Shop", "root", "ü",
+        ];
+        match self.below(if depth > 2 { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => Value::Bool(self.below(2) == 0),
+            2 => Value::from(self.next() as i64),
+            3 => Value::from(f64::from(self.below(1000) as u32) / 7.0),
+            4 | 5 => Value::from(words[self.below(words.len() as u64) as usize]),
+            6 => Value::Array((0..self.below(4)).map(|_| self.json(depth + 1)).collect()),
+            _ => Value::Object(
+                (0..self.below(4))
+                    .map(|_| {
+                        let key = keys[self.below(keys.len() as u64) as usize].to_string();
+                        (key, self.json(depth + 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn body(&mut self) -> Vec<u8> {
+        let valid = br#"{"namespace":"shop","role":"read"}"#;
+        match self.below(4) {
+            // Random bytes.
+            0 => (0..self.below(64)).map(|_| self.next() as u8).collect(),
+            // A valid body with a byte changed or cut short.
+            1 => {
+                let mut body = valid.to_vec();
+                let at = self.below(body.len() as u64) as usize;
+                if self.below(2) == 0 {
+                    body[at] = self.next() as u8;
+                } else {
+                    body.truncate(at);
+                }
+                body
+            }
+            // Any JSON value, shaped like the real one or not.
+            _ => {
+                let mut value = self.json(0);
+                if self.below(2) == 0 {
+                    value = serde_json::json!({"namespace": self.json(2), "role": self.json(2)});
+                }
+                value.to_string().into_bytes()
+            }
+        }
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_calls_get_4xx_json_and_fuzzed_bodies_never_a_5xx(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(&stack, 1 << 20, 100_000).await?;
+    let json = "application/json";
+    // (method, path, content type, body, status, error code)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [u8], u16, &'a str);
+    let cases: [Case; 10] = [
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            b"{\"namespace\": ",
+            400,
+            "malformed_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            br#"{"namespace":"shop","role":"read","ttl":5}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            br#"{"namespace":"shop"}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            br#"{"namespace":5,"role":"read"}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            br#"{"namespace":"shop","role":"root"}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            json,
+            br#"{"namespace":"Has Space","role":"read"}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            "text/plain",
+            br#"{"namespace":"shop","role":"read"}"#,
+            415,
+            "unsupported_media_type",
+        ),
+        ("GET", "/v1/nowhere", json, b"", 404, "not_found"),
+        ("DELETE", "/v1/tokens", json, b"", 405, "method_not_allowed"),
+        ("PUT", "/v1/modules", json, b"", 405, "method_not_allowed"),
+    ];
+    let auth = bearer(ADMIN);
+    for (method, path, content_type, body, status, code) in cases {
+        let response = http_request(
+            address,
+            method,
+            path,
+            &[("Authorization", &auth), ("Content-Type", content_type)],
+            body,
+        )
+        .await?;
+        let (got, got_code, message) = refusal(&response)?;
+        assert_eq!(
+            (got, got_code.as_str()),
+            (status, code),
+            "{method} {path} {}: {message}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    let mut fuzz = Fuzz(0x5eed_cafe_f00d_0001);
+    let mut created = 0;
+    for round in 0..400 {
+        let body = fuzz.body();
+        let (path, content_type) = match fuzz.below(5) {
+            0 => ("/v1/modules", "application/wasm"),
+            1 => ("/v1/tokens", "application/x-www-form-urlencoded"),
+            _ => ("/v1/tokens", json),
+        };
+        let response = post(address, path, ADMIN, content_type, &body).await?;
+        let shown = String::from_utf8_lossy(&body);
+        assert!(
+            response.status < 500,
+            "round {round}: {path} {shown:?} got {response:?}"
+        );
+        if response.status == 201 {
+            created += 1;
+            continue;
+        }
+        let (status, _, _) = refusal(&response)
+            .map_err(|e| anyhow::anyhow!("round {round}: {path} {shown:?}: {e}"))?;
+        assert!((400..500).contains(&status), "round {round}: {status}");
+    }
+    // Some fuzzed bodies are valid requests; every one created a token.
+    let tokens: i64 = sqlx::query_scalar("SELECT count(*) FROM weir_tokens")
+        .fetch_one(&stack.pool().await?)
+        .await?;
+    assert_eq!(tokens, created);
+    host.check()?;
+    host.stop().await
+}
