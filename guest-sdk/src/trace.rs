@@ -8,8 +8,8 @@
 //! drop(span); // or let it go out of scope
 //! ```
 //!
-//! Spans cost nothing when the event is not traced: the host hands out an
-//! inert handle. Natively, the test harness records them (see
+//! When the event is not traced, the host hands out an inert handle: opening
+//! a span is one host call and its setters and close are skipped. Natively, the test harness records them (see
 //! `Harness::spans`).
 
 /// An open span; it closes when dropped, together with any span opened

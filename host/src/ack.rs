@@ -1,5 +1,5 @@
-//! The ack decision: a pure function from an event's outcome and delivery
-//! count to what the host tells JetStream.
+//! The ack decision: a pure function from an event's outcome and attempt
+//! number to what the host tells JetStream.
 //!
 //! Nothing is dropped: an event is acked only once applied (or already
 //! applied), naked with a backoff while it may still succeed, and otherwise
@@ -42,7 +42,7 @@ pub fn decide(outcome: &EventOutcome, attempt: u64, policy: &RetryPolicy) -> Ack
     }
 }
 
-/// Delay before delivery `delivered + 1`: doubling from the initial backoff,
+/// Delay before attempt `delivered + 1`: doubling from the initial backoff,
 /// capped.
 pub fn backoff(delivered: u64, policy: &RetryPolicy) -> Duration {
     let doublings = delivered.saturating_sub(1).min(32) as u32;

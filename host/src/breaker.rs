@@ -78,7 +78,7 @@ pub struct BreakerConfig {
     pub failure_rate_threshold: f64,
     /// Percentage of slow calls that opens the breaker.
     pub slow_call_rate_threshold: f64,
-    /// A call this long or longer is slow.
+    /// A call longer than this is slow.
     pub slow_call_duration_ms: u64,
     /// How long the breaker stays open before it lets probes through.
     pub wait_in_open_ms: u64,
@@ -105,17 +105,16 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// What is wrong with these settings, if anything.
     pub fn problem(&self) -> Option<&'static str> {
-        let percent = 0.0..=100.0;
-        if self.window_size == 0 {
-            return Some("breaker.window_size must be at least 1");
+        // 0 % would open a healthy function as soon as the window filled.
+        let percent = |p: f64| p > 0.0 && p <= 100.0;
+        if self.window_size == 0 || self.window_size > 100_000 {
+            return Some("breaker.window_size must be between 1 and 100000");
         }
         if self.minimum_calls == 0 {
             return Some("breaker.minimum_calls must be at least 1");
         }
-        if !percent.contains(&self.failure_rate_threshold)
-            || !percent.contains(&self.slow_call_rate_threshold)
-        {
-            return Some("breaker thresholds are percentages between 0 and 100");
+        if !percent(self.failure_rate_threshold) || !percent(self.slow_call_rate_threshold) {
+            return Some("breaker thresholds are percentages above 0 and at most 100");
         }
         if self.half_open_calls == 0 {
             return Some("breaker.half_open_calls must be at least 1");
@@ -188,12 +187,80 @@ pub struct BreakerSnapshot {
     pub slow_call_rate: f64,
 }
 
-/// One call in the window.
+/// Calls grouped in a slot of the window: one call each in a count
+/// window, one second in a time window.
 #[derive(Debug, Clone, Copy)]
-struct Call {
-    at: Instant,
-    failed: bool,
-    slow: bool,
+struct Bucket {
+    start: Instant,
+    calls: u32,
+    failed: u32,
+    slow: u32,
+}
+
+/// The calls a breaker judges, with running totals, so recording a call
+/// costs the same whatever the window's size.
+#[derive(Debug, Default)]
+struct Window {
+    buckets: VecDeque<Bucket>,
+    calls: u32,
+    failed: u32,
+    slow: u32,
+}
+
+impl Window {
+    /// Adds a call; in a time window it joins the bucket of its second.
+    fn push(&mut self, kind: WindowKind, at: Instant, failed: bool, slow: bool) {
+        let joins_last = kind == WindowKind::Time
+            && self
+                .buckets
+                .back()
+                .is_some_and(|b| at.saturating_duration_since(b.start) < Duration::from_secs(1));
+        if !joins_last {
+            self.buckets.push_back(Bucket {
+                start: at,
+                calls: 0,
+                failed: 0,
+                slow: 0,
+            });
+        }
+        if let Some(bucket) = self.buckets.back_mut() {
+            bucket.calls += 1;
+            bucket.failed += u32::from(failed);
+            bucket.slow += u32::from(slow);
+        }
+        self.calls += 1;
+        self.failed += u32::from(failed);
+        self.slow += u32::from(slow);
+    }
+
+    /// Drops the buckets `stale` says are out of the window.
+    fn trim(&mut self, mut stale: impl FnMut(&Bucket, u32) -> bool) {
+        while let Some(front) = self.buckets.front() {
+            if !stale(front, self.calls) {
+                break;
+            }
+            self.calls -= front.calls;
+            self.failed -= front.failed;
+            self.slow -= front.slow;
+            self.buckets.pop_front();
+        }
+    }
+
+    /// Failure and slow-call rates, in percent.
+    fn rates(&self) -> (f64, f64) {
+        if self.calls == 0 {
+            return (0.0, 0.0);
+        }
+        let total = f64::from(self.calls);
+        (
+            f64::from(self.failed) * 100.0 / total,
+            f64::from(self.slow) * 100.0 / total,
+        )
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// One breaker.
@@ -202,7 +269,7 @@ pub struct Breaker {
     clock: Arc<dyn Clock>,
     state: BreakerState,
     /// Closed: the sliding window. Half-open: the probes' results.
-    calls: VecDeque<Call>,
+    window: Window,
     opened_at: Instant,
     /// Half-open probes handed out and not yet recorded.
     probes_out: u32,
@@ -212,7 +279,7 @@ impl std::fmt::Debug for Breaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Breaker")
             .field("state", &self.state)
-            .field("calls", &self.calls.len())
+            .field("calls", &self.window.calls)
             .finish_non_exhaustive()
     }
 }
@@ -224,7 +291,7 @@ impl Breaker {
             config,
             clock,
             state: BreakerState::Closed,
-            calls: VecDeque::new(),
+            window: Window::default(),
             opened_at,
             probes_out: 0,
         }
@@ -285,7 +352,7 @@ impl Breaker {
             transition = Some(self.move_to(BreakerState::HalfOpen, 0.0, 0.0));
         }
         if self.state == BreakerState::HalfOpen {
-            let taken = self.probes_out + self.calls.len() as u32;
+            let taken = self.probes_out + self.window.calls;
             if taken >= self.config.half_open_calls {
                 // Every probe is out; the verdict comes with their results.
                 return (
@@ -306,36 +373,34 @@ impl Breaker {
             return None;
         }
         let now = self.clock.now();
-        let call = Call {
-            at: now,
-            failed: result.failed,
-            slow: result.duration >= Duration::from_millis(self.config.slow_call_duration_ms),
-        };
+        let slow = result.duration > Duration::from_millis(self.config.slow_call_duration_ms);
         match self.state {
             // A call granted before the breaker opened, finishing late.
             BreakerState::Open => None,
             BreakerState::Closed => {
-                self.calls.push_back(call);
+                let kind = self.config.window_kind;
+                self.window.push(kind, now, result.failed, slow);
                 self.trim(now);
                 let minimum = match self.config.window_kind {
                     // A count window can never hold more than its size.
                     WindowKind::Count => self.config.minimum_calls.min(self.config.window_size),
                     WindowKind::Time => self.config.minimum_calls,
                 };
-                if (self.calls.len() as u32) < minimum {
+                if self.window.calls < minimum {
                     return None;
                 }
-                let (failure_rate, slow_call_rate) = self.rates();
+                let (failure_rate, slow_call_rate) = self.window.rates();
                 self.exceeded(failure_rate, slow_call_rate)
                     .then(|| self.move_to(BreakerState::Open, failure_rate, slow_call_rate))
             }
             BreakerState::HalfOpen => {
                 self.probes_out = self.probes_out.saturating_sub(1);
-                self.calls.push_back(call);
-                if (self.calls.len() as u32) < self.config.half_open_calls {
+                self.window
+                    .push(WindowKind::Count, now, result.failed, slow);
+                if self.window.calls < self.config.half_open_calls {
                     return None;
                 }
-                let (failure_rate, slow_call_rate) = self.rates();
+                let (failure_rate, slow_call_rate) = self.window.rates();
                 let to = if self.exceeded(failure_rate, slow_call_rate) {
                     BreakerState::Open
                 } else {
@@ -347,10 +412,10 @@ impl Breaker {
     }
 
     pub fn snapshot(&self) -> BreakerSnapshot {
-        let (failure_rate, slow_call_rate) = self.rates();
+        let (failure_rate, slow_call_rate) = self.window.rates();
         BreakerSnapshot {
             state: self.state,
-            calls: self.calls.len() as u32,
+            calls: self.window.calls,
             failure_rate,
             slow_call_rate,
         }
@@ -361,34 +426,17 @@ impl Breaker {
             || slow_call_rate >= self.config.slow_call_rate_threshold
     }
 
-    /// Failure and slow-call rates of the calls held, in percent.
-    fn rates(&self) -> (f64, f64) {
-        if self.calls.is_empty() {
-            return (0.0, 0.0);
-        }
-        let total = self.calls.len() as f64;
-        let failed = self.calls.iter().filter(|c| c.failed).count() as f64;
-        let slow = self.calls.iter().filter(|c| c.slow).count() as f64;
-        (failed * 100.0 / total, slow * 100.0 / total)
-    }
-
     /// Drops calls that fell out of the window.
     fn trim(&mut self, now: Instant) {
         match self.config.window_kind {
             WindowKind::Count => {
-                while self.calls.len() > self.config.window_size as usize {
-                    self.calls.pop_front();
-                }
+                let size = self.config.window_size;
+                self.window.trim(|_, calls| calls > size);
             }
             WindowKind::Time => {
                 let span = Duration::from_secs(u64::from(self.config.window_size));
-                while self
-                    .calls
-                    .front()
-                    .is_some_and(|c| now.saturating_duration_since(c.at) >= span)
-                {
-                    self.calls.pop_front();
-                }
+                self.window
+                    .trim(|bucket, _| now.saturating_duration_since(bucket.start) >= span);
             }
         }
     }
@@ -396,7 +444,7 @@ impl Breaker {
     fn move_to(&mut self, to: BreakerState, failure_rate: f64, slow_call_rate: f64) -> Transition {
         let from = self.state;
         self.state = to;
-        self.calls.clear();
+        self.window.clear();
         self.probes_out = 0;
         if to == BreakerState::Open {
             self.opened_at = self.clock.now();
@@ -425,6 +473,11 @@ mod tests {
     const SLOW: CallResult = CallResult {
         failed: false,
         duration: Duration::from_millis(2_000),
+    };
+    /// Exactly the slow-call duration: not slow (slow is longer).
+    const AT_LIMIT: CallResult = CallResult {
+        failed: false,
+        duration: Duration::from_millis(1_000),
     };
 
     fn breaker(config: BreakerConfig) -> (Breaker, Arc<ManualClock>) {
@@ -460,7 +513,12 @@ mod tests {
     #[test]
     fn opens_at_the_failure_threshold_not_before() {
         use BreakerState::*;
-        let cases: [(&str, Vec<CallResult>, Vec<BreakerState>); 4] = [
+        let cases: [(&str, Vec<CallResult>, Vec<BreakerState>); 5] = [
+            (
+                "calls at the slow limit are not slow",
+                vec![AT_LIMIT; 10],
+                vec![Closed; 10],
+            ),
             // Four failures: below the minimum of five calls, stays closed.
             ("below minimum calls", vec![FAIL; 4], vec![Closed; 4]),
             // 2 of 5 = 40 %: closed; the sixth makes 3 of 6 = 50 %: open.
@@ -475,11 +533,12 @@ mod tests {
                 vec![SLOW, SLOW, OK, SLOW, SLOW],
                 vec![Closed, Closed, Closed, Closed, Open],
             ),
-            // The window holds 10: old failures slide out.
+            // The window holds 10: with 10 OKs then 5 failures, the rate
+            // reaches 50 % only once the first 5 OKs have slid out.
             (
-                "failures slide out of a count window",
-                [vec![FAIL, FAIL], vec![OK; 3], vec![OK; 10], vec![FAIL; 4]].concat(),
-                [vec![Closed; 5], vec![Closed; 10], vec![Closed; 4]].concat(),
+                "calls slide out of a count window",
+                [vec![OK; 10], vec![FAIL; 5]].concat(),
+                [vec![Closed; 14], vec![Open]].concat(),
             ),
         ];
         for (name, results, expected) in cases {
@@ -553,6 +612,23 @@ mod tests {
     }
 
     #[test]
+    fn a_time_window_keeps_one_bucket_per_second() {
+        let (mut b, clock) = breaker(BreakerConfig {
+            window_kind: WindowKind::Time,
+            window_size: 10,
+            minimum_calls: 1_000_000,
+            ..small()
+        });
+        for _ in 0..50 {
+            run(&mut b, &[OK; 100]);
+            clock.advance(Duration::from_millis(500));
+        }
+        // 5,000 calls over 25 s: the last 10 s of them, in 10 buckets.
+        assert_eq!(b.snapshot().calls, 2_000);
+        assert!(b.window.buckets.len() <= 11, "{}", b.window.buckets.len());
+    }
+
+    #[test]
     fn a_time_window_forgets_old_calls() {
         let (mut b, clock) = breaker(BreakerConfig {
             window_kind: WindowKind::Time,
@@ -601,10 +677,15 @@ mod tests {
     #[test]
     fn bad_settings_are_named() {
         assert_eq!(BreakerConfig::default().problem(), None);
-        let bad = BreakerConfig {
-            failure_rate_threshold: 150.0,
-            ..BreakerConfig::default()
-        };
-        assert!(bad.problem().is_some_and(|p| p.contains("percentages")));
+        for threshold in [150.0, 0.0, -1.0] {
+            let bad = BreakerConfig {
+                failure_rate_threshold: threshold,
+                ..BreakerConfig::default()
+            };
+            assert!(
+                bad.problem().is_some_and(|p| p.contains("percentages")),
+                "{threshold}"
+            );
+        }
     }
 }

@@ -80,11 +80,14 @@ impl GuestLogSink {
         client: async_nats::Client,
     ) -> Self {
         let rate = f64::from(config.lines_per_second.max(1));
-        let label = function.to_string();
+        let labels = [
+            ("function", function.to_string()),
+            ("version", version.clone()),
+        ];
         Self {
             subject: log_subject(&config.subject_prefix, &function),
-            published: metrics::counter!("weir_guest_log_lines_total", "function" => label.clone()),
-            dropped: metrics::counter!("weir_guest_log_lines_dropped_total", "function" => label),
+            published: metrics::counter!("weir_guest_log_lines_total", &labels),
+            dropped: metrics::counter!("weir_guest_log_lines_dropped_total", &labels),
             function,
             version,
             client,

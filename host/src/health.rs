@@ -38,7 +38,8 @@ pub struct FunctionStatus {
     pub breaker: crate::breaker::BreakerSnapshot,
     /// Events the consumer had yet to deliver at the last batch.
     pub pending: u64,
-    /// Events handed back by the open breaker, waiting for redelivery.
+    /// Events in flight with deliveries that were not attempts (handed back
+    /// by the breaker or with their whole batch).
     pub deferred: usize,
 }
 

@@ -87,6 +87,10 @@ impl SendTraces {
         record: &OutputRecord,
     ) -> Option<(Context, Vec<(String, String)>)> {
         let parent = self.parents.get(index)?.as_ref()?;
+        // Most events are not sampled: build nothing for them.
+        if !parent.span().span_context().is_sampled() {
+            return None;
+        }
         let span = self.tracing.start_child(
             parent,
             format!("send {}", record.subject),

@@ -61,6 +61,7 @@ pub async fn serve<S: FunctionSource>(
     source: S,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let tracing = Tracing::start(&config.tracing)?;
     let readiness = Arc::new(Readiness::default());
     let health_stop = shutdown.child_token();
     if let Some(metrics) = crate::telemetry::metrics() {
@@ -88,7 +89,6 @@ pub async fn serve<S: FunctionSource>(
         ),
         None => None,
     };
-    let tracing = Tracing::start(&config.tracing)?;
     let served = run(config, source, &readiness, &tracing, &shutdown).await;
     // Flushing blocks on the exporter's HTTP calls.
     let flush = tracing.clone();
@@ -241,7 +241,7 @@ async fn start_function(
     }
     let module = spec.module.clone();
     let loader = sandbox.clone();
-    let settings = instance_settings(spec);
+    let settings = instance_settings(spec, env.max_payload());
     let failed = |reason: String| ServeError::Load {
         function: spec.name.clone(),
         reason,

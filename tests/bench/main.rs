@@ -350,6 +350,7 @@ fn epoch_cost(options: &Options, artifacts: &std::path::Path) -> Result<()> {
         allowed_outputs: vec!["fixture.out".to_string()].into(),
         deadline: Duration::from_secs(60),
         limits: Limits::default(),
+        max_record_bytes: 1 << 20,
     };
     let event = Event {
         subject: "compute".into(),

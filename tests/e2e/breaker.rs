@@ -47,8 +47,7 @@ async fn a_function_that_turns_slow_is_cut_off_and_loses_nothing(
             deadline_ms: 2_000,
             ..Limits::default()
         },
-        // One attempt: any delivery the breaker hands back that counted as
-        // an attempt would show up as a dead letter.
+        // One attempt, and no event fails: none may be dead-lettered.
         retry: RetryPolicy {
             max_attempts: 1,
             ..RetryPolicy::default()
@@ -237,5 +236,93 @@ async fn a_function_far_slower_than_its_input_holds_only_its_batch(
         "the backlog waited in JetStream: {largest_backlog}"
     );
     assert_eq!(stream_len(&stack.js, "FIXTURE_OUT").await?, total);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn deliveries_the_breaker_hands_back_cost_no_attempts(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let health: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let attempts = 3u64;
+    let failing = FunctionSpec {
+        outputs: vec!["fixture.out".into()],
+        retry: RetryPolicy {
+            max_attempts: attempts as u32,
+            initial_backoff_ms: 20,
+            max_backoff_ms: 50,
+        },
+        breaker: BreakerConfig {
+            window_size: 10,
+            minimum_calls: 5,
+            failure_rate_threshold: 50.0,
+            wait_in_open_ms: 300,
+            half_open_calls: 3,
+            ..BreakerConfig::default()
+        },
+        batch_size: 10,
+        ..FunctionSpec::new(
+            "failing",
+            component("misbehave")?,
+            "FAIL_IN",
+            "fail.in",
+            KeySource::JsonPointer("/key".into()),
+        )
+    };
+    let mut config = stack.config(
+        vec![
+            stream("FAIL_IN", &["fail.in"]),
+            stream("FIXTURE_OUT", &["fixture.out"]),
+        ],
+        vec![failing],
+    );
+    config.health_listen = Some(health);
+    let host = stack.host(config).await?;
+
+    // Every call asks to be retried: the breaker keeps opening, and events
+    // keep being handed back between their real attempts.
+    let total = 12u64;
+    let payloads = (0..total).map(|id| {
+        serde_json::json!({"do": "retry", "id": id, "key": format!("k{id}")})
+            .to_string()
+            .into_bytes()
+    });
+    publish_all(&stack.js, "fail.in", payloads).await?;
+    eventually(
+        Duration::from_secs(120),
+        "every event dead-lettered",
+        || async {
+            host.check()?;
+            Ok(stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await? >= total)
+        },
+    )
+    .await?;
+    let (_, body) = http_get(health, "/metrics").await?;
+    host.stop().await?;
+
+    let metrics = scrape(&body)?;
+    let function = ("function", "failing");
+    let deferred = value(
+        &metrics,
+        "weir_events_total",
+        &[function, ("outcome", "deferred")],
+    )
+    .unwrap_or(0.0);
+    assert!(deferred >= 1.0, "the breaker handed events back: {body}");
+    // Exactly `attempts` real runs per event, however often it was handed
+    // back in between.
+    assert_eq!(
+        value(&metrics, "weir_invocations_total", &[function]),
+        Some((total * attempts) as f64),
+        "{body}"
+    );
+    let dead = read_stream(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await?;
+    assert_eq!(dead.len() as u64, total);
+    for message in &dead {
+        assert_eq!(header(message, "Weir-Attempts"), attempts.to_string());
+        assert_eq!(header(message, "Weir-Error-Kind"), "retry");
+    }
     Ok(())
 }

@@ -200,7 +200,7 @@ async fn one_trace_runs_from_the_producer_through_a_chain_of_functions(
         ("weir.function", "enrich"),
         ("weir.stream", "ORDERS"),
         ("weir.stream.sequence", "1"),
-        ("weir.delivery.attempt", "1"),
+        ("weir.delivery.count", "1"),
         ("weir.key", "o-42"),
         ("weir.outcome", "applied"),
     ] {

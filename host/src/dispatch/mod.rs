@@ -13,9 +13,9 @@
 //! guest's log lines go to the function's [`GuestLogSink`].
 //!
 //! The function's circuit breaker is asked before every invocation. An event
-//! it refuses is handed back (naked until the breaker may close) without
-//! spending an attempt, and while it is open no events are fetched at all:
-//! the backlog waits in JetStream.
+//! it refuses is handed back (naked until the breaker lets probes through)
+//! without spending an attempt, and while it is open no events are fetched
+//! at all: the backlog waits in JetStream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +64,17 @@ pub struct WorkerEnv {
     pub guest_logs: GuestLogConfig,
     /// Where the worker reports its status for `/status`.
     pub readiness: Arc<Readiness>,
+}
+
+impl WorkerEnv {
+    /// The largest message the NATS server takes.
+    pub fn max_payload(&self) -> usize {
+        match self.js.client().server_info().max_payload {
+            // Not known yet: the server default.
+            0 => 1024 * 1024,
+            known => known,
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -171,7 +182,7 @@ impl FunctionWorker {
         env: &WorkerEnv,
     ) -> Self {
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let settings = instance_settings(&spec);
+        let settings = instance_settings(&spec, env.max_payload());
         let version = version_of(&code);
         let metrics = WorkerMetrics::new(&spec.name, &version);
         metrics.breaker_state.set(0.0);
@@ -372,7 +383,10 @@ impl FunctionWorker {
         let Some(view) = view else {
             return self.give_back(slots, "shutting down", cancel).await;
         };
-        self.record_step(&slots, "state.load", load_started);
+        // The events about to run: the others need no state.
+        self.record_step(&slots, "state.load", load_started, |slot| {
+            slot.outcome.is_none()
+        });
 
         let keys: Vec<(usize, String)> = to_run
             .iter()
@@ -469,7 +483,9 @@ impl FunctionWorker {
             self.metrics
                 .commit_seconds
                 .record(started.elapsed().as_secs_f64());
-            self.record_step(&slots, "state.commit", commit_started);
+            self.record_step(&slots, "state.commit", commit_started, |slot| {
+                matches!(slot.outcome, Some(EventOutcome::Applied))
+            });
             self.highest_applied = self.highest_applied.max(commit.highest_applied());
             crash::reached(CrashPoint::AfterCommit);
         } else {
@@ -553,7 +569,7 @@ impl FunctionWorker {
                 i64::try_from(delivery.sequence).unwrap_or(i64::MAX),
             ),
             KeyValue::new(
-                "weir.delivery.attempt",
+                "weir.delivery.count",
                 i64::try_from(delivery.delivered).unwrap_or(i64::MAX),
             ),
         ];
@@ -565,13 +581,23 @@ impl FunctionWorker {
     }
 
     /// Records a batch-wide step from `started` until now under every
-    /// traced event of the batch.
-    fn record_step(&self, slots: &[Slot], name: &str, started: SystemTime) {
+    /// traced event of the batch it concerns.
+    fn record_step(
+        &self,
+        slots: &[Slot],
+        name: &str,
+        started: SystemTime,
+        concerns: impl Fn(&Slot) -> bool,
+    ) {
         if !self.tracing.is_enabled() {
             return;
         }
         let times = (started, SystemTime::now());
-        for trace in slots.iter().filter_map(|slot| slot.trace.as_ref()) {
+        let traces = slots
+            .iter()
+            .filter(|slot| concerns(slot))
+            .filter_map(|slot| slot.trace.as_ref());
+        for trace in traces {
             trace.record_step(&self.tracing, name, times);
         }
     }
@@ -667,11 +693,12 @@ impl FunctionWorker {
             Err(error) => {
                 // The blocking task panicked: a host bug, not the guest's.
                 // Nothing ran to completion; the batch is handed back.
-                tracing::error!(function = %self.name, %error, "invocation task failed");
+                tracing::error!(function = %self.name, %error, "invocation task failed; its circuit breaker starts again closed");
                 self.breaker = Some(Breaker::new(
                     self.spec.breaker.clone(),
                     Arc::new(SystemClock),
                 ));
+                self.metrics.breaker_state.set(0.0);
                 Ran::default()
             }
         }
@@ -702,29 +729,20 @@ impl FunctionWorker {
     /// do not count.
     fn attempt(&self, slot: &Slot) -> u64 {
         let deferred = self.deferrals.get(&slot.sequence).copied().unwrap_or(0);
-        slot.delivered.saturating_sub(deferred).max(1)
+        attempt_of(slot.delivered, deferred)
     }
 
     /// Counts this batch's deferrals and forgets the events that are done.
     fn track_deferrals(&mut self, slots: &[Slot], decisions: &[AckDecision]) {
-        for (slot, decision) in slots.iter().zip(decisions) {
-            match (&slot.outcome, decision) {
-                (Some(EventOutcome::Deferred { .. }), _) => {
-                    *self.deferrals.entry(slot.sequence).or_default() += 1;
-                }
-                (_, AckDecision::Nak { .. }) => {}
-                _ => {
-                    self.deferrals.remove(&slot.sequence);
-                }
-            }
-        }
-        if self.deferrals.len() > MAX_TRACKED_DEFERRALS {
-            let mut sequences: Vec<u64> = self.deferrals.keys().copied().collect();
-            sequences.sort_unstable();
-            for sequence in &sequences[..sequences.len() - MAX_TRACKED_DEFERRALS] {
-                self.deferrals.remove(sequence);
-            }
-        }
+        let changes = slots.iter().zip(decisions).map(|(slot, decision)| {
+            let change = match (&slot.outcome, decision) {
+                (Some(EventOutcome::Deferred { .. }), _) => DeferralChange::Deferred,
+                (_, AckDecision::Nak { .. }) => DeferralChange::Retried,
+                _ => DeferralChange::Done,
+            };
+            (slot.sequence, change)
+        });
+        note_deferrals(&mut self.deferrals, changes);
     }
 
     /// Publishes the function's status for `/status`.
@@ -766,7 +784,7 @@ impl FunctionWorker {
             (dlq::VERSION.to_string(), self.version.clone()),
             (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
             (dlq::REASON.to_string(), header_text(&failure.message)),
-            (dlq::ATTEMPTS.to_string(), slot.delivered.to_string()),
+            (dlq::ATTEMPTS.to_string(), self.attempt(slot).to_string()),
             (dlq::SUBJECT.to_string(), message.subject.to_string()),
             (dlq::SEQUENCE.to_string(), slot.sequence.to_string()),
         ]);
@@ -800,9 +818,13 @@ impl FunctionWorker {
             .iter()
             .filter(|d| **d == AckDecision::DeadLetter)
             .count();
-        let retried = decisions
+        let retried = slots
             .iter()
-            .filter(|d| matches!(d, AckDecision::Nak { .. }))
+            .zip(decisions)
+            .filter(|(slot, d)| {
+                matches!(d, AckDecision::Nak { .. })
+                    && !matches!(slot.outcome, Some(EventOutcome::Deferred { .. }))
+            })
             .count();
         self.metrics.dead_letters.increment(dead as u64);
         self.metrics.retries.increment(retried as u64);
@@ -827,8 +849,11 @@ impl FunctionWorker {
     }
 
     /// Hands a batch back to JetStream untouched: nothing was committed.
+    /// No event got a decision, so these deliveries are not attempts.
     async fn give_back(&mut self, slots: Vec<Slot>, reason: &str, cancel: &CancellationToken) {
         tracing::warn!(function = %self.name, events = slots.len(), error = reason, "batch not committed; it will be delivered again");
+        let changes = slots.iter().map(|s| (s.sequence, DeferralChange::Deferred));
+        note_deferrals(&mut self.deferrals, changes);
         for slot in slots {
             let _ = slot
                 .message
@@ -872,13 +897,19 @@ impl FunctionWorker {
     }
 }
 
-/// The sandbox settings of a function's instances.
-pub fn instance_settings(spec: &FunctionSpec) -> InstanceSettings {
+/// Room kept in every output for the headers Weir adds (message id, trace
+/// context) on top of what the guest publishes.
+const WEIR_HEADER_ROOM: usize = 1024;
+
+/// The sandbox settings of a function's instances, for a NATS server that
+/// takes messages of up to `max_payload` bytes.
+pub fn instance_settings(spec: &FunctionSpec, max_payload: usize) -> InstanceSettings {
     InstanceSettings {
         function: Arc::from(spec.name.as_str()),
         allowed_outputs: spec.outputs.clone().into(),
         deadline: Duration::from_millis(spec.limits.deadline_ms),
         limits: spec.limits.clone(),
+        max_record_bytes: max_payload.saturating_sub(WEIR_HEADER_ROOM),
     }
 }
 
@@ -938,6 +969,48 @@ enum Run {
     Deferred {
         retry_after: Duration,
     },
+}
+
+/// The attempt a delivery is: `deferred` of the event's deliveries ended
+/// without a decision (the breaker handed it back, or the whole batch was)
+/// and do not count.
+fn attempt_of(delivered: u64, deferred: u64) -> u64 {
+    delivered.saturating_sub(deferred).max(1)
+}
+
+/// What a batch did to an event's deferral count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeferralChange {
+    /// Handed back without a decision: one more delivery that is no attempt.
+    Deferred,
+    /// Naked for another attempt: keep counting.
+    Retried,
+    /// Acked or dead-lettered: forget it.
+    Done,
+}
+
+/// Applies one batch's changes to the deferral counts, keeping at most
+/// [`MAX_TRACKED_DEFERRALS`] (the oldest sequences go first).
+fn note_deferrals(
+    deferrals: &mut HashMap<u64, u64>,
+    changes: impl IntoIterator<Item = (u64, DeferralChange)>,
+) {
+    for (sequence, change) in changes {
+        match change {
+            DeferralChange::Deferred => *deferrals.entry(sequence).or_default() += 1,
+            DeferralChange::Retried => {}
+            DeferralChange::Done => {
+                deferrals.remove(&sequence);
+            }
+        }
+    }
+    if deferrals.len() > MAX_TRACKED_DEFERRALS {
+        let mut sequences: Vec<u64> = deferrals.keys().copied().collect();
+        sequences.sort_unstable();
+        for sequence in &sequences[..sequences.len() - MAX_TRACKED_DEFERRALS] {
+            deferrals.remove(sequence);
+        }
+    }
 }
 
 /// The outcome label of metrics and spans, and the error, if any.
@@ -1018,6 +1091,26 @@ async fn pause(cancel: &CancellationToken, delay: Duration) -> bool {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn deferred_deliveries_are_not_attempts() {
+        let mut deferrals = HashMap::new();
+        // Event 7: deferred twice, then run and naked, then run again.
+        note_deferrals(&mut deferrals, [(7, DeferralChange::Deferred)]);
+        note_deferrals(&mut deferrals, [(7, DeferralChange::Deferred)]);
+        assert_eq!(attempt_of(3, deferrals[&7]), 1, "third delivery, first run");
+        note_deferrals(&mut deferrals, [(7, DeferralChange::Retried)]);
+        assert_eq!(attempt_of(4, deferrals[&7]), 2);
+        note_deferrals(&mut deferrals, [(7, DeferralChange::Done)]);
+        assert!(deferrals.is_empty());
+        // A count that outlived its deliveries never makes attempt 0.
+        assert_eq!(attempt_of(1, 5), 1);
+
+        let many = (0..MAX_TRACKED_DEFERRALS as u64 + 10).map(|s| (s, DeferralChange::Deferred));
+        note_deferrals(&mut deferrals, many);
+        assert_eq!(deferrals.len(), MAX_TRACKED_DEFERRALS);
+        assert!(!deferrals.contains_key(&9) && deferrals.contains_key(&10));
+    }
 
     #[test]
     fn pruning_waits_for_an_ack_floor_to_age() {

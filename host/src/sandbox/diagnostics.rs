@@ -92,6 +92,9 @@ pub struct InvocationDiagnostics {
     /// [`MAX_CAPTURED_OUTPUT_BYTES`], counted as one line each stream).
     pub dropped_logs: u32,
     pub spans: Vec<GuestSpan>,
+    /// `panicked at <place>: <message>` if the guest's stderr has a panic
+    /// report (found before any line limit applies).
+    pub panic: Option<String>,
 }
 
 /// The per-instance collector; reset for every invocation.
@@ -103,6 +106,7 @@ pub(crate) struct Diagnostics {
     /// Indexes in `spans` of the open spans, innermost last.
     open: Vec<usize>,
     logs: Vec<GuestLogLine>,
+    panic: Option<String>,
     max_lines: usize,
     dropped_logs: u32,
     pub(crate) stdout: CapturedOutput,
@@ -137,6 +141,9 @@ impl Diagnostics {
             };
             let (bytes, truncated) = captured.take();
             let text = String::from_utf8_lossy(&bytes).into_owned();
+            if source == LogSource::Stderr {
+                self.panic = panic_report(&text);
+            }
             for line in text.lines().filter(|line| !line.trim().is_empty()) {
                 self.push_log(level, source, line);
             }
@@ -148,6 +155,7 @@ impl Diagnostics {
             logs: std::mem::take(&mut self.logs),
             dropped_logs: std::mem::take(&mut self.dropped_logs),
             spans: std::mem::take(&mut self.spans),
+            panic: self.panic.take(),
         }
     }
 
@@ -159,7 +167,7 @@ impl Diagnostics {
         self.logs.push(GuestLogLine {
             level,
             source,
-            message: cut(message, MAX_LOG_LINE_BYTES),
+            message: escape_controls(&cut(message, MAX_LOG_LINE_BYTES)),
         });
     }
 
@@ -212,6 +220,35 @@ impl Diagnostics {
         let index = (handle as usize).checked_sub(1)?;
         self.open.contains(&index).then_some(index)
     }
+}
+
+/// Control characters (line breaks, terminal escapes) written as escapes,
+/// so a guest cannot forge host log lines or drive a reader's terminal.
+fn escape_controls(text: &str) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// `panicked at <place>: <message>` from a Rust-style panic report.
+fn panic_report(stderr: &str) -> Option<String> {
+    let mut lines = stderr.lines();
+    let header = lines.by_ref().find(|line| line.contains("panicked at"))?;
+    let place = header
+        .split_once("panicked at")
+        .map_or("", |(_, place)| place.trim().trim_end_matches(':'));
+    let message = lines.next().unwrap_or("").trim();
+    Some(cut(
+        &escape_controls(&format!("panicked at {place}: {message}")),
+        MAX_LOG_LINE_BYTES,
+    ))
 }
 
 /// `text` cut to at most `max` bytes on a character boundary.
@@ -358,6 +395,31 @@ mod tests {
         d.begin(false, 10);
         assert_eq!(d.enter_span("untraced"), 0);
         assert!(d.finish().spans.is_empty());
+    }
+
+    #[test]
+    fn panics_are_found_past_the_line_limit_and_controls_are_escaped() {
+        let mut d = Diagnostics::default();
+        d.begin(false, 1);
+        d.push_log(LogLevel::Info, LogSource::Log, "fills the one line allowed");
+        d.stderr
+            .append(b"thread '<unnamed>' panicked at src/lib.rs:9:5:\nboom\nnote: ...\n");
+        let done = d.finish();
+        assert_eq!(
+            done.panic.as_deref(),
+            Some("panicked at src/lib.rs:9:5: boom")
+        );
+        assert_eq!(done.logs.len(), 1);
+
+        d.begin(false, 10);
+        d.push_log(
+            LogLevel::Info,
+            LogSource::Log,
+            "fake\n2026 INFO forged\u{1b}[31m",
+        );
+        let done = d.finish();
+        assert_eq!(done.logs[0].message, "fake\\n2026 INFO forged\\u{1b}[31m");
+        assert_eq!(done.panic, None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! collected in [`Diagnostics`] and handed to the dispatcher per invocation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +23,11 @@ use crate::config::Limits;
 use crate::output::{is_publishable_subject, is_valid_header, subject_matches};
 use crate::state::BatchView;
 
+/// Longest subject a guest may publish to.
+const MAX_SUBJECT_BYTES: usize = 512;
+/// Longest state entry name.
+const MAX_ENTRY_NAME_BYTES: usize = 256;
+
 /// An output published by the event being handled, before it gets its id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingOutput {
@@ -34,15 +40,10 @@ pub struct PendingOutput {
 /// failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
-    MemoryLimit {
-        desired: usize,
-        limit: usize,
-    },
+    MemoryLimit { desired: usize, limit: usize },
     Denied(String),
     OutputLimit(String),
     StateLimit(String),
-    /// Asked to sleep past the invocation's deadline.
-    SleepPastDeadline(String),
 }
 
 /// The data of one instance's store.
@@ -52,8 +53,12 @@ pub struct InvocationState {
     function: Arc<str>,
     allowed_outputs: Arc<[String]>,
     limits: Limits,
+    max_record_bytes: usize,
     /// When the invocation in progress must end; bounds guest sleeps.
     pub(crate) deadline_at: Instant,
+    /// Set when the guest waited on a clock until its deadline cut the
+    /// wait short: the call has overrun, whatever it returns.
+    overran: Arc<AtomicBool>,
     /// Payload and header bytes published by the invocation in progress.
     output_bytes: usize,
     clock: GuestClock,
@@ -66,7 +71,12 @@ pub struct InvocationState {
 }
 
 impl InvocationState {
-    pub(crate) fn new(function: Arc<str>, allowed_outputs: Arc<[String]>, limits: Limits) -> Self {
+    pub(crate) fn new(
+        function: Arc<str>,
+        allowed_outputs: Arc<[String]>,
+        limits: Limits,
+        max_record_bytes: usize,
+    ) -> Self {
         let diagnostics = Diagnostics::default();
         let clock = GuestClock::default();
         // The default context grants nothing: no preopened directories, no
@@ -83,7 +93,9 @@ impl InvocationState {
             function,
             allowed_outputs,
             limits,
+            max_record_bytes,
             deadline_at: Instant::now(),
+            overran: Arc::new(AtomicBool::new(false)),
             output_bytes: 0,
             clock,
             view: BatchView::default(),
@@ -105,8 +117,7 @@ impl InvocationState {
             }
             Violation::Denied(message)
             | Violation::OutputLimit(message)
-            | Violation::StateLimit(message)
-            | Violation::SleepPastDeadline(message) => wasmtime::format_err!("{message}"),
+            | Violation::StateLimit(message) => wasmtime::format_err!("{message}"),
         };
         self.violation = Some(violation);
         error
@@ -115,6 +126,7 @@ impl InvocationState {
     /// Starts the per-invocation accounting of a new call.
     pub(crate) fn begin_invocation(&mut self, deadline: Duration, traced: bool) {
         self.deadline_at = Instant::now() + deadline;
+        self.overran.store(false, Ordering::Relaxed);
         self.output_bytes = 0;
         self.outputs.clear();
         self.violation = None;
@@ -122,21 +134,29 @@ impl InvocationState {
             .begin(traced, self.limits.log_lines as usize);
     }
 
-    /// A pollable that is ready after `wait`, for WASI's clock
-    /// subscriptions. A wait that would outlast the invocation's deadline
-    /// fails the call at once: the epoch deadline cannot interrupt a host
-    /// sleep, so an unbounded one would hold the worker forever.
+    /// A pollable that is ready after `wait`, or at the invocation's
+    /// deadline if that comes first: the epoch deadline cannot interrupt a
+    /// guest waiting inside the host, so an unbounded wait would hold the
+    /// worker forever. A wait that is cut short marks the call as overrun
+    /// (a timeout, see [`Self::overran`]) only if the guest actually waits
+    /// on it; a long timer never waited for costs nothing.
     pub(crate) fn bounded_sleep(&mut self, wait: Duration) -> WasmResult<Resource<DynPollable>> {
-        let until = Instant::now().checked_add(wait);
-        if until.is_none_or(|until| until > self.deadline_at) {
-            return Err(self.violate(Violation::SleepPastDeadline(format!(
-                "the guest asked to sleep {wait:?}, past its deadline"
-            ))));
-        }
-        let sleep = self
-            .table
-            .push(BoundedSleep(tokio::time::Instant::now() + wait))?;
+        let now = Instant::now();
+        let fits = now
+            .checked_add(wait)
+            .is_some_and(|until| until <= self.deadline_at);
+        let until = if fits { now + wait } else { self.deadline_at };
+        let sleep = BoundedSleep {
+            wake: tokio::time::Instant::now() + until.saturating_duration_since(now),
+            cut: (!fits).then(|| self.overran.clone()),
+        };
+        let sleep = self.table.push(sleep)?;
         wasmtime_wasi::p2::subscribe(&mut self.table, sleep)
+    }
+
+    /// Whether the call waited until its deadline cut the wait short.
+    pub(crate) fn overran(&self) -> bool {
+        self.overran.load(Ordering::Relaxed)
     }
 
     /// A sleep until the guest clock reads `when` (nanoseconds).
@@ -167,13 +187,20 @@ impl HostMonotonicClock for GuestClock {
     }
 }
 
-/// A sleep the host has checked against the invocation's deadline.
-struct BoundedSleep(tokio::time::Instant);
+/// A sleep the host has bounded by the invocation's deadline.
+struct BoundedSleep {
+    wake: tokio::time::Instant,
+    /// Set on waking when the deadline cut the wait short.
+    cut: Option<Arc<AtomicBool>>,
+}
 
 #[async_trait::async_trait]
 impl Pollable for BoundedSleep {
     async fn ready(&mut self) {
-        tokio::time::sleep_until(self.0).await;
+        tokio::time::sleep_until(self.wake).await;
+        if let Some(overran) = &self.cut {
+            overran.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -220,6 +247,12 @@ impl state::Host for InvocationState {
     }
 
     fn set(&mut self, name: String, value: Vec<u8>) -> WasmResult<()> {
+        if name.len() > MAX_ENTRY_NAME_BYTES {
+            return Err(self.violate(Violation::StateLimit(format!(
+                "state entry names are at most {MAX_ENTRY_NAME_BYTES} bytes; this one has {}",
+                name.len()
+            ))));
+        }
         let limit = self.limits.state_value_bytes;
         if value.len() > limit {
             return Err(self.violate(Violation::StateLimit(format!(
@@ -251,7 +284,7 @@ impl emit::Host for InvocationState {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> WasmResult<()> {
-        if !is_publishable_subject(&subject) {
+        if !is_publishable_subject(&subject) || subject.len() > MAX_SUBJECT_BYTES {
             return Err(self.deny(format!("`{subject}` is not a valid subject to publish to")));
         }
         if !self
@@ -281,6 +314,15 @@ impl emit::Host for InvocationState {
                 .iter()
                 .map(|(n, v)| n.len() + v.len())
                 .sum::<usize>();
+        // NATS refuses bigger messages outright; one that got committed
+        // could never be published.
+        if size + subject.len() > self.max_record_bytes {
+            return Err(self.violate(Violation::OutputLimit(format!(
+                "a record of {} bytes is larger than NATS accepts ({} bytes with Weir's headers)",
+                size + subject.len(),
+                self.max_record_bytes
+            ))));
+        }
         let bytes_limit = self.limits.output_bytes;
         if self.output_bytes + size > bytes_limit {
             return Err(self.violate(Violation::OutputLimit(format!(

@@ -57,6 +57,8 @@ pub struct InstanceSettings {
     pub allowed_outputs: Arc<[String]>,
     pub deadline: Duration,
     pub limits: crate::config::Limits,
+    /// Largest record NATS accepts, less room for the headers Weir adds.
+    pub max_record_bytes: usize,
 }
 
 impl FunctionInstance {
@@ -67,6 +69,7 @@ impl FunctionInstance {
             settings.function.clone(),
             settings.allowed_outputs.clone(),
             settings.limits.clone(),
+            settings.max_record_bytes,
         );
         // The start function runs under the invocation deadline, sleeps
         // included.
@@ -138,6 +141,14 @@ impl FunctionInstance {
         };
         let diagnostics = self.store.data_mut().diagnostics.finish();
         let outcome = match outcome {
+            // It returned, but only because its wait was cut at the deadline.
+            Ok(_) if self.store.data().overran() => Err(Failure::new(
+                FailureKind::Timeout,
+                format!(
+                    "the invocation waited past its deadline of {} ms",
+                    self.deadline.as_millis()
+                ),
+            )),
             Ok(result) => result,
             Err(trap) => Err(self.classify_trap(&trap, &diagnostics)),
         };
@@ -164,9 +175,6 @@ impl FunctionInstance {
             }
             Some(Violation::StateLimit(message)) => {
                 return Failure::new(FailureKind::StateLimit, message);
-            }
-            Some(Violation::SleepPastDeadline(message)) => {
-                return Failure::new(FailureKind::Timeout, message);
             }
             Some(Violation::MemoryLimit { desired, limit }) => {
                 return Failure::new(
@@ -197,24 +205,7 @@ impl FunctionInstance {
 /// message when its stderr has one (Rust and other runtimes print it
 /// before trapping).
 fn trap_message(trap: &Trap, diagnostics: &InvocationDiagnostics) -> String {
-    use super::diagnostics::LogSource;
-    let stderr: Vec<&str> = diagnostics
-        .logs
-        .iter()
-        .filter(|line| line.source == LogSource::Stderr)
-        .map(|line| line.message.as_str())
-        .collect();
-    let panic = stderr
-        .iter()
-        .position(|line| line.contains("panicked at"))
-        .map(|at| {
-            let place = stderr[at]
-                .split_once("panicked at")
-                .map_or("", |(_, place)| place.trim().trim_end_matches(':'));
-            let message = stderr.get(at + 1).copied().unwrap_or("");
-            format!("panicked at {place}: {message}")
-        });
-    match panic {
+    match &diagnostics.panic {
         Some(panic) => format!("{panic} (wasm trap: {trap})"),
         None => format!("wasm trap: {trap}"),
     }

@@ -49,7 +49,9 @@ pub async fn run(args: LogsArgs) -> Result<()> {
     };
     let deliver_policy = match args.since {
         Some(since) => consumer::DeliverPolicy::ByStartTime {
-            start_time: time::OffsetDateTime::now_utc() - since,
+            start_time: time::OffsetDateTime::now_utc()
+                .checked_sub(time::Duration::try_from(since).unwrap_or(time::Duration::MAX))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
         },
         None => consumer::DeliverPolicy::All,
     };
