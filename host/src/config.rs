@@ -269,6 +269,53 @@ fn default_batch_size() -> usize {
 }
 
 impl FunctionSpec {
+    /// What is wrong with this binding, if anything, naming the field.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Some(
+                "name must be non-empty ASCII letters, digits, `-` or `_` (it names a NATS consumer)",
+            );
+        }
+        if self.stream.is_empty() || self.stream.contains(['.', '*', '>', ' ']) {
+            return Some("stream must be a JetStream stream name");
+        }
+        if self.subject.is_empty() || self.subject.contains(char::is_whitespace) {
+            return Some("subject must be a NATS subject filter");
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Some("batch_size must be between 1 and 10000");
+        }
+        if self.retry.max_attempts == 0 {
+            return Some("retry.max_attempts must be at least 1");
+        }
+        if self.ack_wait_ms < 100 {
+            return Some("ack_wait_ms must be at least 100");
+        }
+        if self.limits.deadline_ms == 0 {
+            return Some("limits.deadline_ms must be at least 1");
+        }
+        if self.limits.output_count == 0 || self.limits.state_entries_per_key == 0 {
+            return Some("limits.output_count and limits.state_entries_per_key must be at least 1");
+        }
+        if let Some(breaker) = self.breaker.problem() {
+            return Some(breaker);
+        }
+        if self.outputs.iter().any(|s| s.is_empty() || s.contains(' ')) {
+            return Some("outputs must be NATS subjects");
+        }
+        if let KeySource::JsonPointer(p) | KeySource::Header(p) = &self.key
+            && p.is_empty()
+        {
+            return Some("key source must not be empty");
+        }
+        None
+    }
+
     /// A binding of `module` to `subject` in `stream`, keyed by `key`, with
     /// the defaults for everything else: message timestamps as event time,
     /// no outputs, default limits, retry policy and batch size.
@@ -405,47 +452,8 @@ impl HostConfig {
             if !seen.insert(function.name.as_str()) {
                 return Err(problem("the name is used by another function"));
             }
-            if function.name.is_empty()
-                || !function
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(problem(
-                    "name must be non-empty ASCII letters, digits, `-` or `_` (it names a NATS consumer)",
-                ));
-            }
-            if function.batch_size == 0 || function.batch_size > 10_000 {
-                return Err(problem("batch_size must be between 1 and 10000"));
-            }
-            if function.retry.max_attempts == 0 {
-                return Err(problem("retry.max_attempts must be at least 1"));
-            }
-            if function.ack_wait_ms < 100 {
-                return Err(problem("ack_wait_ms must be at least 100"));
-            }
-            if function.limits.deadline_ms == 0 {
-                return Err(problem("limits.deadline_ms must be at least 1"));
-            }
-            if function.limits.output_count == 0 || function.limits.state_entries_per_key == 0 {
-                return Err(problem(
-                    "limits.output_count and limits.state_entries_per_key must be at least 1",
-                ));
-            }
-            if let Some(breaker) = function.breaker.problem() {
-                return Err(problem(breaker));
-            }
-            if function
-                .outputs
-                .iter()
-                .any(|s| s.is_empty() || s.contains(' '))
-            {
-                return Err(problem("outputs must be NATS subjects"));
-            }
-            if let KeySource::JsonPointer(p) | KeySource::Header(p) = &function.key
-                && p.is_empty()
-            {
-                return Err(problem("key source must not be empty"));
+            if let Some(found) = function.problem() {
+                return Err(problem(found));
             }
         }
         Ok(())

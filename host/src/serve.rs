@@ -2,16 +2,18 @@
 //! are down), makes sure the configured streams exist, loads every function
 //! and runs one [`FunctionWorker`] per function until shutdown.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{FunctionSpec, HostConfig, StreamSpec};
 use crate::control::FunctionSource;
+use crate::control::store::{CONTROL_CHANNEL, ControlStore, Deployment};
 use crate::dispatch::{FunctionWorker, WorkerEnv, instance_settings};
 use crate::health::Readiness;
 use crate::ingest::Ingest;
@@ -148,7 +150,8 @@ async fn run<S: FunctionSource>(
         .map(|f| f.limits.memory_bytes)
         .max()
         .unwrap_or(0)
-        .max(64 << 20);
+        // Functions deployed later through the API get up to this much.
+        .max(256 << 20);
     // Each function holds one warm instance, and briefly a second while a
     // trapped one is replaced: two pool slots each, so no function can
     // take another's.
@@ -174,20 +177,195 @@ async fn run<S: FunctionSource>(
         readiness: readiness.clone(),
     };
     let tracker = TaskTracker::new();
+    let static_names: HashSet<String> = functions.iter().map(|f| f.name.clone()).collect();
     for spec in functions {
-        let worker = start_function(&spec, &sandbox, &env).await?;
+        let module = ModuleSource::File(spec.module.clone());
+        let worker = start_function(&spec, module, &sandbox, &env).await?;
         tracker.spawn(worker.run(shutdown.clone()));
         readiness.function_started();
     }
     tracker.close();
     tracing::info!("weir is running");
+    let deployed = Deployed {
+        control: ControlStore::new(pool.clone()),
+        sandbox,
+        env,
+        static_names,
+        running: HashMap::new(),
+    };
+    deployed.follow(&pool, &shutdown).await;
     tracker.wait().await;
-    // With no functions (yet), the host runs for its API until shut down.
-    shutdown.cancelled().await;
     if let Some(api) = api {
         let _ = api.await;
     }
     Ok(())
+}
+
+/// Where a function's component comes from.
+enum ModuleSource {
+    /// A file named in the config.
+    File(std::path::PathBuf),
+    /// Uploaded through the API, stored in Postgres.
+    Stored(Vec<u8>),
+}
+
+/// One worker of a deployed function.
+struct DeployedWorker {
+    /// What it runs; a deployment with another one replaces it.
+    fingerprint: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The functions deployed through the API, kept running as the control
+/// tables say: started, replaced (after the in-flight batch) and stopped
+/// within moments of a change, announced on [`CONTROL_CHANNEL`].
+struct Deployed {
+    control: ControlStore,
+    sandbox: Arc<Sandbox>,
+    env: WorkerEnv,
+    /// Functions of the config file; a deployment may not take their names.
+    static_names: HashSet<String>,
+    running: HashMap<String, DeployedWorker>,
+}
+
+/// How often the host re-reads deployments even without a notification
+/// (one missed while its listener reconnected, say).
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+
+impl Deployed {
+    /// Follows the control tables until `shutdown`, then stops every worker
+    /// after its in-flight batch.
+    async fn follow(mut self, pool: &sqlx::PgPool, shutdown: &CancellationToken) {
+        let mut listener = match PgListener::connect_with(pool).await {
+            Ok(mut listener) => match listener.listen(CONTROL_CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for deployments; re-reading every {} s", RESYNC_EVERY.as_secs());
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for deployments; re-reading every {} s", RESYNC_EVERY.as_secs());
+                None
+            }
+        };
+        loop {
+            self.reconcile().await;
+            let notified = async {
+                match listener.as_mut() {
+                    Some(listener) => {
+                        if let Err(error) = listener.recv().await {
+                            tracing::warn!(%error, "deployment notifications interrupted");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = notified => {}
+                _ = tokio::time::sleep(RESYNC_EVERY) => {}
+            }
+        }
+        for (_, worker) in self.running.drain() {
+            worker.stop.cancel();
+            let _ = worker.task.await;
+        }
+    }
+
+    /// Brings the running workers in line with the deployments.
+    async fn reconcile(&mut self) {
+        let deployments = match self.control.deployments().await {
+            Ok(deployments) => deployments,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read deployments; keeping what runs");
+                return;
+            }
+        };
+        let mut wanted = HashSet::new();
+        for deployment in deployments {
+            let name = deployment.spec.name.clone();
+            if self.static_names.contains(&name) {
+                tracing::warn!(function = %name, "a deployed function has the name of a configured one; not running it");
+                continue;
+            }
+            wanted.insert(name.clone());
+            let fingerprint = format!(
+                "{}:{}:{}",
+                deployment.version,
+                deployment.module_digest,
+                serde_json::to_string(&deployment.spec).unwrap_or_default()
+            );
+            if self
+                .running
+                .get(&name)
+                .is_some_and(|w| w.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            // The old version finishes its batch first: the new one starts
+            // where its durable consumer stopped.
+            if let Some(old) = self.running.remove(&name) {
+                old.stop.cancel();
+                let _ = old.task.await;
+            }
+            match self.start(&deployment).await {
+                Ok(task) => {
+                    tracing::info!(function = %name, version = deployment.version, "deployed version running");
+                    self.running.insert(
+                        name,
+                        DeployedWorker {
+                            fingerprint,
+                            ..task
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(function = %name, version = deployment.version, %error, "cannot run deployed version");
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !wanted.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(worker) = self.running.remove(&name) {
+                worker.stop.cancel();
+                let _ = worker.task.await;
+                tracing::info!(function = %name, "deployed function stopped");
+            }
+        }
+    }
+
+    async fn start(&self, deployment: &Deployment) -> Result<DeployedWorker, ServeError> {
+        let bytes = self
+            .control
+            .module_bytes(&deployment.module_digest)
+            .await
+            .map_err(|e| ServeError::Load {
+                function: deployment.spec.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let worker = start_function(
+            &deployment.spec,
+            ModuleSource::Stored(bytes),
+            &self.sandbox,
+            &self.env,
+        )
+        .await?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone()));
+        Ok(DeployedWorker {
+            fingerprint: String::new(),
+            stop,
+            task,
+        })
+    }
 }
 
 /// Serves `/v1` on `address` until `shutdown`.
@@ -212,6 +390,7 @@ async fn start_api(
             settings.concurrent_compiles,
             Duration::from_secs(settings.compile_timeout_secs),
         ),
+        store: crate::control::store::ControlStore::new(pool.clone()),
         max_module_bytes: settings.max_module_bytes,
     };
     api::start(address, api_state, shutdown.clone())
@@ -227,6 +406,7 @@ async fn start_api(
 /// and binds its consumer.
 async fn start_function(
     spec: &FunctionSpec,
+    module: ModuleSource,
     sandbox: &Arc<Sandbox>,
     env: &WorkerEnv,
 ) -> Result<FunctionWorker, ServeError> {
@@ -239,7 +419,6 @@ async fn start_function(
             });
         }
     }
-    let module = spec.module.clone();
     let loader = sandbox.clone();
     let settings = instance_settings(spec, env.max_payload());
     let failed = |reason: String| ServeError::Load {
@@ -249,7 +428,10 @@ async fn start_function(
     // Compiling and instantiating are CPU-bound; keep them off the async
     // workers.
     let (code, instance) = tokio::task::spawn_blocking(move || {
-        let code = loader.load_file(&module)?;
+        let code = match module {
+            ModuleSource::File(path) => loader.load_file(&path)?,
+            ModuleSource::Stored(bytes) => loader.load(&bytes)?,
+        };
         let instance = FunctionInstance::new(&code, &settings);
         Ok::<_, crate::sandbox::SandboxError>((code, instance))
     })

@@ -226,11 +226,13 @@ async fn a_function_far_slower_than_its_input_holds_only_its_batch(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     host.stop().await?;
-    assert!(
-        most_held <= batch,
-        "the host held {most_held} unacked events; its batch is {batch}"
-    );
+    // The host's own count is exact; the server's may still include the
+    // previous batch, whose acks are sent but not yet processed.
     assert!(most_in_flight <= batch as f64, "{most_in_flight}");
+    assert!(
+        most_held <= 2 * batch,
+        "the server saw {most_held} unacked events; the batch is {batch}"
+    );
     assert!(
         largest_backlog >= total / 2,
         "the backlog waited in JetStream: {largest_backlog}"

@@ -4,6 +4,7 @@
 
 mod api;
 mod breaker;
+mod deploy;
 mod enrich;
 mod failures;
 mod faults;

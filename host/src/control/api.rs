@@ -1,4 +1,5 @@
-//! The HTTP API under `/v1` (axum): module uploads and API tokens so far.
+//! The HTTP API under `/v1` (axum): module uploads, API tokens, and
+//! functions with their versions and the version that serves.
 //! Every error is JSON `{error, message}` with a 4xx status for what the
 //! caller can fix, and never carries the host's internals.
 
@@ -12,12 +13,15 @@ use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
+use super::store::{
+    Binding, ControlStore, FunctionRecord, StoreError, VersionRecord, runtime_name,
+};
 
 /// Largest JSON body of any call but a module upload.
 const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -27,6 +31,7 @@ const MAX_JSON_BYTES: usize = 64 * 1024;
 pub struct ApiState {
     pub auth: Arc<Authenticator>,
     pub modules: ModuleRegistry,
+    pub store: ControlStore,
     /// Largest module upload, in bytes.
     pub max_module_bytes: usize,
 }
@@ -131,6 +136,30 @@ impl From<ModuleError> for ApiError {
     }
 }
 
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NoFunction(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
+            }
+            StoreError::NoModule(_) | StoreError::NoVersion { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                error.to_string(),
+            ),
+            StoreError::Corrupt { .. } => {
+                tracing::error!(%error, "API: a stored binding is unreadable");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "a stored function binding cannot be read; see the host log",
+                )
+            }
+            StoreError::Database(error) => Self::unavailable("the control store", &error),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let code = match rejection.status() {
@@ -165,6 +194,22 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/tokens",
             post(create_token).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route("/v1/namespaces/{namespace}/functions", get(list_functions))
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}",
+            put(put_function)
+                .get(get_function)
+                .delete(delete_function)
+                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/versions",
+            post(create_version).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/rollout",
+            put(set_rollout).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -281,6 +326,186 @@ async fn create_token(
             role: request.role,
         }),
     ))
+}
+
+/// Checks the namespace and function name of a URL.
+fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
+    let bad = |what: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_name",
+            format!("{what}: 1 to 63 lowercase letters, digits or `-`"),
+        )
+    };
+    if !is_namespace_name(namespace) {
+        return Err(bad("namespace"));
+    }
+    if !is_namespace_name(name) {
+        return Err(bad("function name"));
+    }
+    Ok(())
+}
+
+fn no_function(namespace: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no function `{name}` in namespace `{namespace}`"),
+    )
+}
+
+async fn put_function(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Result<Json<Binding>, JsonRejection>,
+) -> Result<(StatusCode, Json<FunctionRecord>), ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    let Json(binding) = body?;
+    if let Some(problem) = binding.to_spec(&runtime_name(&namespace, &name)).problem() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            problem,
+        ));
+    }
+    let created = state
+        .store
+        .put_function(&namespace, &name, &binding)
+        .await?;
+    let record = state
+        .store
+        .get_function(&namespace, &name)
+        .await?
+        .ok_or_else(|| no_function(&namespace, &name))?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)))
+}
+
+async fn get_function(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Read)?;
+    names(&namespace, &name)?;
+    state
+        .store
+        .get_function(&namespace, &name)
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_function(&namespace, &name))
+}
+
+#[derive(Serialize)]
+struct FunctionSummary {
+    name: String,
+    stable: Option<i32>,
+}
+
+#[derive(Serialize)]
+struct FunctionList {
+    functions: Vec<FunctionSummary>,
+}
+
+async fn list_functions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(namespace): Path<String>,
+) -> Result<Json<FunctionList>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Read)?;
+    let functions = state
+        .store
+        .list_functions(&namespace)
+        .await?
+        .into_iter()
+        .map(|(name, stable)| FunctionSummary { name, stable })
+        .collect();
+    Ok(Json(FunctionList { functions }))
+}
+
+async fn delete_function(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    match state.store.delete_function(&namespace, &name).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(no_function(&namespace, &name)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVersion {
+    /// The digest of an uploaded module.
+    module: String,
+}
+
+async fn create_version(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Result<Json<NewVersion>, JsonRejection>,
+) -> Result<(StatusCode, Json<VersionRecord>), ApiError> {
+    let principal = caller(&state, &headers).await?;
+    principal.require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    let Json(request) = body?;
+    let version = state
+        .store
+        .create_version(&namespace, &name, &request.module)
+        .await?;
+    tracing::info!(%namespace, function = %name, version = version.version, module = %version.module, by = %principal.token_id, "version created");
+    Ok((StatusCode::CREATED, Json(version)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollout {
+    /// The version to serve every event.
+    stable: i32,
+}
+
+async fn set_rollout(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Result<Json<Rollout>, JsonRejection>,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    let Json(rollout) = body?;
+    if state.store.get_function(&namespace, &name).await?.is_none() {
+        return Err(no_function(&namespace, &name));
+    }
+    state
+        .store
+        .set_stable(&namespace, &name, rollout.stable)
+        .await?;
+    state
+        .store
+        .get_function(&namespace, &name)
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_function(&namespace, &name))
 }
 
 /// A namespace name: what is safe in URLs, subjects and consumer names.

@@ -1,0 +1,3 @@
+DROP TABLE IF EXISTS weir_rollouts;
+DROP TABLE IF EXISTS weir_versions;
+DROP TABLE IF EXISTS weir_functions;

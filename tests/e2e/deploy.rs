@@ -1,0 +1,388 @@
+//! Deploying through the API: upload → function → version → events flow on
+//! a running host, then switching versions live, back and forth, while
+//! events keep coming: every event handled exactly once by one version, and
+//! the state the versions share stays exact.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+use weir_host::config::Secret;
+
+const ADMIN: &str = "weir_bootstrap_for_deploy_tests";
+
+async fn call(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> Result<HttpResponse> {
+    let auth = format!("Bearer {token}");
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    http_request(
+        address,
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    )
+    .await
+}
+
+async fn upload(address: SocketAddr, name: &str) -> Result<String> {
+    let bytes = std::fs::read(component(name)?)?;
+    let auth = format!("Bearer {ADMIN}");
+    let response = http_request(
+        address,
+        "POST",
+        "/v1/modules",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/wasm"),
+        ],
+        &bytes,
+    )
+    .await?;
+    anyhow::ensure!(response.status == 201, "{response:?}");
+    Ok(response.json()?["digest"]
+        .as_str()
+        .context("digest")?
+        .to_string())
+}
+
+/// Ids in the JSON payloads of a stream.
+async fn ids(stack: &Stack, stream: &str) -> Result<Vec<u64>> {
+    read_stream(&stack.js, stream)
+        .await?
+        .iter()
+        .map(|m| {
+            let payload: serde_json::Value = serde_json::from_slice(&m.payload)?;
+            payload["id"].as_u64().context("id")
+        })
+        .collect()
+}
+
+#[sqlx::test(migrations = false)]
+async fn deploy_switch_versions_live_and_lose_nothing(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(
+        vec![
+            stream("COUNTED", &["counted.in"]),
+            stream("COUNTER_OUT", &["counter.out"]),
+            stream("FIXTURE_OUT", &["fixture.out"]),
+        ],
+        vec![],
+    );
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 10_000;
+    let host = stack.host(config).await?;
+
+    // Two modules that both count events per key in the `count` entry: v1
+    // (`counter`) reports on counter.out, v2 (`misbehave`, action ok) on
+    // fixture.out, so each output says which version handled the event.
+    let v1_module = upload(address, "counter").await?;
+    let v2_module = upload(address, "misbehave").await?;
+    let function = "/v1/namespaces/shop/functions/tally";
+    let binding = serde_json::json!({
+        "stream": "COUNTED",
+        "subject": "counted.in",
+        "key": {"json_pointer": "/key"},
+        "outputs": ["counter.out", "fixture.out"],
+        "batch_size": 20
+    });
+    let created = call(address, "PUT", function, ADMIN, &binding).await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.json()?["stable"], serde_json::Value::Null);
+    let v1 = call(
+        address,
+        "POST",
+        &format!("{function}/versions"),
+        ADMIN,
+        &serde_json::json!({"module": v1_module}),
+    )
+    .await?;
+    assert_eq!(v1.status, 201, "{v1:?}");
+    assert_eq!(v1.json()?["version"], 1);
+    let event = |id: u64| {
+        serde_json::json!({"key": format!("k{}", id % 10), "id": id, "value": 1, "do": "ok"})
+            .to_string()
+            .into_bytes()
+    };
+
+    publish_all(&stack.js, "counted.in", (0..300).map(event)).await?;
+    eventually(
+        Duration::from_secs(60),
+        "v1 handles the first 300",
+        || async { Ok(stream_len(&stack.js, "COUNTER_OUT").await? >= 300) },
+    )
+    .await?;
+
+    // v2 is made, but v1 serves until the rollout says otherwise.
+    let v2 = call(
+        address,
+        "POST",
+        &format!("{function}/versions"),
+        ADMIN,
+        &serde_json::json!({"module": v2_module}),
+    )
+    .await?;
+    assert_eq!(v2.json()?["version"], 2);
+    let rollout = format!("{function}/rollout");
+    let switch = |version: u64| {
+        let rollout = rollout.clone();
+        async move {
+            let body = serde_json::json!({"stable": version});
+            call(address, "PUT", &rollout, ADMIN, &body).await
+        }
+    };
+    let switched = Instant::now();
+    let response = switch(2).await?;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json()?["stable"], 2);
+    // Events published until v2's first output: the host finishes v1's
+    // batch in hand, then v2 takes over from the consumer's position.
+    let mut next = 300;
+    while stream_len(&stack.js, "FIXTURE_OUT").await? == 0 {
+        anyhow::ensure!(
+            switched.elapsed() < Duration::from_secs(30),
+            "v2 never served"
+        );
+        publish_all(&stack.js, "counted.in", [event(next)]).await?;
+        next += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let live_after = switched.elapsed();
+
+    // Switch back while events flow.
+    let producer = {
+        let js = stack.js.clone();
+        tokio::spawn(async move {
+            for id in next..600 {
+                publish_all(&js, "counted.in", [event(id)]).await?;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(switch(1).await?.status, 200);
+    producer.await??;
+    eventually(Duration::from_secs(60), "all 600 handled", || async {
+        Ok(stream_len(&stack.js, "COUNTER_OUT").await?
+            + stream_len(&stack.js, "FIXTURE_OUT").await?
+            >= 600)
+    })
+    .await?;
+
+    let shown = call(address, "GET", function, ADMIN, &serde_json::Value::Null).await?;
+    let shown = shown.json()?;
+    assert_eq!(shown["stable"], 1);
+    assert_eq!(shown["versions"].as_array().map(Vec::len), Some(2));
+    host.stop().await?;
+
+    // Exactly once, by one version or the other.
+    let by_v1 = ids(&stack, "COUNTER_OUT").await?;
+    let by_v2 = ids(&stack, "FIXTURE_OUT").await?;
+    let all: BTreeSet<u64> = by_v1.iter().chain(&by_v2).copied().collect();
+    assert_eq!(by_v1.len() + by_v2.len(), 600, "no event handled twice");
+    assert_eq!(all, (0..600).collect::<BTreeSet<_>>());
+    assert!(!by_v2.is_empty(), "v2 handled events after the switch");
+    assert!(
+        by_v1.iter().any(|id| *id > 300),
+        "v1 serves again after the switch back"
+    );
+    // The versions share the function's state: counts are exact.
+    let pool = stack.pool().await?;
+    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT key, value FROM weir_state WHERE function_name = 'shop_tally' AND name = 'count' ORDER BY key",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let counts: Vec<(String, String)> = counts
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+        .collect();
+    let expected: Vec<(String, String)> = (0..10).map(|k| (format!("k{k}"), "60".into())).collect();
+    assert_eq!(counts, expected);
+    assert!(
+        live_after < Duration::from_secs(5),
+        "the switch took effect within {live_after:?}"
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_function_calls_name_the_problem(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 10_000;
+    let host = stack.host(config).await?;
+    eventually(Duration::from_secs(60), "the API", || async {
+        Ok(http_get(address, "/v1/x").await.is_ok())
+    })
+    .await?;
+    let function = "/v1/namespaces/shop/functions/f";
+    let good = serde_json::json!({"stream": "S", "subject": "s.in", "key": {"header": "k"}});
+    let cases = [
+        (
+            "PUT",
+            function,
+            serde_json::json!({"subject": "s", "key": {"header": "k"}}),
+            422,
+            "stream",
+        ),
+        (
+            "PUT",
+            function,
+            serde_json::json!({"streem": "S", "subject": "s", "key": {"header": "k"}}),
+            422,
+            "streem",
+        ),
+        (
+            "PUT",
+            function,
+            serde_json::json!({"stream": "S", "subject": "s", "key": {"header": "k"}, "batch_size": 0}),
+            422,
+            "batch_size",
+        ),
+        (
+            "PUT",
+            function,
+            serde_json::json!({"stream": "S", "subject": "s", "key": {"nope": 1}}),
+            422,
+            "key",
+        ),
+        (
+            "PUT",
+            "/v1/namespaces/Shop/functions/f",
+            good.clone(),
+            422,
+            "namespace",
+        ),
+        (
+            "PUT",
+            "/v1/namespaces/shop/functions/f_1",
+            good.clone(),
+            422,
+            "function name",
+        ),
+        (
+            "GET",
+            "/v1/namespaces/shop/functions/missing",
+            serde_json::Value::Null,
+            404,
+            "no function",
+        ),
+        (
+            "POST",
+            "/v1/namespaces/shop/functions/missing/versions",
+            serde_json::json!({"module": "abc"}),
+            404,
+            "no function",
+        ),
+        (
+            "PUT",
+            "/v1/namespaces/shop/functions/missing/rollout",
+            serde_json::json!({"stable": 1}),
+            404,
+            "no function",
+        ),
+    ];
+    for (method, path, body, status, expected) in &cases {
+        let response = call(address, method, path, ADMIN, body).await?;
+        let json = response.json()?;
+        let message = json["message"].as_str().unwrap_or_default();
+        assert_eq!(
+            response.status, *status,
+            "{method} {path} {body}: {message}"
+        );
+        assert!(message.contains(expected), "{method} {path}: {message}");
+    }
+    assert_eq!(
+        call(address, "PUT", function, ADMIN, &good).await?.status,
+        201
+    );
+    let unknown_module = call(
+        address,
+        "POST",
+        &format!("{function}/versions"),
+        ADMIN,
+        &serde_json::json!({"module": "0".repeat(64)}),
+    )
+    .await?;
+    assert_eq!(unknown_module.status, 422);
+    assert!(
+        unknown_module.body.contains("upload it first"),
+        "{unknown_module:?}"
+    );
+    let no_version = call(
+        address,
+        "PUT",
+        &format!("{function}/rollout"),
+        ADMIN,
+        &serde_json::json!({"stable": 9}),
+    )
+    .await?;
+    assert_eq!(no_version.status, 422);
+    assert!(no_version.body.contains("no version 9"), "{no_version:?}");
+
+    // Another namespace's token sees nothing here.
+    let token = call(
+        address,
+        "POST",
+        "/v1/tokens",
+        ADMIN,
+        &serde_json::json!({"namespace": "billing", "role": "admin"}),
+    )
+    .await?;
+    let token = token.json()?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let across = call(address, "GET", function, &token, &serde_json::Value::Null).await?;
+    assert_eq!(across.status, 403);
+    let listed = call(
+        address,
+        "GET",
+        "/v1/namespaces/shop/functions",
+        ADMIN,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    assert_eq!(listed.json()?["functions"][0]["name"], "f");
+    assert_eq!(
+        call(address, "DELETE", function, ADMIN, &serde_json::Value::Null)
+            .await?
+            .status,
+        204
+    );
+    assert_eq!(
+        call(address, "GET", function, ADMIN, &serde_json::Value::Null)
+            .await?
+            .status,
+        404
+    );
+    host.stop().await
+}
