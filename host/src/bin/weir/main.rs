@@ -1,7 +1,8 @@
 //! The `weir` binary: `serve` runs functions from a config file, `dev` runs
-//! the local stack with the examples, `fn logs` shows a function's guest log
-//! lines.
+//! the local stack with the examples, `fn` and `rollout` work with functions
+//! through a host's API, and `fn logs` shows a function's guest log lines.
 
+mod client;
 mod dev;
 mod logs;
 
@@ -40,12 +41,32 @@ enum Command {
         config: PathBuf,
     },
     /// Work with deployed functions.
-    #[command(name = "fn", subcommand)]
-    Function(FunctionCommand),
+    #[command(name = "fn")]
+    Function {
+        #[command(flatten)]
+        api: client::Api,
+        #[command(subcommand)]
+        command: FunctionCommand,
+    },
+    /// Choose which version of a function serves.
+    Rollout {
+        #[command(flatten)]
+        api: client::Api,
+        #[command(subcommand)]
+        command: client::RolloutCommand,
+    },
 }
 
 #[derive(Subcommand)]
 enum FunctionCommand {
+    /// Upload a component, bind it, make a version and serve it.
+    Deploy(client::DeployArgs),
+    /// The namespace's functions and the version each serves.
+    Ls,
+    /// A function's binding and versions.
+    Show { name: String },
+    /// Remove a function and its versions.
+    Rm { name: String },
     /// Show a function's guest log lines (`log` calls, stdout, stderr).
     Logs(logs::LogsArgs),
 }
@@ -62,7 +83,14 @@ async fn main() -> anyhow::Result<()> {
             weir_host::serve::serve(config, functions, shutdown).await?;
         }
         Command::Dev(args) => dev::run(args).await?,
-        Command::Function(FunctionCommand::Logs(args)) => logs::run(args).await?,
+        Command::Function { api, command } => match command {
+            FunctionCommand::Deploy(args) => client::deploy(&api, args).await?,
+            FunctionCommand::Ls => client::list(&api).await?,
+            FunctionCommand::Show { name } => client::show(&api, &name).await?,
+            FunctionCommand::Rm { name } => client::remove(&api, &name).await?,
+            FunctionCommand::Logs(args) => logs::run(args).await?,
+        },
+        Command::Rollout { api, command } => client::rollout(&api, command).await?,
         Command::CheckConfig { config } => {
             let config = HostConfig::load(Some(&config)).context("loading the configuration")?;
             println!("{config:#?}");

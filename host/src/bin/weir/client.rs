@@ -1,0 +1,325 @@
+//! The `weir fn` and `weir rollout` client commands: calls to the `/v1` API
+//! of a running host, printed as tables (or `--json` for scripts). The API
+//! URL, token and namespace come from flags or `WEIR_API_URL`,
+//! `WEIR_TOKEN` and `WEIR_NAMESPACE`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// Where and as whom the client calls.
+#[derive(Debug, Args, Clone)]
+pub struct Api {
+    /// Base URL of a host's API.
+    #[arg(
+        long,
+        env = "WEIR_API_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    api_url: String,
+    /// Bearer token.
+    #[arg(long, env = "WEIR_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Namespace of the functions.
+    #[arg(
+        long,
+        short,
+        env = "WEIR_NAMESPACE",
+        default_value = "default",
+        global = true
+    )]
+    namespace: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Serve every event with VERSION, at once (blue/green; also rollback).
+    Set {
+        name: String,
+        #[arg(long)]
+        stable: u32,
+    },
+    /// Which version serves, and the versions there are.
+    Status { name: String },
+}
+
+/// `weir fn deploy`: upload, bind, version, serve.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The component file (`wasm32-wasip2`).
+    module: PathBuf,
+    /// Function name: lowercase letters, digits and `-`.
+    #[arg(long)]
+    name: String,
+    /// JetStream stream to consume.
+    #[arg(long)]
+    stream: String,
+    /// Subject filter within the stream.
+    #[arg(long)]
+    subject: String,
+    /// Where the key comes from: `json:/pointer`, `header:Name` or
+    /// `token:N` (subject token).
+    #[arg(long)]
+    key: String,
+    /// A subject the function may publish to; repeat for more.
+    #[arg(long = "output")]
+    outputs: Vec<String>,
+    /// Events fetched and committed together.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Make the version but keep the serving one (switch later with
+    /// `weir rollout set`).
+    #[arg(long)]
+    hold: bool,
+}
+
+impl Api {
+    fn client(&self) -> Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()?)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_url.trim_end_matches('/'))
+    }
+
+    fn function_path(&self, name: &str) -> String {
+        format!("/v1/namespaces/{}/functions/{name}", self.namespace)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling the Weir API at {}", self.api_url))?;
+        let status = response.status();
+        let text = response.text().await?;
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let message = body["message"].as_str().unwrap_or("no message");
+            bail!("{status}: {message}");
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.client()?.get(self.url(path))).await
+    }
+
+    fn print(&self, body: &Value, table: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{body}");
+        } else {
+            print!("{}", table(body));
+        }
+    }
+}
+
+/// The binding's `key` from `json:/p`, `header:H` or `token:N`.
+fn key_source(text: &str) -> Result<Value> {
+    match text.split_once(':') {
+        Some(("json", pointer)) => Ok(json!({"json_pointer": pointer})),
+        Some(("header", name)) => Ok(json!({"header": name})),
+        Some(("token", index)) => Ok(json!({"subject_token": index.parse::<usize>()?})),
+        _ => bail!("--key must be json:/pointer, header:Name or token:N, not `{text}`"),
+    }
+}
+
+pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.module)
+        .with_context(|| format!("reading {}", args.module.display()))?;
+    let client = api.client()?;
+    let module = api
+        .send(
+            client
+                .post(api.url("/v1/modules"))
+                .header("content-type", "application/wasm")
+                .body(bytes),
+        )
+        .await
+        .context("uploading the module")?;
+    let digest = module["digest"].as_str().context("the module's digest")?;
+    let mut binding = json!({
+        "stream": args.stream,
+        "subject": args.subject,
+        "key": key_source(&args.key)?,
+        "outputs": args.outputs,
+    });
+    if let Some(batch_size) = args.batch_size {
+        binding["batch_size"] = json!(batch_size);
+    }
+    let path = api.function_path(&args.name);
+    api.send(client.put(api.url(&path)).json(&binding))
+        .await
+        .context("binding the function")?;
+    let version = api
+        .send(
+            client
+                .post(api.url(&format!("{path}/versions")))
+                .json(&json!({"module": digest})),
+        )
+        .await
+        .context("making the version")?;
+    let number = version["version"].as_u64().context("the version number")?;
+    if !args.hold {
+        api.send(
+            client
+                .put(api.url(&format!("{path}/rollout")))
+                .json(&json!({"stable": number})),
+        )
+        .await
+        .context("switching to the new version")?;
+    }
+    let summary = json!({
+        "namespace": api.namespace, "name": args.name, "version": number,
+        "module": digest, "serving": !args.hold,
+    });
+    api.print(&summary, |_| {
+        format!(
+            "deployed {}/{} version {number} (module {}){}\n",
+            api.namespace,
+            args.name,
+            &digest[..12.min(digest.len())],
+            if args.hold {
+                ", not serving yet"
+            } else {
+                ", serving"
+            }
+        )
+    });
+    Ok(())
+}
+
+pub async fn list(api: &Api) -> Result<()> {
+    let body = api
+        .get(&format!("/v1/namespaces/{}/functions", api.namespace))
+        .await?;
+    api.print(&body, |body| {
+        let mut out = format!("{:<32} {}\n", "NAME", "SERVING");
+        for function in body["functions"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<32} {}\n",
+                function["name"].as_str().unwrap_or(""),
+                version_text(&function["stable"])
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+pub async fn show(api: &Api, name: &str) -> Result<()> {
+    let body = api.get(&api.function_path(name)).await?;
+    api.print(&body, |body| {
+        let binding = &body["binding"];
+        let mut out = format!(
+            "{}/{}\n  stream   {}\n  subject  {}\n  key      {}\n  outputs  {}\n  serving  {}\n",
+            body["namespace"].as_str().unwrap_or(""),
+            body["name"].as_str().unwrap_or(""),
+            binding["stream"].as_str().unwrap_or(""),
+            binding["subject"].as_str().unwrap_or(""),
+            binding["key"],
+            binding["outputs"],
+            version_text(&body["stable"]),
+        );
+        out.push_str(&versions_table(body));
+        out
+    });
+    Ok(())
+}
+
+pub async fn remove(api: &Api, name: &str) -> Result<()> {
+    let client = api.client()?;
+    api.send(client.delete(api.url(&api.function_path(name))))
+        .await?;
+    let body = json!({"namespace": api.namespace, "name": name, "removed": true});
+    api.print(&body, |_| format!("removed {}/{name}\n", api.namespace));
+    Ok(())
+}
+
+pub async fn rollout(api: &Api, command: RolloutCommand) -> Result<()> {
+    match command {
+        RolloutCommand::Set { name, stable } => {
+            let client = api.client()?;
+            let path = format!("{}/rollout", api.function_path(&name));
+            let body = api
+                .send(client.put(api.url(&path)).json(&json!({"stable": stable})))
+                .await?;
+            api.print(&body, |_| {
+                format!("{}/{name} now serves version {stable}\n", api.namespace)
+            });
+        }
+        RolloutCommand::Status { name } => {
+            let body = api.get(&api.function_path(&name)).await?;
+            api.print(&body, |body| {
+                format!(
+                    "{}/{name} serves version {}\n{}",
+                    api.namespace,
+                    version_text(&body["stable"]),
+                    versions_table(body)
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+fn version_text(version: &Value) -> String {
+    version
+        .as_u64()
+        .map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn versions_table(function: &Value) -> String {
+    let stable = function["stable"].as_u64();
+    let mut out = format!("  {:<8} {:<14} {}\n", "VERSION", "MODULE", "SERVING");
+    for version in function["versions"].as_array().into_iter().flatten() {
+        let number = version["version"].as_u64();
+        let module = version["module"].as_str().unwrap_or("");
+        out.push_str(&format!(
+            "  {:<8} {:<14} {}\n",
+            version_text(&version["version"]),
+            &module[..12.min(module.len())],
+            if number == stable { "yes" } else { "" }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_sources() {
+        assert_eq!(
+            key_source("json:/card").ok(),
+            Some(json!({"json_pointer": "/card"}))
+        );
+        assert_eq!(
+            key_source("header:Key").ok(),
+            Some(json!({"header": "Key"}))
+        );
+        assert_eq!(
+            key_source("token:1").ok(),
+            Some(json!({"subject_token": 1}))
+        );
+        assert!(key_source("card").is_err());
+        assert!(key_source("token:x").is_err());
+    }
+}
