@@ -23,12 +23,36 @@ CREATE TABLE weir_versions (
     FOREIGN KEY (namespace, name) REFERENCES weir_functions ON DELETE CASCADE
 );
 
+-- Which versions serve: `stable` takes every event, except that with a
+-- `canary`, the keys whose hash falls below `weight` % go to the canary.
+-- The canary is rolled back automatically when its failure rate exceeds the
+-- stable version's by `rollback_margin` points over `rollback_min_calls`.
 CREATE TABLE weir_rollouts (
-    namespace  TEXT        NOT NULL,
-    name       TEXT        NOT NULL,
-    stable     INTEGER     NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    namespace          TEXT             NOT NULL,
+    name               TEXT             NOT NULL,
+    stable             INTEGER          NOT NULL,
+    canary             INTEGER,
+    weight             INTEGER          NOT NULL DEFAULT 0 CHECK (weight BETWEEN 0 AND 100),
+    rollback_margin    DOUBLE PRECISION NOT NULL DEFAULT 20,
+    rollback_min_calls INTEGER          NOT NULL DEFAULT 50,
+    -- Why the canary was last rolled back automatically, if it was.
+    rolled_back        TEXT,
+    updated_at         TIMESTAMPTZ      NOT NULL DEFAULT now(),
     PRIMARY KEY (namespace, name),
     FOREIGN KEY (namespace, name, stable) REFERENCES weir_versions (namespace, name, version),
+    FOREIGN KEY (namespace, name, canary) REFERENCES weir_versions (namespace, name, version),
+    FOREIGN KEY (namespace, name) REFERENCES weir_functions ON DELETE CASCADE
+);
+
+-- Calls per version, summed over hosts, for rollout status.
+CREATE TABLE weir_version_stats (
+    namespace  TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    calls      BIGINT  NOT NULL DEFAULT 0,
+    failures   BIGINT  NOT NULL DEFAULT 0,
+    -- Sum of call durations, for the mean.
+    micros     BIGINT  NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, name, version),
     FOREIGN KEY (namespace, name) REFERENCES weir_functions ON DELETE CASCADE
 );

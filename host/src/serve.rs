@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{FunctionSpec, HostConfig, StreamSpec};
 use crate::control::FunctionSource;
 use crate::control::store::{CONTROL_CHANNEL, ControlStore, Deployment};
-use crate::dispatch::{FunctionWorker, WorkerEnv, instance_settings};
+use crate::dispatch::{DeploymentLink, FunctionWorker, VersionCode, WorkerEnv, instance_settings};
 use crate::health::Readiness;
 use crate::ingest::Ingest;
 use crate::sandbox::{FunctionInstance, Sandbox, SandboxConfig};
@@ -180,7 +180,9 @@ async fn run<S: FunctionSource>(
     let static_names: HashSet<String> = functions.iter().map(|f| f.name.clone()).collect();
     for spec in functions {
         let module = ModuleSource::File(spec.module.clone());
-        let worker = start_function(&spec, module, &sandbox, &env).await?;
+        let stable = load_version(&spec, module, None, &sandbox, &env).await?;
+        let ingest = Ingest::bind(&env.js, &spec).await?;
+        let worker = FunctionWorker::new(spec, ingest, stable, None, None, &env);
         tracker.spawn(worker.run(shutdown.clone()));
         readiness.function_started();
     }
@@ -286,18 +288,13 @@ impl Deployed {
         };
         let mut wanted = HashSet::new();
         for deployment in deployments {
-            let name = deployment.spec.name.clone();
+            let name = deployment.stable.spec.name.clone();
             if self.static_names.contains(&name) {
                 tracing::warn!(function = %name, "a deployed function has the name of a configured one; not running it");
                 continue;
             }
             wanted.insert(name.clone());
-            let fingerprint = format!(
-                "{}:{}:{}",
-                deployment.version,
-                deployment.module_digest,
-                serde_json::to_string(&deployment.spec).unwrap_or_default()
-            );
+            let fingerprint = format!("{deployment:?}");
             if self
                 .running
                 .get(&name)
@@ -313,7 +310,7 @@ impl Deployed {
             }
             match self.start(&deployment).await {
                 Ok(task) => {
-                    tracing::info!(function = %name, version = deployment.version, "deployed version running");
+                    tracing::info!(function = %name, rollout = ?deployment.rollout, "deployment running");
                     self.running.insert(
                         name,
                         DeployedWorker {
@@ -323,7 +320,7 @@ impl Deployed {
                     );
                 }
                 Err(error) => {
-                    tracing::error!(function = %name, version = deployment.version, %error, "cannot run deployed version");
+                    tracing::error!(function = %name, rollout = ?deployment.rollout, %error, "cannot run deployment");
                 }
             }
         }
@@ -342,22 +339,44 @@ impl Deployed {
         }
     }
 
-    async fn start(&self, deployment: &Deployment) -> Result<DeployedWorker, ServeError> {
+    /// Loads one deployed version from its stored module.
+    async fn load(
+        &self,
+        version: &crate::control::store::DeployedVersion,
+    ) -> Result<VersionCode, ServeError> {
         let bytes = self
             .control
-            .module_bytes(&deployment.module_digest)
+            .module_bytes(&version.module_digest)
             .await
             .map_err(|e| ServeError::Load {
-                function: deployment.spec.name.clone(),
+                function: version.spec.name.clone(),
                 reason: e.to_string(),
             })?;
-        let worker = start_function(
-            &deployment.spec,
+        load_version(
+            &version.spec,
             ModuleSource::Stored(bytes),
+            Some(version.version),
             &self.sandbox,
             &self.env,
         )
-        .await?;
+        .await
+    }
+
+    async fn start(&self, deployment: &Deployment) -> Result<DeployedWorker, ServeError> {
+        let stable = self.load(&deployment.stable).await?;
+        let canary = match &deployment.canary {
+            Some((version, weight)) => Some((self.load(version).await?, *weight)),
+            None => None,
+        };
+        let spec = deployment.stable.spec.clone();
+        let ingest = Ingest::bind(&self.env.js, &spec).await?;
+        let link = DeploymentLink {
+            store: self.control.clone(),
+            namespace: deployment.namespace.clone(),
+            name: deployment.name.clone(),
+            rollout: deployment.rollout.clone(),
+        };
+        let worker = FunctionWorker::new(spec, ingest, stable, canary, Some(link), &self.env);
         let stop = CancellationToken::new();
         let task = tokio::spawn(worker.run(stop.clone()));
         Ok(DeployedWorker {
@@ -401,15 +420,16 @@ async fn start_api(
         })
 }
 
-/// Checks a function's outputs, loads its component, instantiates it once
-/// (a start function that traps or never ends is refused here, at deploy)
-/// and binds its consumer.
-async fn start_function(
+/// Checks a version's outputs, loads its component and instantiates it
+/// once (a start function that traps or never ends is refused here, at
+/// deploy).
+async fn load_version(
     spec: &FunctionSpec,
     module: ModuleSource,
+    number: Option<i32>,
     sandbox: &Arc<Sandbox>,
     env: &WorkerEnv,
-) -> Result<FunctionWorker, ServeError> {
+) -> Result<VersionCode, ServeError> {
     let js = &env.js;
     for subject in spec.outputs.iter().filter(|s| !s.contains(['*', '>'])) {
         if js.stream_by_subject(subject.as_str()).await.is_err() {
@@ -421,6 +441,7 @@ async fn start_function(
     }
     let loader = sandbox.clone();
     let settings = instance_settings(spec, env.max_payload());
+    let trial = settings.clone();
     let failed = |reason: String| ServeError::Load {
         function: spec.name.clone(),
         reason,
@@ -432,20 +453,18 @@ async fn start_function(
             ModuleSource::File(path) => loader.load_file(&path)?,
             ModuleSource::Stored(bytes) => loader.load(&bytes)?,
         };
-        let instance = FunctionInstance::new(&code, &settings);
+        let instance = FunctionInstance::new(&code, &trial);
         Ok::<_, crate::sandbox::SandboxError>((code, instance))
     })
     .await
     .map_err(|e| failed(e.to_string()))??;
     let instance = instance.map_err(|e| failed(e.to_string()))?;
-    let ingest = Ingest::bind(js, spec).await?;
-    Ok(FunctionWorker::new(
-        spec.clone(),
-        ingest,
+    Ok(VersionCode {
         code,
-        Some(instance),
-        env,
-    ))
+        settings,
+        instance: Some(instance),
+        number,
+    })
 }
 
 /// The stream that keeps guest log lines for `weir fn logs`: bounded by age

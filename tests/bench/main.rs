@@ -351,6 +351,7 @@ fn epoch_cost(options: &Options, artifacts: &std::path::Path) -> Result<()> {
         deadline: Duration::from_secs(60),
         limits: Limits::default(),
         max_record_bytes: 1 << 20,
+        breaker: Default::default(),
     };
     let event = Event {
         subject: "compute".into(),

@@ -4,6 +4,7 @@
 
 mod api;
 mod breaker;
+mod canary;
 mod cli;
 mod deploy;
 mod enrich;

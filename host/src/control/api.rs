@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
 use super::store::{
-    Binding, ControlStore, FunctionRecord, StoreError, VersionRecord, runtime_name,
+    Binding, ControlStore, FunctionRecord, Rollout, StoreError, VersionRecord, runtime_name,
 };
 
 /// Largest JSON body of any call but a module upload.
@@ -142,11 +142,13 @@ impl From<StoreError> for ApiError {
             StoreError::NoFunction(_) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
             }
-            StoreError::NoModule(_) | StoreError::NoVersion { .. } => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-                error.to_string(),
-            ),
+            StoreError::NoModule(_) | StoreError::NoVersion { .. } | StoreError::NoCanary(_) => {
+                Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_body",
+                    error.to_string(),
+                )
+            }
             StoreError::Corrupt { .. } => {
                 tracing::error!(%error, "API: a stored binding is unreadable");
                 Self::new(
@@ -209,7 +211,17 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/rollout",
-            put(set_rollout).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+            put(set_rollout)
+                .get(get_function)
+                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/rollout/promote",
+            post(promote),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/rollout/rollback",
+            post(rollback),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -475,13 +487,6 @@ async fn create_version(
     Ok((StatusCode::CREATED, Json(version)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Rollout {
-    /// The version to serve every event.
-    stable: i32,
-}
-
 async fn set_rollout(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -493,19 +498,57 @@ async fn set_rollout(
         .require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
     let Json(rollout) = body?;
+    if let Some(problem) = rollout.problem() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            problem,
+        ));
+    }
     if state.store.get_function(&namespace, &name).await?.is_none() {
         return Err(no_function(&namespace, &name));
     }
+    state.store.set_rollout(&namespace, &name, &rollout).await?;
+    current(&state, &namespace, &name).await
+}
+
+async fn current(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+) -> Result<Json<FunctionRecord>, ApiError> {
     state
         .store
-        .set_stable(&namespace, &name, rollout.stable)
-        .await?;
-    state
-        .store
-        .get_function(&namespace, &name)
+        .get_function(namespace, name)
         .await?
         .map(Json)
-        .ok_or_else(|| no_function(&namespace, &name))
+        .ok_or_else(|| no_function(namespace, name))
+}
+
+async fn promote(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    state.store.promote(&namespace, &name).await?;
+    current(&state, &namespace, &name).await
+}
+
+async fn rollback(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Deploy)?;
+    names(&namespace, &name)?;
+    state.store.rollback(&namespace, &name, None).await?;
+    current(&state, &namespace, &name).await
 }
 
 /// A namespace name: what is safe in URLs, subjects and consumer names.

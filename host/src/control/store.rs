@@ -75,24 +75,107 @@ pub struct VersionRecord {
     pub binding: Binding,
 }
 
+/// Which versions serve a function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Takes every event the canary does not.
+    pub stable: i32,
+    /// Takes the keys whose hash falls below `weight` %.
+    #[serde(default)]
+    pub canary: Option<i32>,
+    #[serde(default)]
+    pub weight: u8,
+    /// Roll the canary back when its failure rate exceeds the stable
+    /// version's by this many percentage points...
+    #[serde(default = "default_rollback_margin")]
+    pub rollback_margin: f64,
+    /// ...once it has had at least this many calls.
+    #[serde(default = "default_rollback_min_calls")]
+    pub rollback_min_calls: u32,
+}
+
+fn default_rollback_margin() -> f64 {
+    20.0
+}
+
+fn default_rollback_min_calls() -> u32 {
+    50
+}
+
+impl Rollout {
+    /// Only `stable`, serving everything.
+    pub fn stable(version: i32) -> Self {
+        Self {
+            stable: version,
+            canary: None,
+            weight: 0,
+            rollback_margin: default_rollback_margin(),
+            rollback_min_calls: default_rollback_min_calls(),
+        }
+    }
+
+    /// What is wrong with it, naming the field.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.weight > 100 {
+            return Some("weight is a percentage, 0 to 100");
+        }
+        if self.canary == Some(self.stable) {
+            return Some("canary must be another version than stable");
+        }
+        if self.canary.is_none() && self.weight != 0 {
+            return Some("weight needs a canary");
+        }
+        if !(0.0..=100.0).contains(&self.rollback_margin) {
+            return Some("rollback_margin is in percentage points, 0 to 100");
+        }
+        None
+    }
+}
+
+/// One version's calls, summed over hosts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionStats {
+    pub version: i32,
+    pub calls: i64,
+    pub failures: i64,
+    /// Mean call duration in microseconds.
+    pub mean_micros: i64,
+}
+
 /// A function as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FunctionRecord {
     pub namespace: String,
     pub name: String,
     pub binding: Binding,
-    /// The version that serves, once one is deployed.
+    /// The stable version, once one is deployed.
     pub stable: Option<i32>,
+    pub rollout: Option<Rollout>,
+    /// Why the last canary was rolled back automatically, if it was.
+    pub rolled_back: Option<String>,
     pub versions: Vec<VersionRecord>,
+    pub stats: Vec<VersionStats>,
+}
+
+/// One version a host runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployedVersion {
+    pub version: i32,
+    pub module_digest: String,
+    /// Named by [`runtime_name`]; the stable version's binding decides the
+    /// consumer and the key.
+    pub spec: FunctionSpec,
 }
 
 /// What a host runs for one deployed function.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deployment {
-    /// Named by [`runtime_name`].
-    pub spec: FunctionSpec,
-    pub module_digest: String,
-    pub version: i32,
+    pub namespace: String,
+    pub name: String,
+    pub stable: DeployedVersion,
+    pub canary: Option<(DeployedVersion, u8)>,
+    pub rollout: Rollout,
 }
 
 /// Why the store refused or failed.
@@ -104,6 +187,8 @@ pub enum StoreError {
     NoModule(String),
     #[error("function `{function}` has no version {version}")]
     NoVersion { function: String, version: i32 },
+    #[error("function `{0}` has no canary")]
+    NoCanary(String),
     #[error("stored binding of `{function}` cannot be read: {reason}")]
     Corrupt { function: String, reason: String },
     #[error("control store: {0}")]
@@ -162,7 +247,9 @@ impl ControlStore {
         name: &str,
     ) -> Result<Option<FunctionRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT f.spec::text, r.stable FROM weir_functions f
+            "SELECT f.spec::text, r.stable, r.canary, r.weight, r.rollback_margin,
+                    r.rollback_min_calls, r.rolled_back
+             FROM weir_functions f
              LEFT JOIN weir_rollouts r USING (namespace, name)
              WHERE f.namespace = $1 AND f.name = $2",
         )
@@ -190,12 +277,46 @@ impl ControlStore {
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+        let stable: Option<i32> = row.try_get(1)?;
+        let rollout = match stable {
+            Some(stable) => Some(Rollout {
+                stable,
+                canary: row.try_get(2)?,
+                weight: u8::try_from(row.try_get::<i32, _>(3)?).unwrap_or(0),
+                rollback_margin: row.try_get(4)?,
+                rollback_min_calls: u32::try_from(row.try_get::<i32, _>(5)?).unwrap_or(0),
+            }),
+            None => None,
+        };
+        let stats = sqlx::query(
+            "SELECT version, calls, failures, micros FROM weir_version_stats
+             WHERE namespace = $1 AND name = $2 ORDER BY version",
+        )
+        .bind(namespace)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let calls: i64 = r.try_get(1)?;
+            let micros: i64 = r.try_get(3)?;
+            Ok(VersionStats {
+                version: r.try_get(0)?,
+                calls,
+                failures: r.try_get(2)?,
+                mean_micros: if calls > 0 { micros / calls } else { 0 },
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some(FunctionRecord {
             namespace: namespace.to_string(),
             name: name.to_string(),
             binding: decode(name, row.try_get(0)?)?,
-            stable: row.try_get(1)?,
+            stable,
+            rollout,
+            rolled_back: row.try_get(6)?,
             versions,
+            stats,
         }))
     }
 
@@ -291,49 +412,142 @@ impl ControlStore {
         })
     }
 
-    /// Switches a function to serve `version`, at once.
-    pub async fn set_stable(
+    /// Sets which versions serve; hosts apply it at once.
+    pub async fn set_rollout(
         &self,
         namespace: &str,
         name: &str,
-        version: i32,
+        rollout: &Rollout,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM weir_versions WHERE namespace = $1 AND name = $2 AND version = $3)",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(version)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !exists {
-            return Err(StoreError::NoVersion {
-                function: name.to_string(),
-                version,
-            });
+        for version in std::iter::once(rollout.stable).chain(rollout.canary) {
+            let exists: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM weir_versions
+                 WHERE namespace = $1 AND name = $2 AND version = $3)",
+            )
+            .bind(namespace)
+            .bind(name)
+            .bind(version)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !exists {
+                return Err(StoreError::NoVersion {
+                    function: name.to_string(),
+                    version,
+                });
+            }
         }
         sqlx::query(
-            "INSERT INTO weir_rollouts (namespace, name, stable) VALUES ($1, $2, $3)
-             ON CONFLICT (namespace, name) DO UPDATE SET stable = EXCLUDED.stable, updated_at = now()",
+            "INSERT INTO weir_rollouts
+               (namespace, name, stable, canary, weight, rollback_margin, rollback_min_calls)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+               stable = EXCLUDED.stable, canary = EXCLUDED.canary, weight = EXCLUDED.weight,
+               rollback_margin = EXCLUDED.rollback_margin,
+               rollback_min_calls = EXCLUDED.rollback_min_calls,
+               rolled_back = NULL, updated_at = now()",
         )
         .bind(namespace)
         .bind(name)
-        .bind(version)
+        .bind(rollout.stable)
+        .bind(rollout.canary)
+        .bind(i32::from(rollout.weight))
+        .bind(rollout.rollback_margin)
+        .bind(i32::try_from(rollout.rollback_min_calls).unwrap_or(i32::MAX))
         .execute(&mut *tx)
         .await?;
+        // Fresh numbers for the versions of the new rollout.
+        sqlx::query("DELETE FROM weir_version_stats WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         notify(&mut tx, namespace, name).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Every deployed function's serving version, as hosts run them.
+    /// Makes the canary the stable version, serving everything.
+    pub async fn promote(&self, namespace: &str, name: &str) -> Result<i32, StoreError> {
+        self.end_canary(namespace, name, true, None).await
+    }
+
+    /// Sends everything back to the stable version; `reason` says why when
+    /// it was automatic.
+    pub async fn rollback(
+        &self,
+        namespace: &str,
+        name: &str,
+        reason: Option<&str>,
+    ) -> Result<i32, StoreError> {
+        self.end_canary(namespace, name, false, reason).await
+    }
+
+    async fn end_canary(
+        &self,
+        namespace: &str,
+        name: &str,
+        promote: bool,
+        reason: Option<&str>,
+    ) -> Result<i32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let serving: Option<i32> = sqlx::query_scalar(
+            "UPDATE weir_rollouts SET
+               stable = CASE WHEN $3 THEN canary ELSE stable END,
+               canary = NULL, weight = 0, rolled_back = $4, updated_at = now()
+             WHERE namespace = $1 AND name = $2 AND canary IS NOT NULL
+             RETURNING stable",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(promote)
+        .bind(reason)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let serving = serving.ok_or_else(|| StoreError::NoCanary(name.to_string()))?;
+        notify(&mut tx, namespace, name).await?;
+        tx.commit().await?;
+        Ok(serving)
+    }
+
+    /// Adds a host's latest calls of one version to its totals.
+    pub async fn add_stats(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: i32,
+        (calls, failures, micros): (i64, i64, i64),
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO weir_version_stats (namespace, name, version, calls, failures, micros)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (namespace, name, version) DO UPDATE SET
+               calls = weir_version_stats.calls + EXCLUDED.calls,
+               failures = weir_version_stats.failures + EXCLUDED.failures,
+               micros = weir_version_stats.micros + EXCLUDED.micros",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(version)
+        .bind(calls)
+        .bind(failures)
+        .bind(micros)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every deployed function's serving versions, as hosts run them.
     pub async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
         let rows = sqlx::query(
-            "SELECT r.namespace, r.name, v.version, v.module_digest, v.spec::text
+            "SELECT r.namespace, r.name, r.stable, s.module_digest, s.spec::text,
+                    r.canary, c.module_digest, c.spec::text, r.weight,
+                    r.rollback_margin, r.rollback_min_calls
              FROM weir_rollouts r
-             JOIN weir_versions v
-               ON v.namespace = r.namespace AND v.name = r.name AND v.version = r.stable
+             JOIN weir_versions s
+               ON s.namespace = r.namespace AND s.name = r.name AND s.version = r.stable
+             LEFT JOIN weir_versions c
+               ON c.namespace = r.namespace AND c.name = r.name AND c.version = r.canary
              ORDER BY r.namespace, r.name",
         )
         .fetch_all(&self.pool)
@@ -341,11 +555,37 @@ impl ControlStore {
         rows.iter()
             .map(|row| {
                 let (namespace, name): (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                let binding = decode(&name, row.try_get(4)?)?;
-                Ok(Deployment {
-                    spec: binding.to_spec(&runtime_name(&namespace, &name)),
+                let runtime = runtime_name(&namespace, &name);
+                let stable = DeployedVersion {
                     version: row.try_get(2)?,
                     module_digest: row.try_get(3)?,
+                    spec: decode(&name, row.try_get(4)?)?.to_spec(&runtime),
+                };
+                let weight = u8::try_from(row.try_get::<i32, _>(8)?).unwrap_or(0);
+                let canary = match row.try_get::<Option<i32>, _>(5)? {
+                    Some(version) => Some((
+                        DeployedVersion {
+                            version,
+                            module_digest: row.try_get(6)?,
+                            spec: decode(&name, row.try_get(7)?)?.to_spec(&runtime),
+                        },
+                        weight,
+                    )),
+                    None => None,
+                };
+                let rollout = Rollout {
+                    stable: stable.version,
+                    canary: canary.as_ref().map(|(c, _)| c.version),
+                    weight,
+                    rollback_margin: row.try_get(9)?,
+                    rollback_min_calls: u32::try_from(row.try_get::<i32, _>(10)?).unwrap_or(0),
+                };
+                Ok(Deployment {
+                    namespace,
+                    name,
+                    stable,
+                    canary,
+                    rollout,
                 })
             })
             .collect()

@@ -86,14 +86,14 @@ impl std::fmt::Debug for WorkerEnv {
 /// Everything one function's worker needs.
 pub struct FunctionWorker {
     name: Arc<str>,
-    /// The module digest's first 12 hex digits: the `version` metric label.
-    version: String,
-    metrics: WorkerMetrics,
+    /// The stable version first, then the canary if there is one.
+    lanes: Vec<Lane>,
+    /// Share of keys, in percent, the canary lane takes.
+    canary_weight: u8,
+    /// Where the function was deployed from, for rollbacks and statistics.
+    deployment: Option<DeploymentLink>,
     spec: FunctionSpec,
     ingest: Ingest,
-    code: FunctionCode,
-    settings: InstanceSettings,
-    instance: Option<FunctionInstance>,
     state: StateStore,
     js: jetstream::Context,
     dead_letter_subject: String,
@@ -108,13 +108,14 @@ pub struct FunctionWorker {
     batches: u64,
     tracing: Tracing,
     logs: GuestLogSink,
-    /// Taken while a batch runs on the blocking thread.
-    breaker: Option<Breaker>,
     /// How many times the breaker handed back each event in flight; those
     /// deliveries are not attempts.
     deferrals: HashMap<u64, u64>,
     readiness: Arc<Readiness>,
     pending: u64,
+    last_stats: std::time::Instant,
+    /// This worker already rolled its canary back; the host replaces it.
+    rolled_back: bool,
 }
 
 impl std::fmt::Debug for FunctionWorker {
@@ -123,6 +124,66 @@ impl std::fmt::Debug for FunctionWorker {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
+}
+
+/// One version a worker runs: its code, warm instance, circuit breaker and
+/// metrics.
+struct Lane {
+    /// The module digest's first 12 hex digits: the `version` metric label.
+    version: String,
+    /// The deployed version number, for functions deployed through the API.
+    number: Option<i32>,
+    code: FunctionCode,
+    settings: InstanceSettings,
+    /// Taken while a batch runs on the blocking thread.
+    instance: Option<FunctionInstance>,
+    /// Taken while a batch runs on the blocking thread.
+    breaker: Option<Breaker>,
+    metrics: WorkerMetrics,
+    /// Calls, failures and microseconds not yet added to the shared
+    /// statistics.
+    unreported: (i64, i64, i64),
+    /// Calls and failures since this worker started: the auto-rollback
+    /// compares them.
+    seen: (u64, u64),
+}
+
+/// A version for a worker to run.
+#[derive(Debug)]
+pub struct VersionCode {
+    pub code: FunctionCode,
+    pub settings: InstanceSettings,
+    pub instance: Option<FunctionInstance>,
+    pub number: Option<i32>,
+}
+
+/// The deployment a worker runs, so it can roll a failing canary back and
+/// report each version's calls.
+#[derive(Debug, Clone)]
+pub struct DeploymentLink {
+    pub store: crate::control::store::ControlStore,
+    pub namespace: String,
+    pub name: String,
+    pub rollout: crate::control::store::Rollout,
+}
+
+/// How often a worker adds its calls to the shared version statistics.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// Which lane a key goes to: the canary (1) when the key's stable hash
+/// falls below `weight` percent, else the stable version (0). The hash is
+/// FNV-1a, the same on every host and across restarts, so a key stays on
+/// one version for as long as the weight does not change.
+pub fn lane_for(key: &str, weight: u8) -> usize {
+    if weight == 0 {
+        return 0;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    usize::from(hash % 100 < u64::from(weight))
 }
 
 /// The function's metric handles, registered once at start-up.
@@ -169,44 +230,65 @@ struct Slot {
     handled: Option<Handled>,
     /// `None` when tracing is off.
     trace: Option<EventTrace>,
+    /// The lane (version) that handles it.
+    lane: usize,
 }
 
 impl FunctionWorker {
-    /// A worker of `spec` running `code`; `instance` is a first warm
-    /// instance, if one was made already.
+    /// A worker of `spec` running `stable`, and `canary` for `weight`
+    /// percent of the keys.
     pub fn new(
         spec: FunctionSpec,
         ingest: Ingest,
-        code: FunctionCode,
-        instance: Option<FunctionInstance>,
+        stable: VersionCode,
+        canary: Option<(VersionCode, u8)>,
+        deployment: Option<DeploymentLink>,
         env: &WorkerEnv,
     ) -> Self {
         let name: Arc<str> = Arc::from(spec.name.as_str());
-        let settings = instance_settings(&spec, env.max_payload());
-        let version = version_of(&code);
-        let metrics = WorkerMetrics::new(&spec.name, &version);
-        metrics.breaker_state.set(0.0);
+        let canary_weight = canary.as_ref().map_or(0, |(_, weight)| *weight);
+        let lanes: Vec<Lane> = std::iter::once(stable)
+            .chain(canary.map(|(code, _)| code))
+            .map(|version| {
+                let label = version_of(&version.code);
+                let metrics = WorkerMetrics::new(&spec.name, &label);
+                metrics.breaker_state.set(0.0);
+                Lane {
+                    breaker: Some(Breaker::new(
+                        version.settings.breaker.clone(),
+                        Arc::new(SystemClock),
+                    )),
+                    version: label,
+                    number: version.number,
+                    code: version.code,
+                    settings: version.settings,
+                    instance: version.instance,
+                    metrics,
+                    unreported: (0, 0, 0),
+                    seen: (0, 0),
+                }
+            })
+            .collect();
         Self {
-            metrics,
             logs: GuestLogSink::new(
                 &env.guest_logs,
                 name.clone(),
-                version.clone(),
+                lanes[0].version.clone(),
                 env.js.client(),
             ),
+            lanes,
+            canary_weight,
+            deployment,
             tracing: env.tracing.clone(),
-            breaker: Some(Breaker::new(spec.breaker.clone(), Arc::new(SystemClock))),
             deferrals: HashMap::new(),
             readiness: env.readiness.clone(),
             pending: 0,
-            version,
+            last_stats: std::time::Instant::now(),
+            rolled_back: false,
             dead_letter_subject: format!("{}.{}", env.dead_letter_prefix, spec.name),
             name,
             spec,
             ingest,
-            code,
-            settings,
-            instance,
             state: env.state.clone(),
             js: env.js.clone(),
             outbox_dirty: false,
@@ -219,7 +301,7 @@ impl FunctionWorker {
     /// Runs until `cancel` fires, then returns after the batch in hand is
     /// committed, published and acked.
     pub async fn run(mut self, cancel: CancellationToken) {
-        tracing::info!(function = %self.name, digest = %self.code.digest(), "function started");
+        tracing::info!(function = %self.name, digest = %self.lanes[0].code.digest(), canary = ?self.lanes.get(1).map(|l| l.code.digest()), weight = self.canary_weight, "function started");
         if !self.flush_outbox(&cancel).await {
             return;
         }
@@ -240,21 +322,26 @@ impl FunctionWorker {
         loop {
             // An open breaker: leave the backlog in JetStream until probes
             // may go through.
-            if let Some(wait) = self.breaker.as_ref().and_then(Breaker::open_for) {
+            // (The stable version's breaker: a canary's holds only its keys.)
+            if let Some(wait) = self.lanes[0].breaker.as_ref().and_then(Breaker::open_for) {
                 if !pause(&cancel, wait).await {
                     break;
                 }
                 continue;
             }
             let budget = self
-                .breaker
-                .as_ref()
-                .map_or(usize::MAX, Breaker::call_budget);
+                .lanes
+                .iter()
+                .filter_map(|lane| lane.breaker.as_ref())
+                .map(Breaker::call_budget)
+                .min()
+                .unwrap_or(usize::MAX);
             let Some(batch) = self.ingest.next_batch(&cancel, budget).await else {
                 break;
             };
             self.process(batch, &cancel).await;
             self.report_status();
+            self.watch_canary().await;
             self.batches += 1;
             if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
                 self.prune_applied().await;
@@ -300,14 +387,15 @@ impl FunctionWorker {
     }
 
     async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
-        self.metrics.in_flight.set(batch.len() as f64);
-        self.metrics.batch_size.record(batch.len() as f64);
+        let metrics = &self.lanes[0].metrics;
+        metrics.in_flight.set(batch.len() as f64);
+        metrics.batch_size.record(batch.len() as f64);
         if let Some(last) = batch.last() {
             self.pending = last.pending;
-            self.metrics.consumer_pending.set(last.pending as f64);
+            metrics.consumer_pending.set(last.pending as f64);
         }
         self.process_batch(batch, cancel).await;
-        self.metrics.in_flight.set(0.0);
+        self.lanes[0].metrics.in_flight.set(0.0);
     }
 
     async fn process_batch(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
@@ -315,7 +403,11 @@ impl FunctionWorker {
         let mut slots = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.into_iter().enumerate() {
-            let trace = self.start_trace(&delivery, batch_started);
+            let lane = match &delivery.event {
+                Ok(event) => lane_for(&event.key, self.canary_weight),
+                Err(_) => 0,
+            };
+            let trace = self.start_trace(&delivery, lane, batch_started);
             let outcome = match delivery.event {
                 Ok(event) => {
                     events.push((index, event));
@@ -330,6 +422,7 @@ impl FunctionWorker {
                 outcome,
                 handled: None,
                 trace,
+                lane,
             });
         }
 
@@ -357,7 +450,7 @@ impl FunctionWorker {
         let Some(applied) = applied else {
             return self.give_back(slots, "shutting down", cancel).await;
         };
-        let to_run: Vec<(usize, Event, bool)> = events
+        let to_run: Vec<(usize, usize, Event, bool)> = events
             .into_iter()
             .filter_map(|(index, event)| {
                 let slot = &mut slots[index];
@@ -366,10 +459,10 @@ impl FunctionWorker {
                     return None;
                 }
                 let traced = slot.trace.as_ref().is_some_and(EventTrace::is_sampled);
-                Some((index, event, traced))
+                Some((index, slot.lane, event, traced))
             })
             .collect();
-        let keys: Vec<&str> = to_run.iter().map(|(_, e, _)| e.key.as_str()).collect();
+        let keys: Vec<&str> = to_run.iter().map(|(_, _, e, _)| e.key.as_str()).collect();
         let load_started = SystemTime::now();
         let view = hold_until_done(
             &self.name,
@@ -390,12 +483,11 @@ impl FunctionWorker {
 
         let keys: Vec<(usize, String)> = to_run
             .iter()
-            .map(|(index, event, _)| (*index, event.key.clone()))
+            .map(|(index, _, event, _)| (*index, event.key.clone()))
             .collect();
         let ran = self.invoke(view, to_run).await;
-        self.instance = ran.instance;
-        for transition in &ran.transitions {
-            self.observe_transition(transition);
+        for (lane, transition) in &ran.transitions {
+            self.observe_transition(*lane, transition);
         }
         let view = ran.view;
         for ((index, run), (_, key)) in ran.results.into_iter().zip(&keys) {
@@ -407,10 +499,18 @@ impl FunctionWorker {
                     continue;
                 }
             };
-            self.metrics.invocations.increment(1);
-            self.metrics
+            let lane = &mut self.lanes[slot.lane];
+            lane.metrics.invocations.increment(1);
+            lane.metrics
                 .invocation_seconds
                 .record(invocation.took.as_secs_f64());
+            let failed = matches!(&invocation.result, Err(f) if f.kind.counts_against_function());
+            let micros = i64::try_from(invocation.took.as_micros()).unwrap_or(i64::MAX);
+            lane.unreported.0 += 1;
+            lane.unreported.1 += i64::from(failed);
+            lane.unreported.2 += micros;
+            lane.seen.0 += 1;
+            lane.seen.1 += u64::from(failed);
             self.observe_invocation(slot, key, &invocation).await;
             match invocation.result {
                 Ok(handled) => {
@@ -480,7 +580,8 @@ impl FunctionWorker {
             if done.is_none() {
                 return self.give_back(slots, "shutting down", cancel).await;
             }
-            self.metrics
+            self.lanes[0]
+                .metrics
                 .commit_seconds
                 .record(started.elapsed().as_secs_f64());
             self.record_step(&slots, "state.commit", commit_started, |slot| {
@@ -542,7 +643,12 @@ impl FunctionWorker {
     }
 
     /// Opens the `process` span of one delivery; `None` when tracing is off.
-    fn start_trace(&self, delivery: &Delivery, start: SystemTime) -> Option<EventTrace> {
+    fn start_trace(
+        &self,
+        delivery: &Delivery,
+        lane: usize,
+        start: SystemTime,
+    ) -> Option<EventTrace> {
         use opentelemetry::KeyValue;
         let message = &delivery.message;
         let trace =
@@ -562,7 +668,7 @@ impl FunctionWorker {
             ),
             KeyValue::new("messaging.message.body.size", message.payload.len() as i64),
             KeyValue::new("weir.function", self.name.to_string()),
-            KeyValue::new("weir.function.version", self.version.clone()),
+            KeyValue::new("weir.function.version", self.lanes[lane].version.clone()),
             KeyValue::new("weir.stream", self.spec.stream.clone()),
             KeyValue::new(
                 "weir.stream.sequence",
@@ -643,40 +749,48 @@ impl FunctionWorker {
     /// Runs `events` in order on a blocking thread, replacing the instance
     /// after a trap. The breaker is asked before each call and told how it
     /// went; events it refuses are not run.
-    async fn invoke(&mut self, view: BatchView, events: Vec<(usize, Event, bool)>) -> Ran {
-        let code = self.code.clone();
-        let settings = self.settings.clone();
-        let instance = self.instance.take();
-        let breaker = self.breaker.take();
+    async fn invoke(&mut self, view: BatchView, events: Vec<(usize, usize, Event, bool)>) -> Ran {
+        let lanes: Vec<LaneRun> = self
+            .lanes
+            .iter_mut()
+            .map(|lane| LaneRun {
+                code: lane.code.clone(),
+                settings: lane.settings.clone(),
+                instance: lane.instance.take(),
+                breaker: lane.breaker.take(),
+            })
+            .collect();
         let ran = tokio::task::spawn_blocking(move || {
             let mut ran = Ran {
-                instance,
+                lanes,
                 view,
                 results: Vec::with_capacity(events.len()),
                 transitions: Vec::new(),
-                breaker,
             };
-            for (index, event, traced) in events {
-                if let Some(breaker) = &mut ran.breaker {
+            for (index, lane, event, traced) in events {
+                if let Some(breaker) = &mut ran.lanes[lane].breaker {
                     let (permit, transition) = breaker.try_acquire();
-                    ran.transitions.extend(transition);
+                    ran.transitions.extend(transition.map(|t| (lane, t)));
                     if let Permit::Refused { retry_after } = permit {
                         ran.results.push((index, Run::Deferred { retry_after }));
                         continue;
                     }
                 }
-                let invocation = ran.run_one(&code, &settings, &event, traced);
-                if let Some(breaker) = &mut ran.breaker {
+                let invocation = ran.run_one(lane, &event, traced);
+                if let Some(breaker) = &mut ran.lanes[lane].breaker {
                     let failed = match &invocation.result {
                         Ok(_) => Some(false),
                         Err(failure) if failure.kind.counts_against_function() => Some(true),
                         Err(_) => None,
                     };
                     match failed {
-                        Some(failed) => ran.transitions.extend(breaker.record(CallResult {
-                            failed,
-                            duration: invocation.took,
-                        })),
+                        Some(failed) => {
+                            let transition = breaker.record(CallResult {
+                                failed,
+                                duration: invocation.took,
+                            });
+                            ran.transitions.extend(transition.map(|t| (lane, t)));
+                        }
                         None => breaker.release(),
                     }
                 }
@@ -687,40 +801,47 @@ impl FunctionWorker {
         .await;
         match ran {
             Ok(mut ran) => {
-                self.breaker = ran.breaker.take();
+                for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
+                    lane.instance = run.instance.take();
+                    lane.breaker = run.breaker.take();
+                }
                 ran
             }
             Err(error) => {
                 // The blocking task panicked: a host bug, not the guest's.
                 // Nothing ran to completion; the batch is handed back.
-                tracing::error!(function = %self.name, %error, "invocation task failed; its circuit breaker starts again closed");
-                self.breaker = Some(Breaker::new(
-                    self.spec.breaker.clone(),
-                    Arc::new(SystemClock),
-                ));
-                self.metrics.breaker_state.set(0.0);
+                tracing::error!(function = %self.name, %error, "invocation task failed; its circuit breakers start again closed");
+                for lane in &mut self.lanes {
+                    lane.breaker = Some(Breaker::new(
+                        lane.settings.breaker.clone(),
+                        Arc::new(SystemClock),
+                    ));
+                    lane.metrics.breaker_state.set(0.0);
+                }
                 Ran::default()
             }
         }
     }
 
     /// Logs a breaker transition and updates its metrics.
-    fn observe_transition(&self, transition: &Transition) {
+    fn observe_transition(&self, lane: usize, transition: &Transition) {
+        let lane = &self.lanes[lane];
+        let version = &lane.version;
         let (from, to) = (transition.from.as_str(), transition.to.as_str());
         let (failure_rate, slow_call_rate) = (transition.failure_rate, transition.slow_call_rate);
         match transition.to {
             crate::breaker::BreakerState::Open => tracing::warn!(
-                function = %self.name, version = %self.version, from, to, failure_rate, slow_call_rate,
-                wait_ms = self.spec.breaker.wait_in_open_ms,
+                function = %self.name, %version, from, to, failure_rate, slow_call_rate,
+                wait_ms = lane.settings.breaker.wait_in_open_ms,
                 "circuit breaker opened: events are held in the stream until it lets probes through"
             ),
             _ => tracing::info!(
-                function = %self.name, version = %self.version, from, to, failure_rate, slow_call_rate,
+                function = %self.name, %version, from, to, failure_rate, slow_call_rate,
                 "circuit breaker changed state"
             ),
         }
-        self.metrics.breaker_state.set(transition.to.gauge());
-        let mut labels = self.metrics.labels.to_vec();
+        lane.metrics.breaker_state.set(transition.to.gauge());
+        let mut labels = lane.metrics.labels.to_vec();
         labels.push(("to", to.to_string()));
         metrics::counter!("weir_breaker_transitions_total", &labels).increment(1);
     }
@@ -745,14 +866,78 @@ impl FunctionWorker {
         note_deferrals(&mut self.deferrals, changes);
     }
 
+    /// Adds the lanes' calls to the shared statistics (at most every
+    /// [`STATS_EVERY`]) and rolls the canary back when it fails more than the
+    /// rollout allows compared with the stable version.
+    async fn watch_canary(&mut self) {
+        let Some(link) = self.deployment.clone() else {
+            return;
+        };
+        if self.last_stats.elapsed() >= STATS_EVERY {
+            self.last_stats = std::time::Instant::now();
+            for lane in &mut self.lanes {
+                let (Some(number), delta) = (lane.number, lane.unreported) else {
+                    continue;
+                };
+                if delta.0 == 0 {
+                    continue;
+                }
+                match link
+                    .store
+                    .add_stats(&link.namespace, &link.name, number, delta)
+                    .await
+                {
+                    Ok(()) => lane.unreported = (0, 0, 0),
+                    Err(error) => tracing::debug!(%error, "version statistics not recorded"),
+                }
+            }
+        }
+        let (Some(stable), Some(canary)) = (self.lanes.first(), self.lanes.get(1)) else {
+            return;
+        };
+        if self.rolled_back || canary.seen.0 < u64::from(link.rollout.rollback_min_calls) {
+            return;
+        }
+        let rate = |(calls, failures): (u64, u64)| {
+            if calls == 0 {
+                0.0
+            } else {
+                failures as f64 * 100.0 / calls as f64
+            }
+        };
+        let (canary_rate, stable_rate) = (rate(canary.seen), rate(stable.seen));
+        if canary_rate <= stable_rate + link.rollout.rollback_margin {
+            return;
+        }
+        let reason = format!(
+            "version {} failed {canary_rate:.1} % of {} calls; version {} failed {stable_rate:.1} %; the margin is {} points",
+            canary.number.unwrap_or_default(),
+            canary.seen.0,
+            stable.number.unwrap_or_default(),
+            link.rollout.rollback_margin
+        );
+        tracing::warn!(function = %self.name, %reason, "rolling the canary back");
+        match link
+            .store
+            .rollback(&link.namespace, &link.name, Some(&reason))
+            .await
+        {
+            Ok(_) => self.rolled_back = true,
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot roll the canary back yet")
+            }
+        }
+    }
+
     /// Publishes the function's status for `/status`.
     fn report_status(&self) {
-        let Some(breaker) = &self.breaker else {
+        let stable = &self.lanes[0];
+        let Some(breaker) = &stable.breaker else {
             return;
         };
         self.readiness.report(FunctionStatus {
             name: self.name.to_string(),
-            version: self.version.clone(),
+            version: stable.version.clone(),
             breaker: breaker.snapshot(),
             pending: self.pending,
             deferred: self.deferrals.len(),
@@ -781,7 +966,10 @@ impl FunctionWorker {
         }
         headers.extend([
             (dlq::FUNCTION.to_string(), self.name.to_string()),
-            (dlq::VERSION.to_string(), self.version.clone()),
+            (
+                dlq::VERSION.to_string(),
+                self.lanes[slot.lane].version.clone(),
+            ),
             (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
             (dlq::REASON.to_string(), header_text(&failure.message)),
             (dlq::ATTEMPTS.to_string(), self.attempt(slot).to_string()),
@@ -799,17 +987,18 @@ impl FunctionWorker {
     /// Adds the batch's outcomes to the per-function counters, once per
     /// outcome kind rather than once per event.
     fn count_outcomes(&self, slots: &[Slot], decisions: &[AckDecision]) {
-        let mut outcomes: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        let mut outcomes: std::collections::BTreeMap<(usize, &'static str), u64> =
+            Default::default();
         for slot in slots {
             *outcomes
-                .entry(outcome_label(slot.outcome.as_ref()).0)
+                .entry((slot.lane, outcome_label(slot.outcome.as_ref()).0))
                 .or_default() += 1;
         }
-        for (outcome, count) in outcomes {
+        for ((lane, outcome), count) in outcomes {
             metrics::counter!(
                 "weir_events_total",
                 "function" => self.name.to_string(),
-                "version" => self.version.clone(),
+                "version" => self.lanes[lane].version.clone(),
                 "outcome" => outcome
             )
             .increment(count);
@@ -826,8 +1015,8 @@ impl FunctionWorker {
                     && !matches!(slot.outcome, Some(EventOutcome::Deferred { .. }))
             })
             .count();
-        self.metrics.dead_letters.increment(dead as u64);
-        self.metrics.retries.increment(retried as u64);
+        self.lanes[0].metrics.dead_letters.increment(dead as u64);
+        self.lanes[0].metrics.retries.increment(retried as u64);
     }
 
     fn log_outcome(&self, slot: &Slot, decision: AckDecision) {
@@ -910,6 +1099,7 @@ pub fn instance_settings(spec: &FunctionSpec, max_payload: usize) -> InstanceSet
         deadline: Duration::from_millis(spec.limits.deadline_ms),
         limits: spec.limits.clone(),
         max_record_bytes: max_payload.saturating_sub(WEIR_HEADER_ROOM),
+        breaker: spec.breaker.clone(),
     }
 }
 
@@ -919,29 +1109,32 @@ pub fn version_of(code: &FunctionCode) -> String {
     code.digest().chars().take(12).collect()
 }
 
-/// What one batch's run on the blocking thread gives back.
-#[derive(Default)]
-struct Ran {
+/// One lane's code and taken state, on the blocking thread.
+struct LaneRun {
+    code: FunctionCode,
+    settings: InstanceSettings,
     instance: Option<FunctionInstance>,
-    view: BatchView,
-    results: Vec<(usize, Run)>,
-    transitions: Vec<Transition>,
     breaker: Option<Breaker>,
 }
 
+/// What one batch's run on the blocking thread gives back.
+#[derive(Default)]
+struct Ran {
+    lanes: Vec<LaneRun>,
+    view: BatchView,
+    results: Vec<(usize, Run)>,
+    /// Breaker transitions, with the lane they happened in.
+    transitions: Vec<(usize, Transition)>,
+}
+
 impl Ran {
-    /// Runs one event on the warm instance, or a new one if there is none
-    /// or the last one trapped.
-    fn run_one(
-        &mut self,
-        code: &FunctionCode,
-        settings: &InstanceSettings,
-        event: &Event,
-        traced: bool,
-    ) -> Invocation {
-        let live = match self.instance.take() {
+    /// Runs one event on the lane's warm instance, or a new one if there is
+    /// none or the last one trapped.
+    fn run_one(&mut self, lane: usize, event: &Event, traced: bool) -> Invocation {
+        let run = &mut self.lanes[lane];
+        let live = match run.instance.take() {
             Some(live) if !live.is_poisoned() => Ok(live),
-            _ => FunctionInstance::new(code, settings),
+            _ => FunctionInstance::new(&run.code, &run.settings),
         };
         let mut live = match live {
             Ok(live) => live,
@@ -957,7 +1150,7 @@ impl Ran {
         live.begin_batch(std::mem::take(&mut self.view));
         let invocation = live.handle(event, traced);
         self.view = live.end_batch();
-        self.instance = Some(live);
+        self.lanes[lane].instance = Some(live);
         invocation
     }
 }

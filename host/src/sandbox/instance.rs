@@ -59,6 +59,8 @@ pub struct InstanceSettings {
     pub limits: crate::config::Limits,
     /// Largest record NATS accepts, less room for the headers Weir adds.
     pub max_record_bytes: usize,
+    /// The circuit breaker around these instances' calls.
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 impl FunctionInstance {

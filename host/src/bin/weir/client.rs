@@ -39,13 +39,23 @@ pub struct Api {
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
-    /// Serve every event with VERSION, at once (blue/green; also rollback).
+    /// Serve with `--stable`, and `--canary` for `--weight` % of the keys.
+    /// Without a canary it is an instant switch (blue/green).
     Set {
         name: String,
         #[arg(long)]
         stable: u32,
+        #[arg(long, requires = "weight")]
+        canary: Option<u32>,
+        /// Percent of keys (by a stable hash) the canary takes.
+        #[arg(long, requires = "canary")]
+        weight: Option<u8>,
     },
-    /// Which version serves, and the versions there are.
+    /// Make the canary the stable version.
+    Promote { name: String },
+    /// Send every key back to the stable version.
+    Rollback { name: String },
+    /// Which versions serve, the versions there are, and their calls.
     Status { name: String },
 }
 
@@ -254,28 +264,66 @@ pub async fn remove(api: &Api, name: &str) -> Result<()> {
 
 pub async fn rollout(api: &Api, command: RolloutCommand) -> Result<()> {
     match command {
-        RolloutCommand::Set { name, stable } => {
+        RolloutCommand::Set {
+            name,
+            stable,
+            canary,
+            weight,
+        } => {
             let client = api.client()?;
             let path = format!("{}/rollout", api.function_path(&name));
-            let body = api
-                .send(client.put(api.url(&path)).json(&json!({"stable": stable})))
-                .await?;
-            api.print(&body, |_| {
-                format!("{}/{name} now serves version {stable}\n", api.namespace)
+            let request =
+                json!({"stable": stable, "canary": canary, "weight": weight.unwrap_or(0)});
+            let body = api.send(client.put(api.url(&path)).json(&request)).await?;
+            api.print(&body, |_| match canary {
+                Some(canary) => format!(
+                    "{}/{name} serves version {stable}, and version {canary} for {}% of keys\n",
+                    api.namespace,
+                    weight.unwrap_or(0)
+                ),
+                None => format!("{}/{name} now serves version {stable}\n", api.namespace),
             });
         }
+        RolloutCommand::Promote { name } => end_canary(api, &name, "promote").await?,
+        RolloutCommand::Rollback { name } => end_canary(api, &name, "rollback").await?,
         RolloutCommand::Status { name } => {
             let body = api.get(&api.function_path(&name)).await?;
             api.print(&body, |body| {
-                format!(
-                    "{}/{name} serves version {}\n{}",
+                let mut out = format!(
+                    "{}/{name} serves version {}",
                     api.namespace,
                     version_text(&body["stable"]),
-                    versions_table(body)
-                )
+                );
+                if let Some(canary) = body["rollout"]["canary"].as_u64() {
+                    out.push_str(&format!(
+                        ", and version {canary} for {}% of keys",
+                        body["rollout"]["weight"]
+                    ));
+                }
+                out.push('\n');
+                if let Some(reason) = body["rolled_back"].as_str() {
+                    out.push_str(&format!("  last canary rolled back: {reason}\n"));
+                }
+                out.push_str(&versions_table(body));
+                out
             });
         }
     }
+    Ok(())
+}
+
+/// `promote` or `rollback` the canary of `name`.
+async fn end_canary(api: &Api, name: &str, action: &str) -> Result<()> {
+    let client = api.client()?;
+    let path = format!("{}/rollout/{action}", api.function_path(name));
+    let body = api.send(client.post(api.url(&path))).await?;
+    api.print(&body, |body| {
+        format!(
+            "{}/{name} now serves version {}\n",
+            api.namespace,
+            version_text(&body["stable"])
+        )
+    });
     Ok(())
 }
 
@@ -287,15 +335,32 @@ fn version_text(version: &Value) -> String {
 
 fn versions_table(function: &Value) -> String {
     let stable = function["stable"].as_u64();
-    let mut out = format!("  {:<8} {:<14} {}\n", "VERSION", "MODULE", "SERVING");
+    let canary = function["rollout"]["canary"].as_u64();
+    let stats = function["stats"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "  {:<8} {:<14} {:<8} {:>8} {:>8} {:>10}\n",
+        "VERSION", "MODULE", "SERVING", "CALLS", "FAILED", "MEAN µs"
+    );
     for version in function["versions"].as_array().into_iter().flatten() {
         let number = version["version"].as_u64();
         let module = version["module"].as_str().unwrap_or("");
+        let serving = if number == stable {
+            "stable"
+        } else if number.is_some() && number == canary {
+            "canary"
+        } else {
+            "-"
+        };
+        let stat = stats.iter().find(|s| s["version"].as_u64() == number);
+        let field = |name: &str| stat.and_then(|s| s[name].as_i64()).unwrap_or(0);
         out.push_str(&format!(
-            "  {:<8} {:<14} {}\n",
+            "  {:<8} {:<14} {:<8} {:>8} {:>8} {:>10}\n",
             version_text(&version["version"]),
             &module[..12.min(module.len())],
-            if number == stable { "yes" } else { "" }
+            serving,
+            field("calls"),
+            field("failures"),
+            field("mean_micros")
         ));
     }
     out
