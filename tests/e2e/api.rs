@@ -348,9 +348,29 @@ impl Fuzz {
 
     fn json(&mut self, depth: u32) -> serde_json::Value {
         use serde_json::Value;
-        let keys = ["namespace", "role", "extra", "", "Namespace", "role\u{0}"];
+        let keys = [
+            "namespace",
+            "role",
+            "extra",
+            "",
+            "Namespace",
+            "role\u{0}",
+            "stream",
+            "subject",
+            "key",
+            "json_pointer",
+            "outputs",
+            "limits",
+            "batch_size",
+            "stable",
+            "canary",
+            "weight",
+            "module",
+            "retry",
+            "breaker",
+        ];
         let words = [
-            "shop", "read", "deploy", "admin", "*", "", "Shop", "root", "ü",
+            "shop", "read", "deploy", "admin", "*", "", "Shop", "root", "ü", "S", "s.in", "/k",
         ];
         match self.below(if depth > 2 { 6 } else { 8 }) {
             0 => Value::Null,
@@ -492,19 +512,34 @@ async fn bad_calls_get_4xx_json_and_fuzzed_bodies_never_a_5xx(
     let mut created = 0;
     for round in 0..400 {
         let body = fuzz.body();
-        let (path, content_type) = match fuzz.below(5) {
-            0 => ("/v1/modules", "application/wasm"),
-            1 => ("/v1/tokens", "application/x-www-form-urlencoded"),
-            _ => ("/v1/tokens", json),
+        let (method, path, content_type) = match fuzz.below(8) {
+            0 => ("POST", "/v1/modules", "application/wasm"),
+            1 => ("POST", "/v1/tokens", "application/x-www-form-urlencoded"),
+            2 | 3 => ("POST", "/v1/tokens", json),
+            4 => ("PUT", "/v1/namespaces/shop/functions/f", json),
+            5 => ("POST", "/v1/namespaces/shop/functions/f/versions", json),
+            6 => ("PUT", "/v1/namespaces/shop/functions/f/rollout", json),
+            _ => (
+                "POST",
+                "/v1/namespaces/shop/functions/f/rollout/promote",
+                json,
+            ),
         };
-        let response = post(address, path, ADMIN, content_type, &body).await?;
+        let response = http_request(
+            address,
+            method,
+            path,
+            &[("Authorization", &auth), ("Content-Type", content_type)],
+            &body,
+        )
+        .await?;
         let shown = String::from_utf8_lossy(&body);
         assert!(
             response.status < 500,
             "round {round}: {path} {shown:?} got {response:?}"
         );
-        if response.status == 201 {
-            created += 1;
+        if response.status < 300 {
+            created += i64::from(path == "/v1/tokens" && response.status == 201);
             continue;
         }
         let (status, _, _) = refusal(&response)
