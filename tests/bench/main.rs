@@ -39,7 +39,7 @@ struct Options {
     rounds: usize,
     rate: u64,
     latency_secs: u64,
-    /// `all`, or one part: `tracing`, `isolation` or `epoch`.
+    /// `all`, or one part: `tracing`, `isolation`, `epoch` or `deploy`.
     only: String,
 }
 
@@ -62,7 +62,7 @@ fn options() -> Result<Options> {
             "--latency-secs" => options.latency_secs = value.parse()?,
             "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing|isolation|epoch"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing|isolation|epoch|deploy"
             ),
         }
         i += 2;
@@ -120,6 +120,7 @@ async fn run(
         }
         "isolation" => return isolation(options, nats, js, url, artifacts).await,
         "epoch" => return epoch_cost(options, artifacts),
+        "deploy" => return deploy_latency(nats, js, url, artifacts).await,
         other => anyhow::bail!("unknown part {other}"),
     }
     let mut raw_rates = Vec::new();
@@ -203,7 +204,173 @@ async fn run(
     );
     tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await?;
     isolation(options, nats, js, url, artifacts).await?;
-    epoch_cost(options, artifacts)
+    epoch_cost(options, artifacts)?;
+    deploy_latency(nats, js, url, artifacts).await
+}
+
+/// Upload → first event processed, for a small component, through the API
+/// of a running host; and the start-up of a host with 50 deployed functions
+/// whose artifacts are cached.
+async fn deploy_latency(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    artifacts: &std::path::Path,
+) -> Result<()> {
+    const ADMIN: &str = "weir_bench_admin";
+    let api: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let health: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    fresh_stream(js, "DEPLOY_IN", "deploy.>").await?;
+    fresh_stream(js, "BENCH_OUT", "bench.out").await?;
+    let mut config = host_config(nats, url, artifacts);
+    config.api.listen = Some(api);
+    config.api.bootstrap_token = Some(weir_host::config::Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    let host = RunningHost::start(config.clone());
+    eventually(Duration::from_secs(60), "the API", || async {
+        Ok(http_get(api, "/v1/x").await.is_ok())
+    })
+    .await?;
+    let auth = format!("Bearer {ADMIN}");
+    let send = |method: &'static str, path: String, body: Vec<u8>, kind: &'static str| {
+        let auth = auth.clone();
+        async move {
+            let response = http_request(
+                api,
+                method,
+                &path,
+                &[("Authorization", &auth), ("Content-Type", kind)],
+                &body,
+            )
+            .await?;
+            anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
+            response.json()
+        }
+    };
+    let module = std::fs::read(component("passthrough")?)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let mut outputs = client.subscribe("bench.out").await?;
+    let mut latencies = Vec::new();
+    for i in 0..7 {
+        // A fresh module each time: the upload compiles it.
+        let mut bytes = module.clone();
+        append_custom_section(&mut bytes, &format!("bench-{i}-{}", std::process::id()));
+        let digest = send("POST", "/v1/modules".into(), bytes, "application/wasm").await?;
+        let digest = digest["digest"].as_str().context("digest")?.to_string();
+        let uploaded = Instant::now();
+        let path = format!("/v1/namespaces/bench/functions/d{i}");
+        let binding = serde_json::json!({
+            "stream": "DEPLOY_IN", "subject": format!("deploy.{i}"),
+            "key": {"subject_token": 1}, "outputs": ["bench.out"],
+        });
+        send(
+            "PUT",
+            path.clone(),
+            binding.to_string().into_bytes(),
+            "application/json",
+        )
+        .await?;
+        let version = serde_json::json!({"module": digest})
+            .to_string()
+            .into_bytes();
+        send(
+            "POST",
+            format!("{path}/versions"),
+            version,
+            "application/json",
+        )
+        .await?;
+        // The event is published right away; it is processed once the
+        // host runs the new function.
+        js.publish(format!("deploy.{i}"), "x".into()).await?.await?;
+        tokio::time::timeout(Duration::from_secs(30), outputs.next())
+            .await?
+            .context("an output")?;
+        latencies.push(uploaded.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "upload returned → first event processed (function bound, version made, host picks it up): median {:.1} ms, max {:.1} ms over {} deployments",
+        median(&latencies),
+        latencies.iter().copied().fold(0.0, f64::max),
+        latencies.len()
+    );
+
+    // 50 deployed functions; then a new host starts with them all.
+    for i in 0..50 {
+        let path = format!("/v1/namespaces/fleet/functions/f{i}");
+        let binding = serde_json::json!({
+            "stream": "DEPLOY_IN", "subject": format!("deploy.fleet.{i}"),
+            "key": {"subject_token": 2}, "outputs": ["bench.out"],
+        });
+        send(
+            "PUT",
+            path.clone(),
+            binding.to_string().into_bytes(),
+            "application/json",
+        )
+        .await?;
+        let digest = hex_digest(&module);
+        let version = serde_json::json!({"module": digest})
+            .to_string()
+            .into_bytes();
+        if i == 0 {
+            send(
+                "POST",
+                "/v1/modules".into(),
+                module.clone(),
+                "application/wasm",
+            )
+            .await?;
+        }
+        send(
+            "POST",
+            format!("{path}/versions"),
+            version,
+            "application/json",
+        )
+        .await?;
+    }
+    host.stop().await?;
+    let mut starts = Vec::new();
+    for _ in 0..3 {
+        let mut config = config.clone();
+        config.api.listen = None;
+        config.health_listen = Some(health);
+        let started = Instant::now();
+        let host = RunningHost::start(config);
+        eventually(Duration::from_secs(120), "57 functions running", || async {
+            let Ok((200, body)) = http_get(health, "/status").await else {
+                return Ok(false);
+            };
+            let status: serde_json::Value = serde_json::from_str(&body)?;
+            Ok(status["functions"].as_array().map_or(0, Vec::len) >= 57)
+        })
+        .await?;
+        starts.push(started.elapsed().as_secs_f64() * 1e3);
+        host.stop().await?;
+    }
+    println!(
+        "host start → 57 deployed functions running (artifacts cached): median {:.0} ms over {} starts",
+        median(&starts),
+        starts.len()
+    );
+    Ok(())
+}
+
+/// Appends a custom section (ignored by the runtime) so the bytes, and so
+/// the digest, differ from every earlier upload.
+fn append_custom_section(module: &mut Vec<u8>, name: &str) {
+    let mut payload = Vec::new();
+    payload.push(name.len() as u8);
+    payload.extend_from_slice(name.as_bytes());
+    module.push(0);
+    module.push(payload.len() as u8);
+    module.extend_from_slice(&payload);
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// A neighbour of the fast function in the isolation runs.

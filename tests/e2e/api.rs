@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
@@ -552,5 +552,47 @@ async fn bad_calls_get_4xx_json_and_fuzzed_bodies_never_a_5xx(
         .await?;
     assert_eq!(tokens, created);
     host.check()?;
+    host.stop().await
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_openapi_document_lists_every_route_the_api_serves(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(&stack, 1 << 20, 1_000).await?;
+    let document = http_get(address, "/v1/openapi.json").await?;
+    assert_eq!(document.0, 200);
+    let document: serde_json::Value = serde_json::from_str(&document.1)?;
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths = document["paths"].as_object().context("paths")?;
+    let mut operations = 0;
+    for (path, methods) in paths {
+        let concrete = path
+            .replace("{namespace}", "shop")
+            .replace("{name}", "f")
+            .replace("{digest}", "0");
+        for (method, operation) in methods.as_object().context("methods")? {
+            operations += 1;
+            let response =
+                http_request(address, &method.to_uppercase(), &concrete, &[], &[]).await?;
+            let expected = if operation.get("security").is_some() {
+                401
+            } else {
+                200
+            };
+            assert_eq!(
+                response.status, expected,
+                "{method} {path} is documented; the router answered {response:?}"
+            );
+        }
+    }
+    assert_eq!(operations, 13);
+    let binding = &document["components"]["schemas"]["Binding"];
+    assert_eq!(
+        binding["required"],
+        serde_json::json!(["stream", "subject", "key"])
+    );
     host.stop().await
 }

@@ -194,6 +194,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/modules/{digest}", get(get_module))
         .route(
+            "/v1/openapi.json",
+            get(|| async { Json(super::openapi::document()) }),
+        )
+        .route(
             "/v1/tokens",
             post(create_token).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod modules;
+pub mod openapi;
 pub mod store;
 
 use std::future::Future;
