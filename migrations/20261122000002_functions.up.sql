@@ -18,6 +18,12 @@ CREATE TABLE weir_versions (
     module_digest TEXT        NOT NULL REFERENCES weir_modules (digest),
     -- The binding as it was when the version was made.
     spec          JSONB       NOT NULL,
+    -- Reprocess from this stream sequence or time (ms since the epoch) when
+    -- the version first becomes stable: the function's state is cleared
+    -- and its consumer starts there. `replayed` once done.
+    replay_from_sequence BIGINT,
+    replay_from_ms       BIGINT,
+    replayed             BOOLEAN NOT NULL DEFAULT false,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (namespace, name, version),
     FOREIGN KEY (namespace, name) REFERENCES weir_functions ON DELETE CASCADE

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{FunctionSpec, HostConfig, StreamSpec};
 use crate::control::FunctionSource;
-use crate::control::store::{CONTROL_CHANNEL, ControlStore, Deployment};
+use crate::control::store::{CONTROL_CHANNEL, ControlStore, Deployment, ReplayFrom};
 use crate::dispatch::{DeploymentLink, FunctionWorker, VersionCode, WorkerEnv, instance_settings};
 use crate::health::Readiness;
 use crate::ingest::Ingest;
@@ -294,7 +294,10 @@ impl Deployed {
                 continue;
             }
             wanted.insert(name.clone());
-            let fingerprint = format!("{deployment:?}");
+            // A replay that has started is the same deployment.
+            let mut settled = deployment.clone();
+            settled.stable.replay_from = None;
+            let fingerprint = format!("{settled:?}");
             if self
                 .running
                 .get(&name)
@@ -362,6 +365,44 @@ impl Deployed {
         .await
     }
 
+    /// Clears the function's state, progress and consumer, then binds a
+    /// consumer that reads the stream from `from`.
+    async fn start_replay(
+        &self,
+        deployment: &Deployment,
+        spec: &FunctionSpec,
+        from: ReplayFrom,
+    ) -> Result<Ingest, ServeError> {
+        use async_nats::jetstream::consumer::DeliverPolicy;
+        let failed = |reason: String| ServeError::Load {
+            function: spec.name.clone(),
+            reason: format!("starting the replay: {reason}"),
+        };
+        Ingest::remove_consumer(&self.env.js, spec).await?;
+        self.control
+            .reset_for_replay(
+                &deployment.namespace,
+                &deployment.name,
+                deployment.stable.version,
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        self.env.state.forget_cached();
+        let start = match from {
+            ReplayFrom::Sequence(start_sequence) => DeliverPolicy::ByStartSequence {
+                start_sequence: start_sequence.max(1),
+            },
+            ReplayFrom::TimeMs(ms) => DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(ms) * 1_000_000,
+                )
+                .map_err(|e| failed(e.to_string()))?,
+            },
+        };
+        tracing::info!(function = %spec.name, ?from, version = deployment.stable.version, "replaying: state cleared, reading the stream again");
+        Ok(Ingest::bind_at(&self.env.js, spec, start).await?)
+    }
+
     async fn start(&self, deployment: &Deployment) -> Result<DeployedWorker, ServeError> {
         let stable = self.load(&deployment.stable).await?;
         let canary = match &deployment.canary {
@@ -369,7 +410,10 @@ impl Deployed {
             None => None,
         };
         let spec = deployment.stable.spec.clone();
-        let ingest = Ingest::bind(&self.env.js, &spec).await?;
+        let ingest = match deployment.stable.replay_from {
+            None => Ingest::bind(&self.env.js, &spec).await?,
+            Some(from) => self.start_replay(deployment, &spec, from).await?,
+        };
         let link = DeploymentLink {
             store: self.control.clone(),
             namespace: deployment.namespace.clone(),

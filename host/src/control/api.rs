@@ -471,6 +471,10 @@ async fn delete_function(
 struct NewVersion {
     /// The digest of an uploaded module.
     module: String,
+    /// Reprocess the stream from here when this version becomes stable,
+    /// with the function's state cleared.
+    #[serde(default)]
+    replay_from: Option<super::store::ReplayFrom>,
 }
 
 async fn create_version(
@@ -485,7 +489,7 @@ async fn create_version(
     let Json(request) = body?;
     let version = state
         .store
-        .create_version(&namespace, &name, &request.module)
+        .create_version(&namespace, &name, &request.module, request.replay_from)
         .await?;
     tracing::info!(%namespace, function = %name, version = version.version, module = %version.module, by = %principal.token_id, "version created");
     Ok((StatusCode::CREATED, Json(version)))

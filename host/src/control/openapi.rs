@@ -151,7 +151,11 @@ fn schemas() -> Value {
         "NewToken": {"type": "object", "required": ["namespace", "role"], "additionalProperties": false, "properties": {
             "namespace": {"type": "string"}, "role": {"enum": ["read", "deploy", "admin"]}}},
         "NewVersion": {"type": "object", "required": ["module"], "additionalProperties": false, "properties": {
-            "module": {"type": "string", "description": "sha256 of an uploaded module"}}},
+            "module": {"type": "string", "description": "sha256 of an uploaded module"},
+            "replay_from": {"oneOf": [
+                {"type": "object", "required": ["sequence"], "properties": {"sequence": {"type": "integer", "minimum": 1}}, "additionalProperties": false},
+                {"type": "object", "required": ["time_ms"], "properties": {"time_ms": {"type": "integer"}}, "additionalProperties": false}],
+             "description": "reprocess from this stream position when the version becomes stable; the function's state is cleared first"}}},
         "Binding": {"type": "object", "required": ["stream", "subject", "key"], "additionalProperties": false, "properties": {
             "stream": {"type": "string"},
             "subject": {"type": "string"},

@@ -67,12 +67,34 @@ pub fn runtime_name(namespace: &str, name: &str) -> String {
     format!("{namespace}_{name}")
 }
 
+/// Where a replaying version starts reading its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReplayFrom {
+    /// A stream sequence.
+    Sequence(u64),
+    /// A time, in milliseconds since the Unix epoch.
+    TimeMs(i64),
+}
+
 /// One version of a function.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VersionRecord {
     pub version: i32,
     pub module: String,
     pub binding: Binding,
+    /// Set for a version made to reprocess the stream from a position.
+    pub replay_from: Option<ReplayFrom>,
+    /// Whether that replay has started.
+    pub replayed: bool,
+}
+
+fn replay_from(sequence: Option<i64>, time_ms: Option<i64>) -> Option<ReplayFrom> {
+    match (sequence, time_ms) {
+        (Some(sequence), _) => Some(ReplayFrom::Sequence(u64::try_from(sequence).unwrap_or(0))),
+        (None, Some(ms)) => Some(ReplayFrom::TimeMs(ms)),
+        (None, None) => None,
+    }
 }
 
 /// Which versions serve a function.
@@ -163,6 +185,9 @@ pub struct FunctionRecord {
 pub struct DeployedVersion {
     pub version: i32,
     pub module_digest: String,
+    /// A replay still to start: the host clears the function's state and
+    /// reads the stream from here.
+    pub replay_from: Option<ReplayFrom>,
     /// Named by [`runtime_name`]; the stable version's binding decides the
     /// consumer and the key.
     pub spec: FunctionSpec,
@@ -261,8 +286,9 @@ impl ControlStore {
             return Ok(None);
         };
         let versions = sqlx::query(
-            "SELECT version, module_digest, spec::text FROM weir_versions
-             WHERE namespace = $1 AND name = $2 ORDER BY version",
+            "SELECT version, module_digest, spec::text, replay_from_sequence, replay_from_ms,
+                    replayed
+             FROM weir_versions WHERE namespace = $1 AND name = $2 ORDER BY version",
         )
         .bind(namespace)
         .bind(name)
@@ -274,6 +300,8 @@ impl ControlStore {
                 version: v.try_get(0)?,
                 module: v.try_get(1)?,
                 binding: decode(name, v.try_get(2)?)?,
+                replay_from: replay_from(v.try_get(3)?, v.try_get(4)?),
+                replayed: v.try_get(5)?,
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -364,6 +392,7 @@ impl ControlStore {
         namespace: &str,
         name: &str,
         module: &str,
+        replay: Option<ReplayFrom>,
     ) -> Result<VersionRecord, StoreError> {
         let mut tx = self.pool.begin().await?;
         let spec: Option<String> = sqlx::query_scalar(
@@ -383,8 +412,9 @@ impl ControlStore {
             return Err(StoreError::NoModule(module.to_string()));
         }
         let version: i32 = sqlx::query_scalar(
-            "INSERT INTO weir_versions (namespace, name, version, module_digest, spec)
-             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4::jsonb FROM weir_versions
+            "INSERT INTO weir_versions
+               (namespace, name, version, module_digest, spec, replay_from_sequence, replay_from_ms)
+             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4::jsonb, $5, $6 FROM weir_versions
              WHERE namespace = $1 AND name = $2
              RETURNING version",
         )
@@ -392,6 +422,16 @@ impl ControlStore {
         .bind(name)
         .bind(module)
         .bind(&spec)
+        .bind(match replay {
+            Some(ReplayFrom::Sequence(sequence)) => {
+                Some(i64::try_from(sequence).unwrap_or(i64::MAX))
+            }
+            _ => None,
+        })
+        .bind(match replay {
+            Some(ReplayFrom::TimeMs(ms)) => Some(ms),
+            _ => None,
+        })
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -409,6 +449,8 @@ impl ControlStore {
             version,
             module: module.to_string(),
             binding: decode(name, spec)?,
+            replay_from: replay,
+            replayed: false,
         })
     }
 
@@ -542,7 +584,9 @@ impl ControlStore {
         let rows = sqlx::query(
             "SELECT r.namespace, r.name, r.stable, s.module_digest, s.spec::text,
                     r.canary, c.module_digest, c.spec::text, r.weight,
-                    r.rollback_margin, r.rollback_min_calls
+                    r.rollback_margin, r.rollback_min_calls,
+                    CASE WHEN s.replayed THEN NULL ELSE s.replay_from_sequence END,
+                    CASE WHEN s.replayed THEN NULL ELSE s.replay_from_ms END
              FROM weir_rollouts r
              JOIN weir_versions s
                ON s.namespace = r.namespace AND s.name = r.name AND s.version = r.stable
@@ -559,6 +603,7 @@ impl ControlStore {
                 let stable = DeployedVersion {
                     version: row.try_get(2)?,
                     module_digest: row.try_get(3)?,
+                    replay_from: replay_from(row.try_get(11)?, row.try_get(12)?),
                     spec: decode(&name, row.try_get(4)?)?.to_spec(&runtime),
                 };
                 let weight = u8::try_from(row.try_get::<i32, _>(8)?).unwrap_or(0);
@@ -567,6 +612,7 @@ impl ControlStore {
                         DeployedVersion {
                             version,
                             module_digest: row.try_get(6)?,
+                            replay_from: None,
                             spec: decode(&name, row.try_get(7)?)?.to_spec(&runtime),
                         },
                         weight,
@@ -589,6 +635,37 @@ impl ControlStore {
                 })
             })
             .collect()
+    }
+
+    /// Starts a replay: clears the function's state, applied sequences,
+    /// progress and outbox, and marks the version replayed, in one
+    /// transaction.
+    pub async fn reset_for_replay(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: i32,
+    ) -> Result<(), StoreError> {
+        let runtime = runtime_name(namespace, name);
+        let mut tx = self.pool.begin().await?;
+        for table in ["weir_state", "weir_applied", "weir_progress", "weir_outbox"] {
+            let sql = format!("DELETE FROM {table} WHERE function_name = $1");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&runtime)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE weir_versions SET replayed = true
+             WHERE namespace = $1 AND name = $2 AND version = $3",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The bytes of a stored module.

@@ -536,7 +536,7 @@ impl FunctionWorker {
                 let mut headers = output.headers;
                 self.carry_trace(slot, &mut headers);
                 outputs.push(OutputRecord {
-                    msg_id: output_msg_id(&self.name, sequence, i),
+                    msg_id: output_msg_id(&self.msg_scope(slot.lane), sequence, i),
                     subject: output.subject,
                     payload: output.payload,
                     headers,
@@ -929,6 +929,16 @@ impl FunctionWorker {
         }
     }
 
+    /// What output message ids are scoped by: the function, and for a
+    /// deployed version its number, so a version that replays the stream
+    /// publishes anew instead of being dropped as a duplicate.
+    fn msg_scope(&self, lane: usize) -> String {
+        match self.lanes[lane].number {
+            Some(number) => format!("{}.v{number}", self.name),
+            None => self.name.to_string(),
+        }
+    }
+
     /// Publishes the function's status for `/status`.
     fn report_status(&self) {
         let stable = &self.lanes[0];
@@ -980,7 +990,7 @@ impl FunctionWorker {
             subject: self.dead_letter_subject.clone(),
             payload: message.payload.clone(),
             headers,
-            msg_id: dead_letter_msg_id(&self.name, slot.sequence),
+            msg_id: dead_letter_msg_id(&self.msg_scope(slot.lane), slot.sequence),
         }
     }
 

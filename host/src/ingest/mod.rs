@@ -79,6 +79,16 @@ pub fn consumer_name(function: &str) -> String {
 impl Ingest {
     /// Creates (or reuses) the function's durable consumer.
     pub async fn bind(js: &jetstream::Context, spec: &FunctionSpec) -> Result<Self, IngestError> {
+        Self::bind_at(js, spec, DeliverPolicy::All).await
+    }
+
+    /// Creates the function's durable consumer reading from `start` (an
+    /// existing one keeps its own position).
+    pub async fn bind_at(
+        js: &jetstream::Context,
+        spec: &FunctionSpec,
+        start: DeliverPolicy,
+    ) -> Result<Self, IngestError> {
         let stream_error = |reason: String| IngestError::Stream {
             function: spec.name.clone(),
             stream: spec.stream.clone(),
@@ -96,7 +106,7 @@ impl Ingest {
                 PullConfig {
                     durable_name: Some(name.clone()),
                     filter_subject: spec.subject.clone(),
-                    deliver_policy: DeliverPolicy::All,
+                    deliver_policy: start,
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: Duration::from_millis(spec.ack_wait_ms),
                     // Weir counts attempts itself and dead-letters after the
@@ -237,6 +247,30 @@ impl Ingest {
             pending,
             event,
         })
+    }
+
+    /// Deletes the function's durable consumer, if there is one: a replay
+    /// binds a new one at its start position.
+    pub async fn remove_consumer(
+        js: &jetstream::Context,
+        spec: &FunctionSpec,
+    ) -> Result<(), IngestError> {
+        let stream = js
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|e| IngestError::Stream {
+                function: spec.name.clone(),
+                stream: spec.stream.clone(),
+                reason: e.to_string(),
+            })?;
+        match stream.delete_consumer(&consumer_name(&spec.name)).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.to_string().contains("not found") => Ok(()),
+            Err(error) => Err(IngestError::Consumer {
+                function: spec.name.clone(),
+                reason: error.to_string(),
+            }),
+        }
     }
 
     /// The highest stream sequence at or below which every message of this

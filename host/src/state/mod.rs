@@ -89,6 +89,12 @@ impl StateStore {
         Ok(Self { pool, cache })
     }
 
+    /// Forgets every cached entry: after state was cleared behind the
+    /// cache's back (a replay).
+    pub fn forget_cached(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// A view of the committed entries of `keys`.
     pub async fn view(&self, function: &Arc<str>, keys: &[&str]) -> Result<BatchView, StateError> {
         let mut committed = HashMap::new();

@@ -87,6 +87,10 @@ pub struct DeployArgs {
     /// `weir rollout set`).
     #[arg(long)]
     hold: bool,
+    /// Reprocess the stream from this sequence when the version starts
+    /// serving; the function's state is cleared first.
+    #[arg(long)]
+    replay_from_sequence: Option<u64>,
 }
 
 impl Api {
@@ -177,11 +181,15 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
     api.send(client.put(api.url(&path)).json(&binding))
         .await
         .context("binding the function")?;
+    let mut request = json!({"module": digest});
+    if let Some(sequence) = args.replay_from_sequence {
+        request["replay_from"] = json!({"sequence": sequence});
+    }
     let version = api
         .send(
             client
                 .post(api.url(&format!("{path}/versions")))
-                .json(&json!({"module": digest})),
+                .json(&request),
         )
         .await
         .context("making the version")?;
