@@ -158,6 +158,9 @@ pub struct ApiConfig {
     pub concurrent_compiles: usize,
     /// Longest an upload may take to compile before it is refused.
     pub compile_timeout_secs: u64,
+    /// Whether this host runs the functions deployed through the API. Turn
+    /// it off for a host that only serves the API while others run them.
+    pub run_deployed: bool,
 }
 
 impl Default for ApiConfig {
@@ -169,6 +172,7 @@ impl Default for ApiConfig {
             requests_per_second: 50,
             concurrent_compiles: 2,
             compile_timeout_secs: 60,
+            run_deployed: true,
         }
     }
 }

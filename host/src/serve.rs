@@ -195,7 +195,11 @@ async fn run<S: FunctionSource>(
         static_names,
         running: HashMap::new(),
     };
-    deployed.follow(&pool, &shutdown).await;
+    if config.api.run_deployed {
+        deployed.follow(&pool, &shutdown).await;
+    } else {
+        shutdown.cancelled().await;
+    }
     tracker.wait().await;
     if let Some(api) = api {
         let _ = api.await;

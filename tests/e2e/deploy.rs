@@ -477,3 +477,86 @@ async fn a_version_can_replay_the_stream_from_a_position(
     assert_eq!(seen, expected);
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn another_host_follows_what_the_api_host_deploys(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let streams = vec![
+        stream("COUNTED", &["counted.in"]),
+        stream("COUNTER_OUT", &["counter.out"]),
+        stream("FIXTURE_OUT", &["fixture.out"]),
+    ];
+    // One host serves the API and runs nothing; the other runs what is
+    // deployed, told by Postgres notifications.
+    let mut api_config = stack.config(streams.clone(), vec![]);
+    api_config.api.listen = Some(address);
+    api_config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    api_config.api.run_deployed = false;
+    let api_host = stack.host(api_config).await?;
+    let runner = stack.host(stack.config(streams, vec![])).await?;
+
+    let v1 = upload(address, "counter").await?;
+    let v2 = upload(address, "misbehave").await?;
+    let function = "/v1/namespaces/shop/functions/tally";
+    let binding = serde_json::json!({
+        "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
+        "outputs": ["counter.out", "fixture.out"],
+    });
+    call(address, "PUT", function, ADMIN, &binding).await?;
+    let versions = format!("{function}/versions");
+    call(
+        address,
+        "POST",
+        &versions,
+        ADMIN,
+        &serde_json::json!({"module": v1}),
+    )
+    .await?;
+    call(
+        address,
+        "POST",
+        &versions,
+        ADMIN,
+        &serde_json::json!({"module": v2}),
+    )
+    .await?;
+    let event = |id: u64| {
+        serde_json::json!({"key": "k", "id": id, "value": 1, "do": "ok"})
+            .to_string()
+            .into_bytes()
+    };
+    publish_all(&stack.js, "counted.in", [event(0)]).await?;
+    eventually(Duration::from_secs(30), "the runner running v1", || async {
+        Ok(stream_len(&stack.js, "COUNTER_OUT").await? == 1)
+    })
+    .await?;
+    let switch = serde_json::json!({"stable": 2});
+    call(
+        address,
+        "PUT",
+        &format!("{function}/rollout"),
+        ADMIN,
+        &switch,
+    )
+    .await?;
+    let mut id = 1;
+    eventually(
+        Duration::from_secs(30),
+        "the runner following to v2",
+        || {
+            id += 1;
+            let js = stack.js.clone();
+            async move {
+                publish_all(&js, "counted.in", [event(id)]).await?;
+                Ok(stream_len(&js, "FIXTURE_OUT").await? >= 1)
+            }
+        },
+    )
+    .await?;
+    runner.stop().await?;
+    api_host.stop().await
+}
