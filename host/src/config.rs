@@ -35,6 +35,9 @@ pub struct HostConfig {
     pub artifact_dir: PathBuf,
     /// Upper bound of the state cache, in bytes of cached values.
     pub state_cache_bytes: u64,
+    /// Instances the engine's pool holds, across every function (two per
+    /// function and per canary are plenty).
+    pub max_instances: u32,
     /// Deepest wasm stack any guest may use; past it the call fails as
     /// `stack-overflow`. One value for every function: wasmtime sets it
     /// per engine.
@@ -64,6 +67,7 @@ impl Default for HostConfig {
             artifact_dir: std::env::temp_dir().join("weir-artifacts"),
             state_cache_bytes: 256 * 1024 * 1024,
             max_wasm_stack_bytes: 512 * 1024,
+            max_instances: 256,
             dead_letter_prefix: "weir.dlq".into(),
             health_listen: None,
             tracing: TracingConfig::default(),
@@ -311,6 +315,15 @@ impl FunctionSpec {
         }
         if self.outputs.iter().any(|s| s.is_empty() || s.contains(' ')) {
             return Some("outputs must be NATS subjects");
+        }
+        // `>` alone or `$...` would let a guest publish to system subjects,
+        // the JetStream API among them, with the host's credentials.
+        if self
+            .outputs
+            .iter()
+            .any(|s| s.starts_with('$') || s.starts_with('>') || s.starts_with("*."))
+        {
+            return Some("outputs must not be `$` system subjects or start with a wildcard");
         }
         if let KeySource::JsonPointer(p) | KeySource::Header(p) = &self.key
             && p.is_empty()

@@ -185,9 +185,11 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 }
 
 /// Whether `subject` is a valid subject to publish to: non-empty tokens, no
-/// wildcards, no whitespace.
+/// wildcards, no whitespace, and not a `$` system subject (the JetStream
+/// API lives under `$JS`).
 pub fn is_publishable_subject(subject: &str) -> bool {
     !subject.is_empty()
+        && !subject.starts_with('$')
         && subject
             .split('.')
             .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(char::is_whitespace))
@@ -226,6 +228,7 @@ mod tests {
         assert!(!is_publishable_subject("orders..x"));
         assert!(!is_publishable_subject("orders x"));
         assert!(!is_publishable_subject(""));
+        assert!(!is_publishable_subject("$JS.API.STREAM.DELETE.ORDERS"));
     }
 
     #[test]

@@ -158,7 +158,7 @@ async fn run<S: FunctionSource>(
     let slots = u32::try_from(functions.len() * 2 + 8).unwrap_or(u32::MAX);
     let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         artifact_dir: config.artifact_dir.clone(),
-        max_instances: slots.max(SandboxConfig::default().max_instances),
+        max_instances: slots.max(config.max_instances),
         max_memory_bytes: max_memory,
         max_wasm_stack_bytes: config.max_wasm_stack_bytes,
         ..SandboxConfig::default()
@@ -235,6 +235,16 @@ struct Deployed {
     running: HashMap<String, DeployedWorker>,
 }
 
+/// Stops workers together: each finishes its batch in hand.
+async fn stop_all(workers: Vec<DeployedWorker>) {
+    for worker in &workers {
+        worker.stop.cancel();
+    }
+    for worker in workers {
+        let _ = worker.task.await;
+    }
+}
+
 /// How often the host re-reads deployments even without a notification
 /// (one missed while its listener reconnected, say).
 const RESYNC_EVERY: Duration = Duration::from_secs(10);
@@ -275,10 +285,7 @@ impl Deployed {
                 _ = tokio::time::sleep(RESYNC_EVERY) => {}
             }
         }
-        for (_, worker) in self.running.drain() {
-            worker.stop.cancel();
-            let _ = worker.task.await;
-        }
+        stop_all(self.running.drain().map(|(_, worker)| worker).collect()).await;
     }
 
     /// Brings the running workers in line with the deployments.
@@ -309,13 +316,22 @@ impl Deployed {
             {
                 continue;
             }
-            // The old version finishes its batch first: the new one starts
-            // where its durable consumer stopped.
+            // Load the new versions first: one that cannot load leaves the
+            // running one serving.
+            let prepared = match self.prepare(&deployment).await {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    tracing::error!(function = %name, rollout = ?deployment.rollout, %error, "cannot load deployment; what runs keeps running");
+                    continue;
+                }
+            };
+            // The old worker finishes its batch first: the new one starts
+            // where the durable consumer stopped.
             if let Some(old) = self.running.remove(&name) {
                 old.stop.cancel();
                 let _ = old.task.await;
             }
-            match self.start(&deployment).await {
+            match self.launch(&deployment, prepared).await {
                 Ok(task) => {
                     tracing::info!(function = %name, rollout = ?deployment.rollout, "deployment running");
                     self.running.insert(
@@ -337,12 +353,13 @@ impl Deployed {
             .filter(|name| !wanted.contains(*name))
             .cloned()
             .collect();
+        let stopping: Vec<DeployedWorker> = gone
+            .iter()
+            .filter_map(|name| self.running.remove(name))
+            .collect();
+        stop_all(stopping).await;
         for name in gone {
-            if let Some(worker) = self.running.remove(&name) {
-                worker.stop.cancel();
-                let _ = worker.task.await;
-                tracing::info!(function = %name, "deployed function stopped");
-            }
+            tracing::info!(function = %name, "deployed function stopped");
         }
     }
 
@@ -367,6 +384,10 @@ impl Deployed {
             &self.env,
         )
         .await
+        .map(|code| VersionCode {
+            replayed: version.replays,
+            ..code
+        })
     }
 
     /// Clears the function's state, progress and consumer, then binds a
@@ -382,16 +403,6 @@ impl Deployed {
             function: spec.name.clone(),
             reason: format!("starting the replay: {reason}"),
         };
-        Ingest::remove_consumer(&self.env.js, spec).await?;
-        self.control
-            .reset_for_replay(
-                &deployment.namespace,
-                &deployment.name,
-                deployment.stable.version,
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        self.env.state.forget_cached();
         let start = match from {
             ReplayFrom::Sequence(start_sequence) => DeliverPolicy::ByStartSequence {
                 start_sequence: start_sequence.max(1),
@@ -403,16 +414,45 @@ impl Deployed {
                 .map_err(|e| failed(e.to_string()))?,
             },
         };
+        // Consumer first, then state: a crash in between repeats the
+        // replay from the start (the version is not marked yet) instead of
+        // resuming the old position on cleared state.
+        Ingest::remove_consumer(&self.env.js, spec).await?;
+        let ingest = Ingest::bind_at(&self.env.js, spec, start).await?;
+        self.control
+            .reset_for_replay(
+                &deployment.namespace,
+                &deployment.name,
+                deployment.stable.version,
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        self.env.state.forget_cached();
         tracing::info!(function = %spec.name, ?from, version = deployment.stable.version, "replaying: state cleared, reading the stream again");
-        Ok(Ingest::bind_at(&self.env.js, spec, start).await?)
+        Ok(ingest)
     }
 
-    async fn start(&self, deployment: &Deployment) -> Result<DeployedWorker, ServeError> {
+    /// Loads and instantiates a deployment's versions, without touching
+    /// what runs.
+    async fn prepare(
+        &self,
+        deployment: &Deployment,
+    ) -> Result<(VersionCode, Option<(VersionCode, u8)>), ServeError> {
         let stable = self.load(&deployment.stable).await?;
         let canary = match &deployment.canary {
             Some((version, weight)) => Some((self.load(version).await?, *weight)),
             None => None,
         };
+        Ok((stable, canary))
+    }
+
+    /// Binds the consumer (starting a replay if one is due) and runs the
+    /// prepared versions.
+    async fn launch(
+        &self,
+        deployment: &Deployment,
+        (stable, canary): (VersionCode, Option<(VersionCode, u8)>),
+    ) -> Result<DeployedWorker, ServeError> {
         let spec = deployment.stable.spec.clone();
         let ingest = match deployment.stable.replay_from {
             None => Ingest::bind(&self.env.js, &spec).await?,
@@ -512,6 +552,7 @@ async fn load_version(
         settings,
         instance: Some(instance),
         number,
+        replayed: false,
     })
 }
 

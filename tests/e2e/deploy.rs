@@ -347,6 +347,21 @@ async fn bad_function_calls_name_the_problem(
     .await?;
     assert_eq!(no_version.status, 422);
     assert!(no_version.body.contains("no version 9"), "{no_version:?}");
+    // System subjects are never outputs.
+    let system = serde_json::json!({"stream": "S", "subject": "s.in", "key": {"header": "k"},
+                                    "outputs": ["$JS.API.>"]});
+    let refused = call(address, "PUT", function, ADMIN, &system).await?;
+    assert_eq!(refused.status, 422);
+    assert!(refused.body.contains("system subjects"), "{refused:?}");
+    let missing = call(
+        address,
+        "POST",
+        "/v1/namespaces/shop/functions/missing/rollout/promote",
+        ADMIN,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    assert_eq!(missing.status, 404);
 
     // Another namespace's token sees nothing here.
     let token = call(
@@ -559,4 +574,52 @@ async fn another_host_follows_what_the_api_host_deploys(
     .await?;
     runner.stop().await?;
     api_host.stop().await
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_deployed_function_keeps_its_stream_and_replays_only_from_the_past(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(
+        vec![
+            stream("COUNTED", &["counted.in"]),
+            stream("COUNTER_OUT", &["counter.out"]),
+        ],
+        vec![],
+    );
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    let host = stack.host(config).await?;
+    let module = upload(address, "counter").await?;
+    let function = "/v1/namespaces/shop/functions/tally";
+    let binding = serde_json::json!({
+        "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
+        "outputs": ["counter.out"],
+    });
+    call(address, "PUT", function, ADMIN, &binding).await?;
+    let versions = format!("{function}/versions");
+    call(
+        address,
+        "POST",
+        &versions,
+        ADMIN,
+        &serde_json::json!({"module": module}),
+    )
+    .await?;
+    let mut moved = binding.clone();
+    moved["stream"] = "OTHER".into();
+    let refused = call(address, "PUT", function, ADMIN, &moved).await?;
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert!(
+        refused.body.contains("reads stream `COUNTED`"),
+        "{refused:?}"
+    );
+    let future = serde_json::json!({"module": module, "replay_from": {"time_ms": i64::MAX}});
+    let refused = call(address, "POST", &versions, ADMIN, &future).await?;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    assert!(refused.body.contains("past time"), "{refused:?}");
+    host.stop().await
 }

@@ -157,6 +157,16 @@ impl From<StoreError> for ApiError {
                     "a stored function binding cannot be read; see the host log",
                 )
             }
+            // A row it refers to went away meanwhile (a racing delete).
+            StoreError::Database(sqlx::Error::Database(db))
+                if db.code().as_deref() == Some("23503") =>
+            {
+                Self::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the function or version was removed meanwhile",
+                )
+            }
             StoreError::Database(error) => Self::unavailable("the control store", &error),
         }
     }
@@ -388,6 +398,21 @@ async fn put_function(
             problem,
         ));
     }
+    // Its durable consumer, applied sequences and state belong to one
+    // stream: a function with versions cannot move to another.
+    if let Some(existing) = state.store.get_function(&namespace, &name).await?
+        && !existing.versions.is_empty()
+        && existing.binding.stream != binding.stream
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "function `{name}` reads stream `{}`; deploy a new function to read `{}`",
+                existing.binding.stream, binding.stream
+            ),
+        ));
+    }
     let created = state
         .store
         .put_function(&namespace, &name, &binding)
@@ -487,6 +512,18 @@ async fn create_version(
     principal.require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
     let Json(request) = body?;
+    if let Some(super::store::ReplayFrom::TimeMs(ms)) = request.replay_from {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        if !(0..=now_ms).contains(&ms) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "replay_from.time_ms must be a past time, in ms since the Unix epoch",
+            ));
+        }
+    }
     let version = state
         .store
         .create_version(&namespace, &name, &request.module, request.replay_from)
@@ -542,6 +579,9 @@ async fn promote(
         .await?
         .require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
+    if state.store.get_function(&namespace, &name).await?.is_none() {
+        return Err(no_function(&namespace, &name));
+    }
     state.store.promote(&namespace, &name).await?;
     current(&state, &namespace, &name).await
 }
@@ -555,6 +595,9 @@ async fn rollback(
         .await?
         .require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
+    if state.store.get_function(&namespace, &name).await?.is_none() {
+        return Err(no_function(&namespace, &name));
+    }
     state.store.rollback(&namespace, &name, None).await?;
     current(&state, &namespace, &name).await
 }

@@ -188,6 +188,8 @@ pub struct DeployedVersion {
     /// A replay still to start: the host clears the function's state and
     /// reads the stream from here.
     pub replay_from: Option<ReplayFrom>,
+    /// Whether the version was made to replay (started or not).
+    pub replays: bool,
     /// Named by [`runtime_name`]; the stable version's binding decides the
     /// consumer and the key.
     pub spec: FunctionSpec,
@@ -525,6 +527,35 @@ impl ControlStore {
         self.end_canary(namespace, name, false, reason).await
     }
 
+    /// Rolls the canary back only if the rollout is still `(stable,
+    /// canary)`: a worker judging an older rollout must not undo a newer
+    /// one.
+    pub async fn rollback_if(
+        &self,
+        namespace: &str,
+        name: &str,
+        (stable, canary): (i32, i32),
+        reason: &str,
+    ) -> Result<i32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let serving: Option<i32> = sqlx::query_scalar(
+            "UPDATE weir_rollouts SET canary = NULL, weight = 0, rolled_back = $5, updated_at = now()
+             WHERE namespace = $1 AND name = $2 AND stable = $3 AND canary = $4
+             RETURNING stable",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(stable)
+        .bind(canary)
+        .bind(reason)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let serving = serving.ok_or_else(|| StoreError::NoCanary(name.to_string()))?;
+        notify(&mut tx, namespace, name).await?;
+        tx.commit().await?;
+        Ok(serving)
+    }
+
     async fn end_canary(
         &self,
         namespace: &str,
@@ -586,7 +617,9 @@ impl ControlStore {
                     r.canary, c.module_digest, c.spec::text, r.weight,
                     r.rollback_margin, r.rollback_min_calls,
                     CASE WHEN s.replayed THEN NULL ELSE s.replay_from_sequence END,
-                    CASE WHEN s.replayed THEN NULL ELSE s.replay_from_ms END
+                    CASE WHEN s.replayed THEN NULL ELSE s.replay_from_ms END,
+                    (s.replay_from_sequence IS NOT NULL OR s.replay_from_ms IS NOT NULL),
+                    (c.replay_from_sequence IS NOT NULL OR c.replay_from_ms IS NOT NULL)
              FROM weir_rollouts r
              JOIN weir_versions s
                ON s.namespace = r.namespace AND s.name = r.name AND s.version = r.stable
@@ -596,45 +629,57 @@ impl ControlStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let (namespace, name): (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                let runtime = runtime_name(&namespace, &name);
-                let stable = DeployedVersion {
-                    version: row.try_get(2)?,
-                    module_digest: row.try_get(3)?,
-                    replay_from: replay_from(row.try_get(11)?, row.try_get(12)?),
-                    spec: decode(&name, row.try_get(4)?)?.to_spec(&runtime),
-                };
-                let weight = u8::try_from(row.try_get::<i32, _>(8)?).unwrap_or(0);
-                let canary = match row.try_get::<Option<i32>, _>(5)? {
-                    Some(version) => Some((
-                        DeployedVersion {
-                            version,
-                            module_digest: row.try_get(6)?,
-                            replay_from: None,
-                            spec: decode(&name, row.try_get(7)?)?.to_spec(&runtime),
-                        },
-                        weight,
-                    )),
-                    None => None,
-                };
-                let rollout = Rollout {
-                    stable: stable.version,
-                    canary: canary.as_ref().map(|(c, _)| c.version),
+        let deployments = rows.iter().map(|row| {
+            let (namespace, name): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            let runtime = runtime_name(&namespace, &name);
+            let stable = DeployedVersion {
+                version: row.try_get(2)?,
+                module_digest: row.try_get(3)?,
+                replay_from: replay_from(row.try_get(11)?, row.try_get(12)?),
+                replays: row.try_get(13)?,
+                spec: decode(&name, row.try_get(4)?)?.to_spec(&runtime),
+            };
+            let weight = u8::try_from(row.try_get::<i32, _>(8)?).unwrap_or(0);
+            let canary = match row.try_get::<Option<i32>, _>(5)? {
+                Some(version) => Some((
+                    DeployedVersion {
+                        version,
+                        module_digest: row.try_get(6)?,
+                        replay_from: None,
+                        replays: row.try_get::<Option<bool>, _>(14)?.unwrap_or(false),
+                        spec: decode(&name, row.try_get(7)?)?.to_spec(&runtime),
+                    },
                     weight,
-                    rollback_margin: row.try_get(9)?,
-                    rollback_min_calls: u32::try_from(row.try_get::<i32, _>(10)?).unwrap_or(0),
-                };
-                Ok(Deployment {
-                    namespace,
-                    name,
-                    stable,
-                    canary,
-                    rollout,
-                })
+                )),
+                None => None,
+            };
+            let rollout = Rollout {
+                stable: stable.version,
+                canary: canary.as_ref().map(|(c, _)| c.version),
+                weight,
+                rollback_margin: row.try_get(9)?,
+                rollback_min_calls: u32::try_from(row.try_get::<i32, _>(10)?).unwrap_or(0),
+            };
+            Ok(Deployment {
+                namespace,
+                name,
+                stable,
+                canary,
+                rollout,
             })
-            .collect()
+        });
+        // One unreadable row must not stop every other function's changes.
+        Ok(deployments
+            .filter_map(
+                |deployment: Result<Deployment, StoreError>| match deployment {
+                    Ok(deployment) => Some(deployment),
+                    Err(error) => {
+                        tracing::error!(%error, "skipping an unreadable deployment");
+                        None
+                    }
+                },
+            )
+            .collect())
     }
 
     /// Starts a replay: clears the function's state, applied sequences,

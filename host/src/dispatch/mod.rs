@@ -133,6 +133,8 @@ struct Lane {
     version: String,
     /// The deployed version number, for functions deployed through the API.
     number: Option<i32>,
+    /// Whether this version replays the stream.
+    replayed: bool,
     code: FunctionCode,
     settings: InstanceSettings,
     /// Taken while a batch runs on the blocking thread.
@@ -155,6 +157,8 @@ pub struct VersionCode {
     pub settings: InstanceSettings,
     pub instance: Option<FunctionInstance>,
     pub number: Option<i32>,
+    /// A deployed version made to replay the stream.
+    pub replayed: bool,
 }
 
 /// The deployment a worker runs, so it can roll a failing canary back and
@@ -250,7 +254,12 @@ impl FunctionWorker {
         let lanes: Vec<Lane> = std::iter::once(stable)
             .chain(canary.map(|(code, _)| code))
             .map(|version| {
-                let label = version_of(&version.code);
+                // Deployed versions by number (two may share a module);
+                // configured functions by module digest.
+                let label = match version.number {
+                    Some(number) => format!("v{number}"),
+                    None => version_of(&version.code),
+                };
                 let metrics = WorkerMetrics::new(&spec.name, &label);
                 metrics.breaker_state.set(0.0);
                 Lane {
@@ -260,6 +269,7 @@ impl FunctionWorker {
                     )),
                     version: label,
                     number: version.number,
+                    replayed: version.replayed,
                     code: version.code,
                     settings: version.settings,
                     instance: version.instance,
@@ -329,19 +339,22 @@ impl FunctionWorker {
                 }
                 continue;
             }
-            let budget = self
-                .lanes
-                .iter()
-                .filter_map(|lane| lane.breaker.as_ref())
-                .map(Breaker::call_budget)
-                .min()
-                .unwrap_or(usize::MAX);
+            // The stable version's breaker sizes the batch; a canary's open
+            // breaker defers only the canary's keys.
+            let budget = self.lanes[0]
+                .breaker
+                .as_ref()
+                .map_or(usize::MAX, Breaker::call_budget);
             let Some(batch) = self.ingest.next_batch(&cancel, budget).await else {
                 break;
             };
             self.process(batch, &cancel).await;
             self.report_status();
-            self.watch_canary().await;
+            // A worker being replaced must not judge a rollout that may
+            // already have changed.
+            if !cancel.is_cancelled() {
+                self.watch_canary().await;
+            }
             self.batches += 1;
             if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
                 self.prune_applied().await;
@@ -917,12 +930,17 @@ impl FunctionWorker {
             link.rollout.rollback_margin
         );
         tracing::warn!(function = %self.name, %reason, "rolling the canary back");
+        let expected = (
+            stable.number.unwrap_or_default(),
+            canary.number.unwrap_or_default(),
+        );
         match link
             .store
-            .rollback(&link.namespace, &link.name, Some(&reason))
+            .rollback_if(&link.namespace, &link.name, expected, &reason)
             .await
         {
-            Ok(_) => self.rolled_back = true,
+            // Not ours to roll back any more: the rollout has changed.
+            Ok(_) | Err(crate::control::store::StoreError::NoCanary(_)) => self.rolled_back = true,
             Err(error) => {
                 tracing::warn!(function = %self.name, %error, "cannot roll the canary back yet")
             }
@@ -933,9 +951,13 @@ impl FunctionWorker {
     /// deployed version its number, so a version that replays the stream
     /// publishes anew instead of being dropped as a duplicate.
     fn msg_scope(&self, lane: usize) -> String {
-        match self.lanes[lane].number {
-            Some(number) => format!("{}.v{number}", self.name),
-            None => self.name.to_string(),
+        let lane = &self.lanes[lane];
+        match (lane.number, lane.replayed) {
+            (Some(number), false) => format!("{}.v{number}", self.name),
+            // Its replay publishes the same sequences again, possibly
+            // within the duplicate window of its own earlier outputs.
+            (Some(number), true) => format!("{}.v{number}.replay", self.name),
+            (None, _) => self.name.to_string(),
         }
     }
 
@@ -1013,20 +1035,18 @@ impl FunctionWorker {
             )
             .increment(count);
         }
-        let dead = decisions
-            .iter()
-            .filter(|d| **d == AckDecision::DeadLetter)
-            .count();
-        let retried = slots
-            .iter()
-            .zip(decisions)
-            .filter(|(slot, d)| {
-                matches!(d, AckDecision::Nak { .. })
-                    && !matches!(slot.outcome, Some(EventOutcome::Deferred { .. }))
-            })
-            .count();
-        self.lanes[0].metrics.dead_letters.increment(dead as u64);
-        self.lanes[0].metrics.retries.increment(retried as u64);
+        for (slot, decision) in slots.iter().zip(decisions) {
+            let metrics = &self.lanes[slot.lane].metrics;
+            match decision {
+                AckDecision::DeadLetter => metrics.dead_letters.increment(1),
+                AckDecision::Nak { .. }
+                    if !matches!(slot.outcome, Some(EventOutcome::Deferred { .. })) =>
+                {
+                    metrics.retries.increment(1)
+                }
+                _ => {}
+            }
+        }
     }
 
     fn log_outcome(&self, slot: &Slot, decision: AckDecision) {

@@ -100,27 +100,48 @@ impl Ingest {
             .map_err(|e| stream_error(e.to_string()))?;
         let name = consumer_name(&spec.name);
         let max_ack_pending = i64::try_from(spec.batch_size * 4).unwrap_or(i64::MAX);
-        let consumer: PullConsumer = stream
-            .get_or_create_consumer(
-                &name,
-                PullConfig {
-                    durable_name: Some(name.clone()),
-                    filter_subject: spec.subject.clone(),
-                    deliver_policy: start,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_millis(spec.ack_wait_ms),
-                    // Weir counts attempts itself and dead-letters after the
-                    // last one; a server-side limit would drop events silently.
-                    max_deliver: -1,
-                    max_ack_pending,
-                    ..Default::default()
-                },
-            )
+        let wanted = PullConfig {
+            durable_name: Some(name.clone()),
+            filter_subject: spec.subject.clone(),
+            deliver_policy: start,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_millis(spec.ack_wait_ms),
+            // Weir counts attempts itself and dead-letters after the last
+            // one; a server-side limit would drop events silently.
+            max_deliver: -1,
+            max_ack_pending,
+            ..Default::default()
+        };
+        let consumer_error = |e: &dyn std::fmt::Display| IngestError::Consumer {
+            function: spec.name.clone(),
+            reason: e.to_string(),
+        };
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(&name, wanted.clone())
             .await
-            .map_err(|e| IngestError::Consumer {
-                function: spec.name.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| consumer_error(&e))?;
+        // An existing consumer keeps the settings it was made with; bring
+        // the ones a binding can change up to date (its position stays).
+        let current = &consumer.cached_info().config;
+        if current.filter_subject != wanted.filter_subject
+            || current.ack_wait != wanted.ack_wait
+            || current.max_ack_pending != wanted.max_ack_pending
+        {
+            let updated = PullConfig {
+                deliver_policy: current.deliver_policy,
+                ..wanted
+            };
+            tracing::info!(function = %spec.name, subject = %spec.subject, "updating the function's consumer to its binding");
+            // Creating an existing durable with a new configuration edits it
+            // where the server allows; where it does not, say so and run on
+            // the consumer as it is.
+            match stream.create_consumer(updated).await {
+                Ok(updated) => consumer = updated,
+                Err(error) => {
+                    tracing::warn!(function = %spec.name, %error, "the consumer keeps its old settings")
+                }
+            }
+        }
         Ok(Self {
             function: spec.name.clone(),
             consumer,

@@ -168,16 +168,20 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
         .await
         .context("uploading the module")?;
     let digest = module["digest"].as_str().context("the module's digest")?;
-    let mut binding = json!({
-        "stream": args.stream,
-        "subject": args.subject,
-        "key": key_source(&args.key)?,
-        "outputs": args.outputs,
-    });
+    let path = api.function_path(&args.name);
+    // Settings made earlier through the API (limits, retry, breaker, ...)
+    // stay; the flags replace what they name.
+    let mut binding = match api.get(&path).await {
+        Ok(existing) => existing["binding"].clone(),
+        Err(_) => json!({}),
+    };
+    binding["stream"] = json!(args.stream);
+    binding["subject"] = json!(args.subject);
+    binding["key"] = key_source(&args.key)?;
+    binding["outputs"] = json!(args.outputs);
     if let Some(batch_size) = args.batch_size {
         binding["batch_size"] = json!(batch_size);
     }
-    let path = api.function_path(&args.name);
     api.send(client.put(api.url(&path)).json(&binding))
         .await
         .context("binding the function")?;
@@ -194,6 +198,7 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
         .await
         .context("making the version")?;
     let number = version["version"].as_u64().context("the version number")?;
+    let mut serving = !args.hold;
     if !args.hold {
         api.send(
             client
@@ -202,10 +207,13 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
         )
         .await
         .context("switching to the new version")?;
+    } else {
+        // A function's first version serves at once, held or not.
+        serving = api.get(&path).await?["stable"].as_u64() == Some(number);
     }
     let summary = json!({
         "namespace": api.namespace, "name": args.name, "version": number,
-        "module": digest, "serving": !args.hold,
+        "module": digest, "serving": serving,
     });
     api.print(&summary, |_| {
         format!(
@@ -213,7 +221,7 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
             api.namespace,
             args.name,
             &digest[..12.min(digest.len())],
-            if args.hold {
+            if !serving {
                 ", not serving yet"
             } else {
                 ", serving"
