@@ -206,3 +206,47 @@ async fn hostile_guests_fail_alone_and_the_neighbour_loses_nothing(
     );
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_host_stopped_while_a_guest_loops_stops_within_the_deadlines(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let looper = FunctionSpec {
+        outputs: vec!["fixture.out".into()],
+        limits: Limits {
+            deadline_ms: 200,
+            ..Limits::default()
+        },
+        batch_size: 5,
+        ..FunctionSpec::new(
+            "looper",
+            component("misbehave")?,
+            "LOOP_IN",
+            "loop.in",
+            KeySource::JsonPointer("/key".into()),
+        )
+    };
+    let config = stack.config(
+        vec![
+            stream("LOOP_IN", &["loop.in"]),
+            stream("FIXTURE_OUT", &["fixture.out"]),
+        ],
+        vec![looper],
+    );
+    let host = stack.host(config).await?;
+    let loops = (0..50).map(|i| {
+        serde_json::json!({"do": "loop", "key": format!("k{i}")})
+            .to_string()
+            .into_bytes()
+    });
+    publish_all(&stack.js, "loop.in", loops).await?;
+    // Guests are spinning now; a graceful stop finishes the batch in hand,
+    // which the deadlines bound (5 × 200 ms), however the host tears down.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::timeout(Duration::from_secs(30), host.stop())
+        .await
+        .context("the host did not stop: a looping guest was no longer interrupted")??;
+    Ok(())
+}

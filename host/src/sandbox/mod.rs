@@ -95,7 +95,7 @@ pub struct Sandbox {
     linker: Linker<InvocationState>,
     artifact_dir: PathBuf,
     engine_tag: String,
-    _ticker: Option<EpochTicker>,
+    ticker: Option<Arc<EpochTicker>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -112,6 +112,9 @@ pub struct FunctionCode {
     digest: String,
     pre: EventHandlerPre<InvocationState>,
     engine: Engine,
+    /// Keeps the epoch ticking for as long as code of this engine can run:
+    /// without it a looping guest would never be interrupted.
+    _ticker: Option<Arc<EpochTicker>>,
 }
 
 impl std::fmt::Debug for FunctionCode {
@@ -173,7 +176,7 @@ impl Sandbox {
             linker,
             artifact_dir: config.artifact_dir.clone(),
             engine_tag,
-            _ticker: ticker,
+            ticker: ticker.map(Arc::new),
         })
     }
 
@@ -218,6 +221,7 @@ impl Sandbox {
             digest,
             pre,
             engine: self.engine.clone(),
+            _ticker: self.ticker.clone(),
         })
     }
 
