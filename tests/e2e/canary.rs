@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
-use weir_host::config::Secret;
 use weir_host::dispatch::lane_for;
 
 const ADMIN: &str = "weir_bootstrap_for_canary_tests";
@@ -54,19 +53,16 @@ async fn call(
 /// Both count events per key in the `count` entry.
 async fn deployed(db: &PgConnectOptions, retry: serde_json::Value) -> Result<Deployed> {
     let stack = Stack::start(db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(
+    let (host, address) = api_host(
+        &stack,
         vec![
             stream("COUNTED", &["counted.in"]),
             stream("COUNTER_OUT", &["counter.out"]),
             stream("FIXTURE_OUT", &["fixture.out"]),
         ],
-        vec![],
-    );
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 10_000;
-    let host = stack.host(config).await?;
+        ADMIN,
+    )
+    .await?;
     let auth = format!("Bearer {ADMIN}");
     let mut digests = Vec::new();
     for name in ["counter", "misbehave"] {

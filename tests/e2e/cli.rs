@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::process::weir_binary;
 use weir_e2e::*;
-use weir_host::config::Secret;
 
 const ADMIN: &str = "weir_bootstrap_for_cli_tests";
 
@@ -37,21 +36,15 @@ async fn the_cli_deploys_lists_switches_and_removes(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(
+    let (host, address) = api_host(
+        &stack,
         vec![
             stream("COUNTED", &["counted.in"]),
             stream("COUNTER_OUT", &["counter.out"]),
             stream("FIXTURE_OUT", &["fixture.out"]),
         ],
-        vec![],
-    );
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    let host = stack.host(config).await?;
-    eventually(Duration::from_secs(60), "the API", || async {
-        Ok(http_get(address, "/v1/x").await.is_ok())
-    })
+        ADMIN,
+    )
     .await?;
     let counter = component("counter")?;
     let misbehave = component("misbehave")?;

@@ -79,19 +79,16 @@ async fn deploy_switch_versions_live_and_lose_nothing(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(
+    let (host, address) = api_host(
+        &stack,
         vec![
             stream("COUNTED", &["counted.in"]),
             stream("COUNTER_OUT", &["counter.out"]),
             stream("FIXTURE_OUT", &["fixture.out"]),
         ],
-        vec![],
-    );
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 10_000;
-    let host = stack.host(config).await?;
+        ADMIN,
+    )
+    .await?;
 
     // Two modules that both count events per key in the `count` entry: v1
     // (`counter`) reports on counter.out, v2 (`misbehave`, action ok) on
@@ -408,17 +405,15 @@ async fn a_version_can_replay_the_stream_from_a_position(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(
+    let (host, address) = api_host(
+        &stack,
         vec![
             stream("COUNTED", &["counted.in"]),
             stream("COUNTER_OUT", &["counter.out"]),
         ],
-        vec![],
-    );
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    let host = stack.host(config).await?;
+        ADMIN,
+    )
+    .await?;
     let module = upload(address, "counter").await?;
     let function = "/v1/namespaces/shop/functions/tally";
     let binding = serde_json::json!({
@@ -582,17 +577,15 @@ async fn a_deployed_function_keeps_its_stream_and_replays_only_from_the_past(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(
+    let (host, address) = api_host(
+        &stack,
         vec![
             stream("COUNTED", &["counted.in"]),
             stream("COUNTER_OUT", &["counter.out"]),
         ],
-        vec![],
-    );
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    let host = stack.host(config).await?;
+        ADMIN,
+    )
+    .await?;
     let module = upload(address, "counter").await?;
     let function = "/v1/namespaces/shop/functions/tally";
     let binding = serde_json::json!({

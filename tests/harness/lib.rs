@@ -285,6 +285,28 @@ impl Stack {
     }
 }
 
+/// Starts a host serving the control-plane API (with `token` as its
+/// bootstrap admin token, no rate limit to speak of) over these streams,
+/// and waits until `/v1` answers.
+pub async fn api_host(
+    stack: &Stack,
+    streams: Vec<StreamSpec>,
+    token: &str,
+) -> Result<(RunningHost, std::net::SocketAddr)> {
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(streams, vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(weir_host::config::Secret(token.into()));
+    config.api.requests_per_second = 100_000;
+    let host = stack.host(config).await?;
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/").await.is_ok())
+    })
+    .await?;
+    Ok((host, address))
+}
+
 /// A host running in this process until [`RunningHost::stop`].
 pub struct RunningHost {
     shutdown: CancellationToken,

@@ -573,33 +573,38 @@ async fn current(
 async fn promote(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(function): Path<(String, String)>,
 ) -> Result<Json<FunctionRecord>, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    if state.store.get_function(&namespace, &name).await?.is_none() {
-        return Err(no_function(&namespace, &name));
-    }
-    state.store.promote(&namespace, &name).await?;
-    current(&state, &namespace, &name).await
+    end_canary(&state, &headers, function, true).await
 }
 
 async fn rollback(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(function): Path<(String, String)>,
 ) -> Result<Json<FunctionRecord>, ApiError> {
-    caller(&state, &headers)
+    end_canary(&state, &headers, function, false).await
+}
+
+/// Promotes the canary, or rolls it back.
+async fn end_canary(
+    state: &ApiState,
+    headers: &HeaderMap,
+    (namespace, name): (String, String),
+    promote: bool,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    caller(state, headers)
         .await?
         .require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
     if state.store.get_function(&namespace, &name).await?.is_none() {
         return Err(no_function(&namespace, &name));
     }
-    state.store.rollback(&namespace, &name, None).await?;
-    current(&state, &namespace, &name).await
+    match promote {
+        true => state.store.promote(&namespace, &name).await?,
+        false => state.store.rollback(&namespace, &name, None).await?,
+    };
+    current(state, &namespace, &name).await
 }
 
 /// A namespace name: what is safe in URLs, subjects and consumer names.
