@@ -149,16 +149,7 @@ async fn a_function_that_turns_slow_is_cut_off_and_loses_nothing(
         stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await?,
         0
     );
-    let pool = stack.pool().await?;
-    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT key, value FROM weir_state WHERE function_name = 'slowpoke' AND name = 'count' ORDER BY key",
-    )
-    .fetch_all(&pool)
-    .await?;
-    let counts: Vec<(String, String)> = counts
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect();
+    let counts = state_entries(&stack, "slowpoke", "count").await?;
     let expected: Vec<(String, String)> = (0..3)
         .map(|k| (format!("k{k}"), (total / 3).to_string()))
         .collect();

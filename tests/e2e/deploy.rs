@@ -205,16 +205,7 @@ async fn deploy_switch_versions_live_and_lose_nothing(
         "v1 serves again after the switch back"
     );
     // The versions share the function's state: counts are exact.
-    let pool = stack.pool().await?;
-    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT key, value FROM weir_state WHERE function_name = 'shop_tally' AND name = 'count' ORDER BY key",
-    )
-    .fetch_all(&pool)
-    .await?;
-    let counts: Vec<(String, String)> = counts
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect();
+    let counts = state_entries(&stack, "shop_tally", "count").await?;
     let expected: Vec<(String, String)> = (0..10).map(|k| (format!("k{k}"), "60".into())).collect();
     assert_eq!(counts, expected);
     assert!(
@@ -468,16 +459,7 @@ async fn a_version_can_replay_the_stream_from_a_position(
     assert_eq!(shown.json()?["versions"][1]["replayed"], true);
     host.stop().await?;
 
-    let pool = stack.pool().await?;
-    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT key, value FROM weir_state WHERE function_name = 'shop_tally' AND name = 'count' ORDER BY key",
-    )
-    .fetch_all(&pool)
-    .await?;
-    let counts: Vec<(String, String)> = counts
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect();
+    let counts = state_entries(&stack, "shop_tally", "count").await?;
     let expected: Vec<(String, String)> = (0..10).map(|k| (format!("k{k}"), "11".into())).collect();
     assert_eq!(counts, expected);
     // Each id twice on the output: once per pass (the first 100 only).

@@ -356,16 +356,7 @@ async fn an_unreachable_trace_backend_costs_no_events(
     })
     .await?;
     host.stop().await?;
-    let pool = stack.pool().await?;
-    let counts: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT key, value FROM weir_state WHERE function_name = 'counter' AND name = 'count' ORDER BY key",
-    )
-    .fetch_all(&pool)
-    .await?;
-    let counts: Vec<(String, String)> = counts
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect();
+    let counts = state_entries(&stack, "counter", "count").await?;
     let expected: Vec<(String, String)> = (0..5)
         .map(|k| (format!("k{k}"), "100".to_string()))
         .collect();

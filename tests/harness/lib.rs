@@ -512,6 +512,26 @@ pub async fn wait_for_consumer(
     .await
 }
 
+/// Every key's value of state entry `name` of `function`, as text, by key.
+pub async fn state_entries(
+    stack: &Stack,
+    function: &str,
+    name: &str,
+) -> Result<Vec<(String, String)>> {
+    let pool = stack.pool().await?;
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT key, value FROM weir_state WHERE function_name = $1 AND name = $2 ORDER BY key",
+    )
+    .bind(function)
+    .bind(name)
+    .fetch_all(&pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, value)| (key, String::from_utf8_lossy(&value).into_owned()))
+        .collect())
+}
+
 /// Number of messages in `stream` now.
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> Result<u64> {
     Ok(js.get_stream(stream).await?.info().await?.state.messages)

@@ -133,8 +133,10 @@ struct Lane {
     version: String,
     /// The deployed version number, for functions deployed through the API.
     number: Option<i32>,
-    /// Whether this version replays the stream.
-    replayed: bool,
+    /// What its output message ids are scoped by: the function, and for a
+    /// deployed version its number, so a version that replays the stream
+    /// publishes anew instead of being dropped as a duplicate.
+    msg_scope: String,
     code: FunctionCode,
     settings: InstanceSettings,
     /// Taken while a batch runs on the blocking thread.
@@ -267,9 +269,16 @@ impl FunctionWorker {
                         version.settings.breaker.clone(),
                         Arc::new(SystemClock),
                     )),
+                    msg_scope: match (version.number, version.replayed) {
+                        (Some(number), false) => format!("{}.v{number}", spec.name),
+                        // Its replay publishes the same sequences again,
+                        // maybe within the duplicate window of its earlier
+                        // outputs.
+                        (Some(number), true) => format!("{}.v{number}.replay", spec.name),
+                        (None, _) => spec.name.clone(),
+                    },
                     version: label,
                     number: version.number,
-                    replayed: version.replayed,
                     code: version.code,
                     settings: version.settings,
                     instance: version.instance,
@@ -549,7 +558,7 @@ impl FunctionWorker {
                 let mut headers = output.headers;
                 self.carry_trace(slot, &mut headers);
                 outputs.push(OutputRecord {
-                    msg_id: output_msg_id(&self.msg_scope(slot.lane), sequence, i),
+                    msg_id: output_msg_id(&self.lanes[slot.lane].msg_scope, sequence, i),
                     subject: output.subject,
                     payload: output.payload,
                     headers,
@@ -947,20 +956,6 @@ impl FunctionWorker {
         }
     }
 
-    /// What output message ids are scoped by: the function, and for a
-    /// deployed version its number, so a version that replays the stream
-    /// publishes anew instead of being dropped as a duplicate.
-    fn msg_scope(&self, lane: usize) -> String {
-        let lane = &self.lanes[lane];
-        match (lane.number, lane.replayed) {
-            (Some(number), false) => format!("{}.v{number}", self.name),
-            // Its replay publishes the same sequences again, possibly
-            // within the duplicate window of its own earlier outputs.
-            (Some(number), true) => format!("{}.v{number}.replay", self.name),
-            (None, _) => self.name.to_string(),
-        }
-    }
-
     /// Publishes the function's status for `/status`.
     fn report_status(&self) {
         let stable = &self.lanes[0];
@@ -1012,7 +1007,7 @@ impl FunctionWorker {
             subject: self.dead_letter_subject.clone(),
             payload: message.payload.clone(),
             headers,
-            msg_id: dead_letter_msg_id(&self.msg_scope(slot.lane), slot.sequence),
+            msg_id: dead_letter_msg_id(&self.lanes[slot.lane].msg_scope, slot.sequence),
         }
     }
 
