@@ -41,8 +41,9 @@ pub struct DevArgs {
     health_listen: std::net::SocketAddr,
 }
 
-pub async fn run(args: DevArgs) -> Result<()> {
-    let _nats = ensure_nats(&args.nats)?;
+pub async fn run(mut args: DevArgs) -> Result<()> {
+    let (nats_url, _nats) = ensure_nats(&args.nats).await?;
+    args.nats = nats_url;
     let database_url = ensure_database(&args.postgres, "weir_dev").await?;
     let config = dev_config(&args, database_url.clone())?;
     let shutdown = weir_host::shutdown::on_signal();
@@ -87,12 +88,40 @@ impl Drop for OwnedNats {
     }
 }
 
-fn ensure_nats(url: &str) -> Result<Option<OwnedNats>> {
+/// The NATS server to use: the one at `url` if it is 2.10 or newer, else
+/// one started here (on `url`'s port if free, else on the next free one).
+async fn ensure_nats(url: &str) -> Result<(String, Option<OwnedNats>)> {
     let address = url.trim_start_matches("nats://");
     if std::net::TcpStream::connect(address).is_ok() {
-        println!("using the NATS server at {url}");
-        return Ok(None);
+        let version = match async_nats::connect(url).await {
+            Ok(client) => client.server_info().version,
+            Err(_) => String::new(),
+        };
+        if is_current(&version) {
+            println!("using the NATS server at {url} ({version})");
+            return Ok((url.to_string(), None));
+        }
+        let port = (4223..4300)
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .context("no free port for a nats-server")?;
+        println!(
+            "the NATS server at {url} is {version}, older than 2.10 (it crawls after crashes); starting one of its own on port {port}"
+        );
+        let own = format!("127.0.0.1:{port}");
+        let child = start_nats(&own)?;
+        return Ok((format!("nats://{own}"), Some(child)));
     }
+    Ok((url.to_string(), Some(start_nats(address)?)))
+}
+
+/// Whether a nats-server version is 2.10 or newer.
+fn is_current(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 10)
+}
+
+fn start_nats(address: &str) -> Result<OwnedNats> {
     let port = address.rsplit(':').next().unwrap_or("4222");
     let store = Path::new("target/weir-dev/nats");
     std::fs::create_dir_all(store)?;
@@ -115,7 +144,7 @@ fn ensure_nats(url: &str) -> Result<Option<OwnedNats>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(Some(owned))
+    Ok(owned)
 }
 
 async fn ensure_database(server: &str, name: &str) -> Result<String> {
@@ -288,5 +317,19 @@ async fn report(js: &jetstream::Context, pool: &sqlx::PgPool, shutdown: &Cancell
             count(weir_host::serve::DEAD_LETTER_STREAM).await,
             top.join(" "),
         );
+    }
+}
+
+#[cfg(test)]
+mod nats_version_tests {
+    use super::is_current;
+
+    #[test]
+    fn only_2_10_and_newer_are_current() {
+        assert!(is_current("2.10.0"));
+        assert!(is_current("2.15.1"));
+        assert!(is_current("3.0.0"));
+        assert!(!is_current("2.9.10"));
+        assert!(!is_current(""));
     }
 }
