@@ -50,12 +50,32 @@ pub fn dead_letter_msg_id(function: &str, sequence: u64) -> String {
     format!("weir:{function}:{sequence}:dlq")
 }
 
-/// Why outputs could not be published; the caller keeps them and tries again.
+/// Why outputs could not be published.
 #[derive(Debug, thiserror::Error)]
 #[error("publishing to `{subject}` failed: {reason}")]
 pub struct PublishError {
+    /// The position of the record that failed.
+    pub index: usize,
     pub subject: String,
     pub reason: String,
+    /// JetStream refused the record itself (its size, its headers): sending
+    /// it again cannot succeed. Otherwise the caller keeps the records and
+    /// tries again.
+    pub permanent: bool,
+}
+
+/// Whether a publish error is JetStream refusing the message for good, as
+/// opposed to an outage (no stream responding, a timeout, a lost
+/// connection, a server that is temporarily unavailable).
+fn is_permanent(error: &jetstream::context::PublishError) -> bool {
+    use jetstream::context::PublishErrorKind as Kind;
+    match error.kind() {
+        Kind::WrongLastMessageId | Kind::WrongLastSequence | Kind::MaxPayloadExceeded => true,
+        Kind::Other => std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .is_some_and(|api| api.code() != 503),
+        _ => false,
+    }
 }
 
 /// The trace each record of a publish descends from, by position.
@@ -117,9 +137,11 @@ pub async fn publish_all(
     records: &[OutputRecord],
     traces: &SendTraces,
 ) -> Result<(), PublishError> {
-    let failed = |record: &OutputRecord, reason: String| PublishError {
-        subject: record.subject.clone(),
-        reason,
+    let failed = |index: usize, error: jetstream::context::PublishError| PublishError {
+        index,
+        subject: records[index].subject.clone(),
+        permanent: is_permanent(&error),
+        reason: error.to_string(),
     };
     let mut pending = Vec::with_capacity(records.len());
     for (index, record) in records.iter().enumerate() {
@@ -139,10 +161,10 @@ pub async fn publish_all(
         let ack = js
             .publish_with_headers(record.subject.clone(), headers, record.payload.clone())
             .await
-            .map_err(|e| failed(record, e.to_string()))?;
-        pending.push((record, ack, span));
+            .map_err(|e| failed(index, e))?;
+        pending.push((index, ack, span));
     }
-    for (record, ack, span) in pending {
+    for (index, ack, span) in pending {
         let stored = ack.into_future().await;
         if let Some(span) = span {
             if let Err(error) = &stored {
@@ -150,14 +172,16 @@ pub async fn publish_all(
             }
             span.span().end();
         }
-        stored.map_err(|e| failed(record, e.to_string()))?;
+        stored.map_err(|e| failed(index, e))?;
     }
     Ok(())
 }
 
-/// Whether a guest-supplied header can go on a NATS message as it is.
+/// Whether a guest-supplied header can go on a NATS message as it is: a
+/// non-empty name of printable ASCII without `:`, and a value without a line
+/// break (it would end the header block) or U+0000.
 pub fn is_valid_header(name: &str, value: &str) -> bool {
-    HeaderName::try_from(name).is_ok() && !value.contains(['\r', '\n'])
+    !name.is_empty() && HeaderName::try_from(name).is_ok() && !value.contains(['\r', '\n', '\0'])
 }
 
 /// Text fit for a header value: control characters become spaces, and it is
@@ -185,14 +209,16 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 }
 
 /// Whether `subject` is a valid subject to publish to: non-empty tokens, no
-/// wildcards, no whitespace, and not a `$` system subject (the JetStream
-/// API lives under `$JS`).
+/// wildcards, no whitespace or control characters (U+0000 included: the
+/// outbox keeps subjects in a Postgres `TEXT` column), and not a `$` system
+/// subject (the JetStream API lives under `$JS`).
 pub fn is_publishable_subject(subject: &str) -> bool {
     !subject.is_empty()
         && !subject.starts_with('$')
+        && !subject.contains(|c: char| c.is_whitespace() || c.is_control())
         && subject
             .split('.')
-            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(char::is_whitespace))
+            .all(|t| !t.is_empty() && t != "*" && t != ">")
 }
 
 #[cfg(test)]
@@ -232,10 +258,33 @@ mod tests {
     }
 
     #[test]
+    fn subjects_with_nul_or_control_characters_are_not_publishable() {
+        for subject in [
+            "orders.a\u{0}b",
+            "orders.\u{0}",
+            "orders.a\tb",
+            "orders.a\rb",
+            "orders.a\u{7f}",
+            "orders.a\u{85}b",
+            "orders.a\u{a0}b",
+        ] {
+            assert!(!is_publishable_subject(subject), "{subject:?}");
+        }
+        assert!(is_publishable_subject("orders.é-ü_1"));
+    }
+
+    #[test]
     fn header_checks() {
         assert!(is_valid_header("content-type", "application/json"));
         assert!(!is_valid_header("bad:name", "v"));
         assert!(!is_valid_header("name", "two\r\nlines"));
+        assert!(!is_valid_header("name", "bare\rreturn"));
+        assert!(!is_valid_header("name", "bare\nfeed"));
+        assert!(!is_valid_header("name", "a\u{0}b"));
+        assert!(!is_valid_header("a\u{0}b", "v"));
+        assert!(!is_valid_header("two words", "v"));
+        assert!(!is_valid_header("", "v"));
+        assert!(is_valid_header("name", "tabs\tare fine"));
         assert_eq!(header_text("a\nb\tc"), "a b c");
         assert_eq!(header_text(&"x".repeat(5000)).len(), 1024);
     }

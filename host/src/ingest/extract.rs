@@ -80,7 +80,18 @@ impl Extractor {
         message: &RawMessage<'_>,
         json: Option<&serde_json::Value>,
     ) -> Result<String, Failure> {
-        let key = match &self.key {
+        let key = self.raw_key(message, json)?;
+        check_key(&key)?;
+        Ok(key)
+    }
+
+    /// The key where the binding says it is, unchecked.
+    fn raw_key(
+        &self,
+        message: &RawMessage<'_>,
+        json: Option<&serde_json::Value>,
+    ) -> Result<String, Failure> {
+        Ok(match &self.key {
             KeySource::SubjectToken(index) => message
                 .subject
                 .split('.')
@@ -106,17 +117,7 @@ impl Extractor {
                 }
                 None => return Err(bad(format!("the payload has no key at `{pointer}`"))),
             },
-        };
-        if key.is_empty() {
-            return Err(bad("the key is empty"));
-        }
-        if key.len() > MAX_KEY_BYTES {
-            return Err(bad(format!(
-                "the key is {} bytes; the limit is {MAX_KEY_BYTES}",
-                key.len()
-            )));
-        }
-        Ok(key)
+        })
     }
 
     fn time(
@@ -146,6 +147,28 @@ impl Extractor {
             },
         }
     }
+}
+
+/// Refuses a key that state cannot be stored under: an empty one, one over
+/// [`MAX_KEY_BYTES`], or one holding U+0000, which a Postgres `TEXT` column
+/// rejects (every load of the batch would fail, not just this event's).
+/// Other control characters are stored faithfully and are let through.
+fn check_key(key: &str) -> Result<(), Failure> {
+    if key.is_empty() {
+        return Err(bad("the key is empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(bad(format!(
+            "the key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if let Some(at) = key.find('\0') {
+        return Err(bad(format!(
+            "the key holds U+0000 (NUL) at byte {at}; state cannot be stored under such a key"
+        )));
+    }
+    Ok(())
 }
 
 fn header<'m>(message: &'m RawMessage<'_>, name: &str) -> Option<&'m str> {
@@ -276,5 +299,33 @@ mod tests {
             .event(&raw("s", None, long.as_bytes()))
             .expect_err("too long");
         assert!(failure.message.contains("limit"), "{failure}");
+    }
+
+    #[test]
+    fn keys_holding_nul_are_bad_events() {
+        let by_pointer = Extractor::new(
+            KeySource::JsonPointer("/k".into()),
+            TimeSource::MessageTimestamp,
+        );
+        let by_token = Extractor::new(KeySource::SubjectToken(1), TimeSource::MessageTimestamp);
+        let by_header = Extractor::new(KeySource::Header("K".into()), TimeSource::MessageTimestamp);
+        let mut headers = HeaderMap::new();
+        headers.insert("K", "a\u{0}b");
+        let failures = [
+            by_pointer.event(&raw("s", None, br#"{"k":"a\u0000b"}"#)),
+            by_token.event(&raw("cards.a\u{0}b", None, b"")),
+            by_header.event(&raw("s", Some(&headers), b"")),
+        ];
+        for failure in failures {
+            let failure = failure.expect_err("a NUL key");
+            assert_eq!(failure.kind, FailureKind::BadEvent);
+            assert!(failure.message.contains("U+0000"), "{failure}");
+            assert!(failure.message.contains("byte 1"), "{failure}");
+        }
+        // Other control characters are stored as they are.
+        let tab = by_pointer
+            .event(&raw("s", None, br#"{"k":"a\tb"}"#))
+            .expect("a key with a tab");
+        assert_eq!(tab.key, "a\tb");
     }
 }

@@ -6,6 +6,13 @@
 //! declared output subjects and collected; the dispatcher publishes them
 //! after the batch commits. Log lines, stdout/stderr and guest spans are
 //! collected in [`Diagnostics`] and handed to the dispatcher per invocation.
+//!
+//! Nothing a guest passes may reach Postgres or a publish in a form they
+//! refuse or misread: a state entry name holding U+0000 (Postgres `TEXT`
+//! rejects it) is a state-limit violation, a subject with whitespace or
+//! control characters or a header with a line break or U+0000 is denied,
+//! and `Nats-*` headers, which JetStream acts on when it stores a message,
+//! are dropped from outputs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -241,17 +248,64 @@ impl ResourceLimiter for InvocationState {
 
 impl types::Host for InvocationState {}
 
+/// Why `name` cannot name a state entry, if it cannot: it is too long, or it
+/// holds U+0000, which a Postgres `TEXT` column refuses.
+fn entry_name_problem(name: &str) -> Option<String> {
+    if name.len() > MAX_ENTRY_NAME_BYTES {
+        return Some(format!(
+            "state entry names are at most {MAX_ENTRY_NAME_BYTES} bytes; this one has {}",
+            name.len()
+        ));
+    }
+    name.find('\0').map(|at| {
+        format!(
+            "state entry name {name:?} holds U+0000 (NUL) at byte {at}, which state cannot store"
+        )
+    })
+}
+
+/// `text` quoted with its control characters escaped, cut to a readable
+/// length: guest-supplied text in a failure message.
+fn quoted(text: &str) -> String {
+    let shown: String = text.chars().take(256).collect();
+    format!("{shown:?}")
+}
+
+/// Whether a guest header is one JetStream acts on when it stores the
+/// message (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, `Nats-Msg-Id`,
+/// ...), in any letter case.
+fn is_jetstream_header(name: &str) -> bool {
+    name.as_bytes()
+        .get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"Nats-"))
+}
+
+/// `headers` without the ones JetStream acts on. They are dropped rather
+/// than refused because a function may copy its input's headers onto its
+/// outputs (the `passthrough` example does), and an input may carry such a
+/// header for its own publish, which must not steer the output's: an
+/// expected sequence or stream would fail it, a rollup would purge the
+/// output subject. Weir sets each output's `Nats-Msg-Id` itself.
+fn without_jetstream_headers(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    headers.retain(|(name, _)| !is_jetstream_header(name));
+    headers
+}
+
+/// The state capability. Entry names that can never be stored (see
+/// [`entry_name_problem`]) behave as names of entries that do not exist:
+/// `set` is a state-limit violation, `get` finds nothing and `delete`
+/// deletes nothing, so no such name ever reaches Postgres.
 impl state::Host for InvocationState {
     fn get(&mut self, name: String) -> Option<Vec<u8>> {
+        if entry_name_problem(&name).is_some() {
+            return None;
+        }
         self.view.get(&name).map(|value| value.to_vec())
     }
 
     fn set(&mut self, name: String, value: Vec<u8>) -> WasmResult<()> {
-        if name.len() > MAX_ENTRY_NAME_BYTES {
-            return Err(self.violate(Violation::StateLimit(format!(
-                "state entry names are at most {MAX_ENTRY_NAME_BYTES} bytes; this one has {}",
-                name.len()
-            ))));
+        if let Some(problem) = entry_name_problem(&name) {
+            return Err(self.violate(Violation::StateLimit(problem)));
         }
         let limit = self.limits.state_value_bytes;
         if value.len() > limit {
@@ -273,7 +327,33 @@ impl state::Host for InvocationState {
     }
 
     fn delete(&mut self, name: String) {
-        self.view.delete(name);
+        if entry_name_problem(&name).is_none() {
+            self.view.delete(name);
+        }
+    }
+}
+
+impl InvocationState {
+    /// Denies a publish to an invalid subject or one the function did not
+    /// declare among its outputs.
+    fn check_destination(&mut self, subject: &str) -> WasmResult<()> {
+        if !is_publishable_subject(subject) || subject.len() > MAX_SUBJECT_BYTES {
+            return Err(self.deny(format!(
+                "{} is not a valid subject to publish to (tokens of printable characters without whitespace or wildcards, at most {MAX_SUBJECT_BYTES} bytes)",
+                quoted(subject)
+            )));
+        }
+        if !self
+            .allowed_outputs
+            .iter()
+            .any(|pattern| subject_matches(pattern, subject))
+        {
+            return Err(self.deny(format!(
+                "function `{}` may not publish to `{subject}`: it is not among its declared outputs",
+                self.function
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -284,23 +364,12 @@ impl emit::Host for InvocationState {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> WasmResult<()> {
-        if !is_publishable_subject(&subject) || subject.len() > MAX_SUBJECT_BYTES {
-            return Err(self.deny(format!("`{subject}` is not a valid subject to publish to")));
-        }
-        if !self
-            .allowed_outputs
-            .iter()
-            .any(|pattern| subject_matches(pattern, &subject))
-        {
-            return Err(self.deny(format!(
-                "function `{}` may not publish to `{subject}`: it is not among its declared outputs",
-                self.function
-            )));
-        }
+        self.check_destination(&subject)?;
+        let headers = without_jetstream_headers(headers);
         if let Some((name, _)) = headers.iter().find(|(n, v)| !is_valid_header(n, v)) {
             return Err(self.deny(format!(
-                "header `{}` is not a valid NATS header (names: printable ASCII without `:`; values: no line breaks)",
-                crate::output::header_text(name)
+                "header {} is not a valid NATS header (names: printable ASCII without `:`; values: no line breaks or U+0000)",
+                quoted(name)
             )));
         }
         let count_limit = self.limits.output_count as usize;
@@ -363,5 +432,120 @@ impl trace::Host for InvocationState {
 
     fn exit_span(&mut self, span: u32) {
         self.diagnostics.exit_span(span);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invocation() -> InvocationState {
+        let outputs: Arc<[String]> = Arc::from(vec!["out.>".to_string()]);
+        let mut data = InvocationState::new(Arc::from("f"), outputs, Limits::default(), 1 << 20);
+        data.view.begin_event("k");
+        data
+    }
+
+    fn denied(data: &InvocationState) -> String {
+        match &data.violation {
+            Some(Violation::Denied(message)) => message.clone(),
+            other => panic!("expected a denial, found {other:?}"),
+        }
+    }
+
+    #[test]
+    fn entry_names_holding_nul_are_never_stored() {
+        let mut data = invocation();
+        let name = "a\u{0}b".to_string();
+        assert!(state::Host::set(&mut data, name.clone(), b"1".to_vec()).is_err());
+        match &data.violation {
+            Some(Violation::StateLimit(message)) => {
+                assert!(message.contains("U+0000"), "{message}");
+            }
+            other => panic!("expected a state-limit violation, found {other:?}"),
+        }
+        assert_eq!(state::Host::get(&mut data, name.clone()), None);
+        state::Host::delete(&mut data, name);
+        assert!(
+            !data.view.finish_event(true),
+            "the ignored delete is no change"
+        );
+    }
+
+    #[test]
+    fn ordinary_entry_names_are_stored() {
+        let mut data = invocation();
+        state::Host::set(&mut data, "n\tm".into(), b"1".to_vec()).expect("set");
+        assert_eq!(
+            state::Host::get(&mut data, "n\tm".into()),
+            Some(b"1".to_vec())
+        );
+        state::Host::delete(&mut data, "n\tm".into());
+        assert_eq!(state::Host::get(&mut data, "n\tm".into()), None);
+        assert_eq!(data.violation, None);
+    }
+
+    #[test]
+    fn subjects_with_nul_whitespace_or_control_characters_are_denied() {
+        for subject in ["out.a\u{0}b", "out.a b", "out.a\tb", "out.a\u{1b}"] {
+            let mut data = invocation();
+            let published = emit::Host::publish(&mut data, subject.into(), vec![], vec![]);
+            assert!(published.is_err(), "{subject:?}");
+            assert!(denied(&data).contains("not a valid subject"), "{subject:?}");
+            assert!(data.outputs.is_empty());
+        }
+    }
+
+    #[test]
+    fn headers_with_nul_or_line_breaks_are_denied() {
+        let headers = [
+            ("h", "a\u{0}b"),
+            ("h", "a\rb"),
+            ("h", "a\nb"),
+            ("a\u{0}b", "v"),
+            ("", "v"),
+        ];
+        for (name, value) in headers {
+            let mut data = invocation();
+            let headers = vec![(name.to_string(), value.to_string())];
+            let published = emit::Host::publish(&mut data, "out.x".into(), vec![], headers);
+            assert!(published.is_err(), "{name:?}: {value:?}");
+            assert!(denied(&data).contains("not a valid NATS header"));
+            assert!(data.outputs.is_empty());
+        }
+    }
+
+    #[test]
+    fn jetstream_headers_are_dropped_from_outputs() {
+        let mut data = invocation();
+        let headers = [
+            ("Nats-Expected-Last-Subject-Sequence", "1"),
+            ("nats-expected-stream", "IN"),
+            ("NATS-ROLLUP", "all"),
+            ("Nats-TTL", "1s"),
+            ("Nats-Msg-Id", "producer-id"),
+            ("Nats-Bad", "a\r\nb"),
+            ("Natsy", "kept"),
+            ("traceparent", "kept"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()));
+        emit::Host::publish(&mut data, "out.x".into(), b"p".to_vec(), headers.to_vec())
+            .expect("published without them");
+        let kept: Vec<&str> = data.outputs[0]
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(kept, ["Natsy", "traceparent"]);
+        assert_eq!(data.violation, None);
+    }
+
+    #[test]
+    fn jetstream_header_names_are_matched_by_prefix_in_any_case() {
+        assert!(is_jetstream_header("Nats-Rollup"));
+        assert!(is_jetstream_header("nAtS-anything"));
+        assert!(!is_jetstream_header("Nats"));
+        assert!(!is_jetstream_header("X-Nats-Rollup"));
+        assert!(!is_jetstream_header("Naé"));
     }
 }
