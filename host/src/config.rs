@@ -44,6 +44,10 @@ pub struct HostConfig {
     pub max_wasm_stack_bytes: usize,
     /// Subject prefix of dead letters: `<prefix>.<function>`.
     pub dead_letter_prefix: String,
+    /// How long this host's claim on a function lasts without renewal: a
+    /// host that stops renewing (killed, paused, cut off) is replaced by a
+    /// standby after this, and a restarted host waits for it too.
+    pub owner_lease_ms: u64,
     /// Where `/healthz` and `/readyz` are served, e.g. `0.0.0.0:8080`; off
     /// when absent.
     pub health_listen: Option<std::net::SocketAddr>,
@@ -69,6 +73,7 @@ impl Default for HostConfig {
             max_wasm_stack_bytes: 512 * 1024,
             max_instances: 256,
             dead_letter_prefix: "weir.dlq".into(),
+            owner_lease_ms: 10_000,
             health_listen: None,
             tracing: TracingConfig::default(),
             guest_logs: GuestLogConfig::default(),

@@ -29,6 +29,9 @@ pub enum FailureKind {
     /// The guest stored a value, or a number of entries under one key, past
     /// its limits.
     StateLimit,
+    /// The database or the broker refused the event's effects for good
+    /// (data Postgres will not store, an output JetStream will not take).
+    Refused,
 }
 
 impl FailureKind {
@@ -44,7 +47,10 @@ impl FailureKind {
     /// such failures feed the circuit breaker. A reject or an unreadable
     /// event is the event's fault.
     pub fn counts_against_function(self) -> bool {
-        !matches!(self, FailureKind::GuestReject | FailureKind::BadEvent)
+        !matches!(
+            self,
+            FailureKind::GuestReject | FailureKind::BadEvent | FailureKind::Refused
+        )
     }
 
     /// The stable name used in headers, logs and metrics.
@@ -60,6 +66,7 @@ impl FailureKind {
             FailureKind::Denied => "denied",
             FailureKind::OutputLimit => "output-limit",
             FailureKind::StateLimit => "state-limit",
+            FailureKind::Refused => "refused",
         }
     }
 }

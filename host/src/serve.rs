@@ -119,11 +119,22 @@ async fn run<S: FunctionSource>(
         return Ok(());
     };
     readiness.nats_connected(&client);
-    let Some(pool) = wait_for("Postgres", &config.database_url, &shutdown, || {
+    let connect = || {
         PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .connect(&config.database_url)
+    };
+    let Some(pool) = wait_for("Postgres", &config.database_url, &shutdown, || async {
+        match connect().await {
+            // A database that does not exist is a misconfiguration, not an
+            // outage: make it (as `createdb` would) instead of waiting.
+            Err(error) if is_missing_database(&error) => {
+                create_database(&config.database_url).await?;
+                connect().await
+            }
+            other => other,
+        }
     })
     .await
     else {
@@ -168,6 +179,8 @@ async fn run<S: FunctionSource>(
         Some(address) => Some(start_api(address, &config, &pool, &sandbox, &shutdown).await?),
         None => None,
     };
+    // Held until the host stops: see `WorkerEnv::owner_identity`.
+    let (owner_id, _owner_lock) = WorkerEnv::owner_identity(&config.artifact_dir);
     let env = WorkerEnv {
         state,
         js,
@@ -175,14 +188,16 @@ async fn run<S: FunctionSource>(
         tracing: tracing.clone(),
         guest_logs: config.guest_logs.clone(),
         readiness: readiness.clone(),
+        owner_id,
+        owner_lease: Duration::from_millis(config.owner_lease_ms.max(1_000)),
     };
     let tracker = TaskTracker::new();
     let static_names: HashSet<String> = functions.iter().map(|f| f.name.clone()).collect();
     for spec in functions {
         let module = ModuleSource::File(spec.module.clone());
         let stable = load_version(&spec, module, None, &sandbox, &env).await?;
-        let ingest = Ingest::bind(&env.js, &spec).await?;
-        let worker = FunctionWorker::new(spec, ingest, stable, None, None, &env);
+        Ingest::check_stream(&env.js, &spec).await?;
+        let worker = FunctionWorker::new(spec, stable, None, None, &env);
         tracker.spawn(worker.run(shutdown.clone()));
         readiness.function_started();
     }
@@ -219,6 +234,8 @@ enum ModuleSource {
 struct DeployedWorker {
     /// What it runs; a deployment with another one replaces it.
     fingerprint: String,
+    /// Its binding: a deleted function's consumer is removed with it.
+    spec: FunctionSpec,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -357,9 +374,15 @@ impl Deployed {
             .iter()
             .filter_map(|name| self.running.remove(name))
             .collect();
+        let specs: Vec<FunctionSpec> = stopping.iter().map(|w| w.spec.clone()).collect();
         stop_all(stopping).await;
-        for name in gone {
-            tracing::info!(function = %name, "deployed function stopped");
+        for spec in specs {
+            // Deleted: its consumer goes too, so a function made again under
+            // the name starts from the stream's beginning.
+            if let Err(error) = Ingest::remove_consumer(&self.env.js, &spec).await {
+                tracing::warn!(function = %spec.name, %error, "cannot remove the deleted function's consumer");
+            }
+            tracing::info!(function = %spec.name, "deployed function stopped");
         }
     }
 
@@ -384,10 +407,6 @@ impl Deployed {
             &self.env,
         )
         .await
-        .map(|code| VersionCode {
-            replayed: version.replays,
-            ..code
-        })
     }
 
     /// Clears the function's state, progress and consumer, then binds a
@@ -397,7 +416,7 @@ impl Deployed {
         deployment: &Deployment,
         spec: &FunctionSpec,
         from: ReplayFrom,
-    ) -> Result<Ingest, ServeError> {
+    ) -> Result<(), ServeError> {
         use async_nats::jetstream::consumer::DeliverPolicy;
         let failed = |reason: String| ServeError::Load {
             function: spec.name.clone(),
@@ -418,7 +437,7 @@ impl Deployed {
         // replay from the start (the version is not marked yet) instead of
         // resuming the old position on cleared state.
         Ingest::remove_consumer(&self.env.js, spec).await?;
-        let ingest = Ingest::bind_at(&self.env.js, spec, start).await?;
+        Ingest::bind_at(&self.env.js, spec, start).await?;
         self.control
             .reset_for_replay(
                 &deployment.namespace,
@@ -429,7 +448,7 @@ impl Deployed {
             .map_err(|e| failed(e.to_string()))?;
         self.env.state.forget_cached();
         tracing::info!(function = %spec.name, ?from, version = deployment.stable.version, "replaying: state cleared, reading the stream again");
-        Ok(ingest)
+        Ok(())
     }
 
     /// Loads and instantiates a deployment's versions, without touching
@@ -454,21 +473,24 @@ impl Deployed {
         (stable, canary): (VersionCode, Option<(VersionCode, u8)>),
     ) -> Result<DeployedWorker, ServeError> {
         let spec = deployment.stable.spec.clone();
-        let ingest = match deployment.stable.replay_from {
-            None => Ingest::bind(&self.env.js, &spec).await?,
-            Some(from) => self.start_replay(deployment, &spec, from).await?,
-        };
+        // The worker opens the consumer once it owns the function; a replay
+        // makes it here first, at the replay's start.
+        Ingest::check_stream(&self.env.js, &spec).await?;
+        if let Some(from) = deployment.stable.replay_from {
+            self.start_replay(deployment, &spec, from).await?;
+        }
         let link = DeploymentLink {
             store: self.control.clone(),
             namespace: deployment.namespace.clone(),
             name: deployment.name.clone(),
             rollout: deployment.rollout.clone(),
         };
-        let worker = FunctionWorker::new(spec, ingest, stable, canary, Some(link), &self.env);
+        let worker = FunctionWorker::new(spec, stable, canary, Some(link), &self.env);
         let stop = CancellationToken::new();
         let task = tokio::spawn(worker.run(stop.clone()));
         Ok(DeployedWorker {
             fingerprint: String::new(),
+            spec: deployment.stable.spec.clone(),
             stop,
             task,
         })
@@ -552,7 +574,6 @@ async fn load_version(
         settings,
         instance: Some(instance),
         number,
-        replayed: false,
     })
 }
 
@@ -598,6 +619,25 @@ async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(),
 
 /// Calls `connect` until it succeeds, saying what it waits for; `None` if
 /// shut down first.
+/// Whether connecting failed because the database does not exist.
+fn is_missing_database(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the database `url` names, from the server's `postgres` database.
+async fn create_database(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let name = options.get_database().unwrap_or_default().to_string();
+    let mut admin = options.database("postgres").connect().await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut admin)
+        .await?;
+    tracing::info!(database = %name, "created the database, which did not exist");
+    Ok(())
+}
+
 async fn wait_for<T, E, F, Fut>(
     what: &str,
     url: &str,

@@ -36,6 +36,13 @@ pub struct Input {
     poison: bool,
 }
 
+impl Input {
+    /// Whether the counter function rejects it (one dead letter).
+    pub fn poison(&self) -> bool {
+        self.poison
+    }
+}
+
 /// `keys` × `per_key` inputs with unique ids; every 997th is poison.
 pub fn inputs(keys: usize, per_key: usize) -> Vec<Input> {
     let mut rng = crate::fraud::Lcg::new(99);

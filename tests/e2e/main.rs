@@ -14,6 +14,8 @@ mod fraud;
 mod hostile;
 mod logs;
 mod metrics;
+mod poison;
+mod protocol;
 mod recovery;
 mod restart;
 mod startup;

@@ -124,3 +124,33 @@ fn a_compiled_component_is_cached_by_digest() -> Result<()> {
     assert_eq!(std::fs::read_dir(artifacts.path())?.count(), 1);
     Ok(())
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_database_that_does_not_exist_is_created_not_waited_for(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let name = format!("weir_missing_{}", std::process::id());
+    let (server, _) = stack
+        .database_url
+        .rsplit_once('/')
+        .expect("a database url has a path");
+    let mut config = stack.config(vec![stream("IN", &["in"])], vec![]);
+    config.database_url = format!("{server}/{name}");
+    let host = stack.host(config).await?;
+    let admin = stack.pool().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await?;
+    host.stop().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
+    assert!(exists, "the host made its database");
+    Ok(())
+}

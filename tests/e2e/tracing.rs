@@ -220,7 +220,8 @@ async fn one_trace_runs_from_the_producer_through_a_chain_of_functions(
     assert!(
         a_send
             .attribute("messaging.message.id")
-            .is_some_and(|id| id.starts_with("weir:enrich:1:")),
+            // weir:<function>.<incarnation>:<input sequence>:<index>
+            .is_some_and(|id| id.starts_with("weir:enrich.") && id.ends_with(":1:0")),
         "{:?}",
         a_send.attribute("messaging.message.id")
     );

@@ -206,6 +206,9 @@ pub fn host_config(nats: &NatsServer, database_url: &str, artifacts: &Path) -> H
         nats_url: nats.url(),
         database_url: database_url.to_string(),
         artifact_dir: artifacts.to_path_buf(),
+        // A killed host's functions are taken over (or reclaimed by its
+        // restart) within seconds.
+        owner_lease_ms: 3_000,
         ..HostConfig::default()
     }
 }

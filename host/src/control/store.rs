@@ -368,7 +368,9 @@ impl ControlStore {
             .collect()
     }
 
-    /// Deletes a function with its versions; false if there was none.
+    /// Deletes a function with its versions, its state and its progress;
+    /// false if there was none. (Hosts remove its consumer when they stop
+    /// its worker.)
     pub async fn delete_function(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM weir_rollouts WHERE namespace = $1 AND name = $2")
@@ -382,6 +384,22 @@ impl ControlStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        // Its state and progress go with it: a function made again under the
+        // same name starts anew instead of inheriting them.
+        let runtime = runtime_name(namespace, name);
+        for table in [
+            "weir_state",
+            "weir_applied",
+            "weir_progress",
+            "weir_outbox",
+            "weir_owners",
+        ] {
+            let sql = format!("DELETE FROM {table} WHERE function_name = $1");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&runtime)
+                .execute(&mut *tx)
+                .await?;
+        }
         notify(&mut tx, namespace, name).await?;
         tx.commit().await?;
         Ok(deleted == 1)

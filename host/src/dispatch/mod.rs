@@ -1,58 +1,76 @@
-//! Dispatch: runs one function over its consumer, a batch at a time.
+//! Dispatch: runs one function over its consumer, a batch at a time, as the
+//! one owner of the function's state.
 //!
-//! One batch reads in one direction: drop redeliveries whose effect is
-//! already committed → load the state of the batch's keys → run every event
-//! in stream order on a warm instance (on a blocking thread) → commit the
-//! state changes, their sequences and the outputs in one transaction →
-//! publish outputs and dead letters → ack, nak or terminate each input.
-//! While Postgres fails, the batch is held (ack deadlines extended) and the
-//! failing step retried; if a publish fails after the commit, the outputs
-//! stay in the outbox and are published again before anything else.
+//! The protocol itself has no I/O: [`batch`] plans a batch, decides each
+//! event and returns the effects in order. This module is the driver that
+//! performs them:
 //!
-//! Along the way each event gets its trace (see [`crate::traces`]) and the
-//! guest's log lines go to the function's [`GuestLogSink`].
+//! 1. **Own.** Claim the function (a new owner epoch) or stand by while
+//!    another host's lease is live. Every commit is conditional on the
+//!    epoch; a commit that finds it taken ends this host's turn (fenced).
+//! 2. **Open.** Read the progress row (its stream identity must match the
+//!    stream's: a moved or re-created stream is refused), open the consumer
+//!    (a missing one is recreated above the last recorded ack floor), and
+//!    publish what a previous owner committed but may not have published.
+//! 3. **Per batch.** Look up redeliveries in the applied set → load state →
+//!    run the events on a blocking thread (progress acks and lease renewals
+//!    meanwhile; a stop is honoured between events) → commit → publish →
+//!    ack, nak or terminate each delivery.
 //!
-//! The function's circuit breaker is asked before every invocation. An event
-//! it refuses is handed back (naked until the breaker lets probes through)
-//! without spending an attempt, and while it is open no events are fetched
-//! at all: the backlog waits in JetStream.
+//! Per phase, a failure or a stop does this:
+//! - lookup, load: a transient error holds the batch (ack deadlines
+//!   extended) and retries; a stop hands the batch back (no attempt spent);
+//! - run: a stop hands the rest back; a host-side failure defers the event;
+//! - commit: transient → hold and retry (re-running a commit is harmless);
+//!   the database refusing the data → the one writer is dead-lettered, or
+//!   with several writers the batch goes back and runs one event at a time;
+//!   fenced → stop processing without acking; a stop → hand back (an
+//!   ambiguous commit's outbox rows are published by the next owner);
+//! - publish: after a commit, transient → retry until published or stopped
+//!   (the outbox keeps the rows, the inputs stay unacked); without a commit
+//!   → hand back; a record JetStream refuses for good → dead letter or trim;
+//! - ack: errors are ignored; a redelivery finds the event applied.
+
+mod batch;
+mod canary;
+mod deliver;
+mod lanes;
+mod observe;
+#[cfg(test)]
+mod sim;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::{self, AckKind, Message};
+use opentelemetry::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::{AckDecision, decide};
-use crate::breaker::{Breaker, CallResult, Permit, SystemClock, Transition};
+use crate::ack::AckDecision;
+use crate::breaker::{Breaker, SystemClock};
 use crate::config::{FunctionSpec, GuestLogConfig};
 use crate::crash::{self, CrashPoint};
-use crate::guest_logs::{GuestLogSink, LineOrigin};
-use crate::health::{FunctionStatus, Readiness};
+use crate::guest_logs::GuestLogSink;
+use crate::health::Readiness;
 use crate::ingest::{Delivery, Ingest};
-use crate::outcome::{EventOutcome, Failure, FailureKind};
-use crate::output::{
-    OutputRecord, SendTraces, dead_letter_headers as dlq, dead_letter_msg_id, header_text,
-    output_msg_id, publish_all,
-};
-use crate::sandbox::{
-    Event, FunctionCode, FunctionInstance, Handled, InstanceSettings, Invocation,
-    InvocationDiagnostics,
-};
-use crate::state::{BatchCommit, BatchView, StateStore};
-use crate::traces::{EventTrace, Tracing, is_trace_header, trace_headers};
+use crate::output::OutputRecord;
+use crate::sandbox::{Event, Invocation};
+use crate::state::{BatchCommit, BatchView, StateError, StateStore};
+use crate::traces::{EventTrace, Tracing};
 
-/// Delay before a batch handed back to JetStream is delivered again, and
-/// between attempts to publish committed outputs.
-const BATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
+use batch::{Batch, Effect, Intake, KeyGuard, Outcome, PlanSettings, REDELIVER_DELAY, Settlement};
+pub use canary::DeploymentLink;
+pub use deliver::is_broker_header;
+use lanes::{Lane, LaneRun, Ran};
+pub use lanes::{VersionCode, instance_settings, lane_for, version_of};
+use support::{DeferralChange, Held, extend_deadlines, hold_until_done, note_deferrals, pause};
+
+/// Output bytes one batch may hold before the rest of it waits for the next.
+const BATCH_BYTE_BUDGET: usize = 64 << 20;
 /// Applied sequences are considered for pruning after this many batches.
 const PRUNE_EVERY_BATCHES: u64 = 200;
-/// How old an ack floor must be before the sequences below it are pruned.
-const PRUNE_LAG: Duration = Duration::from_secs(60);
-/// Deferral counts kept for events in flight; past it the oldest counts go
-/// (an event handed to another host never comes back to clear its own).
-const MAX_TRACKED_DEFERRALS: usize = 100_000;
 
 /// What every function's worker shares with the others.
 #[derive(Clone)]
@@ -64,6 +82,10 @@ pub struct WorkerEnv {
     pub guest_logs: GuestLogConfig,
     /// Where the worker reports its status for `/status`.
     pub readiness: Arc<Readiness>,
+    /// This host's name as an owner of functions: unique per process.
+    pub owner_id: Arc<str>,
+    /// How long a claim on a function lasts without renewal.
+    pub owner_lease: Duration,
 }
 
 impl WorkerEnv {
@@ -75,12 +97,71 @@ impl WorkerEnv {
             known => known,
         }
     }
+
+    /// This process's owner id. A host that holds the lock on
+    /// `state_dir/owner.lock` is `<host name>-<that directory>`: the same
+    /// again after a restart, so a killed host's restart reclaims its
+    /// functions at once instead of waiting out its own lease (the old
+    /// process is gone: the lock died with it). Another process with the
+    /// same directory (a second `weir serve` on the same config) cannot
+    /// take the lock and gets a random id, so it stands by. Keep the
+    /// returned lock for the life of the process.
+    pub fn owner_identity(state_dir: &std::path::Path) -> (Arc<str>, Option<std::fs::File>) {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let host = match host.trim() {
+            "" => "host".to_string(),
+            name => name.to_string(),
+        };
+        let lock = std::fs::create_dir_all(state_dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(state_dir.join("owner.lock"))
+            })
+            .ok()
+            .filter(|file| file.try_lock().is_ok());
+        let id = match &lock {
+            Some(_) => format!("{host}:{}", state_dir.display()),
+            None => format!("{host}-{}-{}", std::process::id(), random_hex()),
+        };
+        (Arc::from(id), lock)
+    }
 }
 
 impl std::fmt::Debug for WorkerEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerEnv").finish_non_exhaustive()
     }
+}
+
+/// Eight random bytes as hex.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    // Without an OS random source the time is unique enough for an id.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (nanos as u64).to_le_bytes();
+    }
+    hex::encode(bytes)
+}
+
+/// Why a worker's turn as owner ended.
+#[derive(Debug)]
+enum Stop {
+    /// Asked to stop (shutdown, a switch, the function removed).
+    Cancelled,
+    /// Another host claimed the function.
+    Fenced,
+    /// The consumer was deleted: open it again (at the recorded position)
+    /// in a new turn.
+    Reopen,
+    /// Cannot run as configured; says what to do.
+    Refused(String),
 }
 
 /// Everything one function's worker needs.
@@ -93,27 +174,39 @@ pub struct FunctionWorker {
     /// Where the function was deployed from, for rollbacks and statistics.
     deployment: Option<DeploymentLink>,
     spec: FunctionSpec,
-    ingest: Ingest,
     state: StateStore,
     js: jetstream::Context,
     dead_letter_subject: String,
-    /// Outputs of the last committed batch are published but still in the
-    /// outbox table.
-    outbox_dirty: bool,
-    /// The highest committed stream sequence, as of start-up and every
-    /// commit since: a message at or below it may have been applied.
+    max_payload: usize,
+    owner_id: Arc<str>,
+    owner_lease: Duration,
+    /// The owner epoch of this turn; 0 before the first claim.
+    epoch: u64,
+    lease_renewed: Instant,
+    /// What output message ids are scoped by: the function and the
+    /// incarnation of its progress, the same across versions and restarts,
+    /// new after a replay or a re-creation.
+    msg_scope: String,
+    /// The highest committed stream sequence: a message at or below it may
+    /// have been applied.
     highest_applied: u64,
+    /// Committed batches whose publish is acknowledged but whose outbox
+    /// rows are still there: deleted with the next commit, or when idle.
+    published: Vec<u64>,
+    /// After a commit the database refused, batches of one event until
+    /// past this sequence.
+    isolate_through: u64,
+    guard: KeyGuard,
     /// An ack floor and when it was read: the next prune's bound.
-    prune_floor: Option<(std::time::Instant, u64)>,
+    prune_floor: Option<(Instant, u64)>,
     batches: u64,
     tracing: Tracing,
     logs: GuestLogSink,
-    /// How many times the breaker handed back each event in flight; those
-    /// deliveries are not attempts.
+    /// How many deliveries of each event in flight were deferrals.
     deferrals: HashMap<u64, u64>,
     readiness: Arc<Readiness>,
     pending: u64,
-    last_stats: std::time::Instant,
+    last_stats: Instant,
     /// This worker already rolled its canary back; the host replaces it.
     rolled_back: bool,
 }
@@ -126,118 +219,12 @@ impl std::fmt::Debug for FunctionWorker {
     }
 }
 
-/// One version a worker runs: its code, warm instance, circuit breaker and
-/// metrics.
-struct Lane {
-    /// The module digest's first 12 hex digits: the `version` metric label.
-    version: String,
-    /// The deployed version number, for functions deployed through the API.
-    number: Option<i32>,
-    /// What its output message ids are scoped by: the function, and for a
-    /// deployed version its number, so a version that replays the stream
-    /// publishes anew instead of being dropped as a duplicate.
-    msg_scope: String,
-    code: FunctionCode,
-    settings: InstanceSettings,
-    /// Taken while a batch runs on the blocking thread.
-    instance: Option<FunctionInstance>,
-    /// Taken while a batch runs on the blocking thread.
-    breaker: Option<Breaker>,
-    metrics: WorkerMetrics,
-    /// Calls, failures and microseconds not yet added to the shared
-    /// statistics.
-    unreported: (i64, i64, i64),
-    /// Calls and failures since this worker started: the auto-rollback
-    /// compares them.
-    seen: (u64, u64),
-}
-
-/// A version for a worker to run.
-#[derive(Debug)]
-pub struct VersionCode {
-    pub code: FunctionCode,
-    pub settings: InstanceSettings,
-    pub instance: Option<FunctionInstance>,
-    pub number: Option<i32>,
-    /// A deployed version made to replay the stream.
-    pub replayed: bool,
-}
-
-/// The deployment a worker runs, so it can roll a failing canary back and
-/// report each version's calls.
-#[derive(Debug, Clone)]
-pub struct DeploymentLink {
-    pub store: crate::control::store::ControlStore,
-    pub namespace: String,
-    pub name: String,
-    pub rollout: crate::control::store::Rollout,
-}
-
-/// How often a worker adds its calls to the shared version statistics.
-const STATS_EVERY: Duration = Duration::from_secs(1);
-
-/// Which lane a key goes to: the canary (1) when the key's stable hash
-/// falls below `weight` percent, else the stable version (0). The hash is
-/// FNV-1a, the same on every host and across restarts, so a key stays on
-/// one version for as long as the weight does not change.
-pub fn lane_for(key: &str, weight: u8) -> usize {
-    if weight == 0 {
-        return 0;
-    }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    usize::from(hash % 100 < u64::from(weight))
-}
-
-/// The function's metric handles, registered once at start-up.
-struct WorkerMetrics {
-    invocations: metrics::Counter,
-    invocation_seconds: metrics::Histogram,
-    dead_letters: metrics::Counter,
-    retries: metrics::Counter,
-    commit_seconds: metrics::Histogram,
-    batch_size: metrics::Histogram,
-    in_flight: metrics::Gauge,
-    consumer_pending: metrics::Gauge,
-    breaker_state: metrics::Gauge,
-    labels: [(&'static str, String); 2],
-}
-
-impl WorkerMetrics {
-    fn new(function: &str, version: &str) -> Self {
-        let labels = [
-            ("function", function.to_string()),
-            ("version", version.to_string()),
-        ];
-        Self {
-            invocations: metrics::counter!("weir_invocations_total", &labels),
-            invocation_seconds: metrics::histogram!("weir_invocation_seconds", &labels),
-            dead_letters: metrics::counter!("weir_dead_letters_total", &labels),
-            retries: metrics::counter!("weir_retries_total", &labels),
-            commit_seconds: metrics::histogram!("weir_commit_seconds", &labels),
-            batch_size: metrics::histogram!("weir_batch_size", &labels),
-            in_flight: metrics::gauge!("weir_in_flight", &labels),
-            consumer_pending: metrics::gauge!("weir_consumer_pending", &labels),
-            breaker_state: metrics::gauge!("weir_breaker_state", &labels),
-            labels,
-        }
-    }
-}
-
-/// One input message of a batch and what became of it.
-struct Slot {
-    message: async_nats::jetstream::Message,
-    sequence: u64,
-    delivered: u64,
-    outcome: Option<EventOutcome>,
-    handled: Option<Handled>,
-    /// `None` when tracing is off.
-    trace: Option<EventTrace>,
-    /// The lane (version) that handles it.
-    lane: usize,
+/// The deliveries of a batch, split: what JetStream is answered on, the
+/// spans, and the events to run (by record index).
+struct InHand {
+    messages: Vec<Message>,
+    traces: Vec<Option<EventTrace>>,
+    events: Vec<Option<Event>>,
 }
 
 impl FunctionWorker {
@@ -245,7 +232,6 @@ impl FunctionWorker {
     /// percent of the keys.
     pub fn new(
         spec: FunctionSpec,
-        ingest: Ingest,
         stable: VersionCode,
         canary: Option<(VersionCode, u8)>,
         deployment: Option<DeploymentLink>,
@@ -255,38 +241,7 @@ impl FunctionWorker {
         let canary_weight = canary.as_ref().map_or(0, |(_, weight)| *weight);
         let lanes: Vec<Lane> = std::iter::once(stable)
             .chain(canary.map(|(code, _)| code))
-            .map(|version| {
-                // Deployed versions by number (two may share a module);
-                // configured functions by module digest.
-                let label = match version.number {
-                    Some(number) => format!("v{number}"),
-                    None => version_of(&version.code),
-                };
-                let metrics = WorkerMetrics::new(&spec.name, &label);
-                metrics.breaker_state.set(0.0);
-                Lane {
-                    breaker: Some(Breaker::new(
-                        version.settings.breaker.clone(),
-                        Arc::new(SystemClock),
-                    )),
-                    msg_scope: match (version.number, version.replayed) {
-                        (Some(number), false) => format!("{}.v{number}", spec.name),
-                        // Its replay publishes the same sequences again,
-                        // maybe within the duplicate window of its earlier
-                        // outputs.
-                        (Some(number), true) => format!("{}.v{number}.replay", spec.name),
-                        (None, _) => spec.name.clone(),
-                    },
-                    version: label,
-                    number: version.number,
-                    code: version.code,
-                    settings: version.settings,
-                    instance: version.instance,
-                    metrics,
-                    unreported: (0, 0, 0),
-                    seen: (0, 0),
-                }
-            })
+            .map(|version| Lane::new(&spec.name, version))
             .collect();
         Self {
             logs: GuestLogSink::new(
@@ -302,1046 +257,953 @@ impl FunctionWorker {
             deferrals: HashMap::new(),
             readiness: env.readiness.clone(),
             pending: 0,
-            last_stats: std::time::Instant::now(),
+            last_stats: Instant::now(),
             rolled_back: false,
             dead_letter_subject: format!("{}.{}", env.dead_letter_prefix, spec.name),
+            max_payload: env.max_payload(),
+            owner_id: env.owner_id.clone(),
+            owner_lease: env.owner_lease,
+            epoch: 0,
+            lease_renewed: Instant::now(),
+            msg_scope: spec.name.clone(),
             name,
             spec,
-            ingest,
             state: env.state.clone(),
             js: env.js.clone(),
-            outbox_dirty: false,
             highest_applied: 0,
+            published: Vec::new(),
+            isolate_through: 0,
+            guard: KeyGuard::default(),
             prune_floor: None,
             batches: 0,
         }
     }
 
     /// Runs until `cancel` fires, then returns after the batch in hand is
-    /// committed, published and acked.
+    /// settled (or handed back) and ownership is released. While another
+    /// host owns the function, stands by.
     pub async fn run(mut self, cancel: CancellationToken) {
         tracing::info!(function = %self.name, digest = %self.lanes[0].code.digest(), canary = ?self.lanes.get(1).map(|l| l.code.digest()), weight = self.canary_weight, "function started");
-        if !self.flush_outbox(&cancel).await {
-            return;
-        }
-        let Some(highest) = hold_until_done(
-            &self.name,
-            "reading progress",
-            &[],
-            Duration::MAX,
-            &cancel,
-            || self.state.highest_applied(&self.name),
-        )
-        .await
-        else {
-            return;
-        };
-        self.highest_applied = highest;
-        self.report_status();
-        loop {
-            // An open breaker: leave the backlog in JetStream until probes
-            // may go through.
-            // (The stable version's breaker: a canary's holds only its keys.)
-            if let Some(wait) = self.lanes[0].breaker.as_ref().and_then(Breaker::open_for) {
-                if !pause(&cancel, wait).await {
+        let owner = metrics::gauge!("weir_function_owned", "function" => self.name.to_string());
+        while let Some(epoch) = self.claim(&cancel).await {
+            self.epoch = epoch;
+            owner.set(1.0);
+            let ended = self.serve_turn(&cancel).await;
+            owner.set(0.0);
+            match ended {
+                Stop::Cancelled => {
+                    self.finish_turn().await;
                     break;
                 }
-                continue;
+                Stop::Reopen => {
+                    self.finish_turn().await;
+                }
+                Stop::Fenced => {
+                    metrics::counter!("weir_ownership_lost_total", "function" => self.name.to_string()).increment(1);
+                    tracing::warn!(function = %self.name, epoch, "lost ownership of the function to another host: its batch in hand is dropped uncommitted; standing by");
+                }
+                Stop::Refused(reason) => {
+                    tracing::error!(function = %self.name, %reason, "the function cannot run");
+                    self.finish_turn().await;
+                    cancel.cancelled().await;
+                    break;
+                }
             }
-            // The stable version's breaker sizes the batch; a canary's open
-            // breaker defers only the canary's keys.
-            let budget = self.lanes[0]
-                .breaker
-                .as_ref()
-                .map_or(usize::MAX, Breaker::call_budget);
-            let Some(batch) = self.ingest.next_batch(&cancel, budget).await else {
-                break;
-            };
-            self.process(batch, &cancel).await;
-            self.report_status();
-            // A worker being replaced must not judge a rollout that may
-            // already have changed.
-            if !cancel.is_cancelled() {
-                self.watch_canary().await;
-            }
-            self.batches += 1;
-            if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
-                self.prune_applied().await;
-            }
-        }
-        if self.outbox_dirty {
-            self.clear_outbox().await;
         }
         tracing::info!(function = %self.name, "function stopped");
     }
 
-    /// Publishes what a previous run committed but may not have published.
-    /// Returns false if cancelled first.
-    async fn flush_outbox(&mut self, cancel: &CancellationToken) -> bool {
-        let flush = || async {
-            let records = self
+    /// Claims the function: its new epoch, or `None` once cancelled. Stands
+    /// by while another host's lease is live.
+    async fn claim(&mut self, cancel: &CancellationToken) -> Option<u64> {
+        let mut told = false;
+        loop {
+            match self
                 .state
-                .outbox(&self.name)
+                .claim(&self.name, &self.owner_id, self.owner_lease)
                 .await
-                .map_err(|e| e.to_string())?;
-            if !records.is_empty() {
-                tracing::info!(function = %self.name, outputs = records.len(), "publishing outputs left by the previous run");
-                publish_all(&self.js, &records, &SendTraces::none())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.state
-                    .clear_outbox(&self.name)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            {
+                Ok(Some(epoch)) => {
+                    if told {
+                        // Worth a warning: the owner before stopped renewing.
+                        tracing::warn!(function = %self.name, epoch, "took over the function");
+                    }
+                    self.lease_renewed = Instant::now();
+                    return Some(epoch);
+                }
+                Ok(None) if !told => {
+                    told = true;
+                    tracing::warn!(function = %self.name, "another host owns the function; standing by until its lease lapses");
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(function = %self.name, %error, "cannot claim the function yet")
+                }
             }
-            Ok::<_, String>(())
-        };
-        hold_until_done(
-            &self.name,
-            "flushing the outbox",
-            &[],
-            Duration::MAX,
-            cancel,
-            flush,
-        )
-        .await
-        .is_some()
+            if !pause(cancel, self.owner_lease / 4).await {
+                return None;
+            }
+        }
     }
 
-    async fn process(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
+    /// One turn as owner: open, then batches until stopped or fenced.
+    async fn serve_turn(&mut self, cancel: &CancellationToken) -> Stop {
+        let mut ingest = match self.open(cancel).await {
+            Ok(ingest) => ingest,
+            Err(stop) => return stop,
+        };
+        if let Err(stop) = self.flush_outbox(Some(&mut ingest), cancel).await {
+            return stop;
+        }
+        self.report_status();
+        loop {
+            if cancel.is_cancelled() {
+                return Stop::Cancelled;
+            }
+            if let Err(stop) = self.renew_lease_if_due().await {
+                return stop;
+            }
+            // An open breaker: leave the backlog in JetStream until probes
+            // may go through. (The stable version's breaker: a canary's
+            // holds only its keys.)
+            if let Some(wait) = self.lanes[0].breaker.as_ref().and_then(Breaker::open_for) {
+                if !pause(cancel, wait.min(self.owner_lease / 3)).await {
+                    return Stop::Cancelled;
+                }
+                continue;
+            }
+            let Some(deliveries) = ingest.next_batch(cancel, self.call_budget()).await else {
+                return Stop::Cancelled;
+            };
+            if ingest.is_lost() {
+                return Stop::Reopen;
+            }
+            if deliveries.is_empty() {
+                self.tidy_outbox().await;
+                continue;
+            }
+            if let Err(stop) = self.process(deliveries, cancel).await {
+                return stop;
+            }
+            self.after_batch(&mut ingest, cancel).await;
+        }
+    }
+
+    /// How many events the next batch may take: the stable breaker's budget,
+    /// or one at a time while isolating a commit the database refused.
+    fn call_budget(&self) -> usize {
+        if self.isolate_through > self.highest_applied {
+            return 1;
+        }
+        self.lanes[0]
+            .breaker
+            .as_ref()
+            .map_or(usize::MAX, Breaker::call_budget)
+    }
+
+    /// Bookkeeping between batches: status, canary, pruning, outbox.
+    async fn after_batch(&mut self, ingest: &mut Ingest, cancel: &CancellationToken) {
+        self.report_status();
+        // A worker being replaced must not judge a rollout that may already
+        // have changed.
+        if !cancel.is_cancelled() {
+            self.watch_canary().await;
+        }
+        self.batches += 1;
+        if self.batches.is_multiple_of(PRUNE_EVERY_BATCHES) {
+            self.prune_applied(ingest).await;
+        }
+        if self.pending == 0 {
+            self.tidy_outbox().await;
+        }
+    }
+
+    /// Reads the progress row, checks the stream is the one the progress
+    /// counts in, and opens the consumer.
+    async fn open(&mut self, cancel: &CancellationToken) -> Result<Ingest, Stop> {
+        let incarnation = random_hex();
+        let (progress, created) = hold(
+            &self.name,
+            self.ack_wait(),
+            "reading progress",
+            &[],
+            cancel,
+            || self.state.progress(&self.name, &incarnation),
+        )
+        .await?;
+        let (mut ingest, identity) = loop {
+            match Ingest::open(&self.js, &self.spec, progress.resume_seq).await {
+                Ok(opened) => break opened,
+                Err(error) => {
+                    tracing::warn!(function = %self.name, %error, "cannot open the function's consumer yet");
+                    if !pause(cancel, Duration::from_secs(1)).await {
+                        return Err(Stop::Cancelled);
+                    }
+                }
+            }
+        };
+        match &progress.stream {
+            Some((stream, created_ns))
+                if *stream != identity.name || *created_ns != identity.created_ns =>
+            {
+                return Err(Stop::Refused(format!(
+                    "its applied sequences count in stream `{stream}` (created at {created_ns} ns), but it is bound to stream `{}` (created at {} ns): sequences of one stream mean nothing in another. Deploy a version that replays the stream (`weir fn deploy --replay-from-sequence 1`) to start over on it, or bind the function to its old stream",
+                    identity.name, identity.created_ns
+                )));
+            }
+            Some(_) => {}
+            None => {
+                hold(
+                    &self.name,
+                    self.ack_wait(),
+                    "recording the stream",
+                    &[],
+                    cancel,
+                    || {
+                        self.state
+                            .record_stream(&self.name, &identity.name, identity.created_ns)
+                    },
+                )
+                .await?;
+            }
+        }
+        if created {
+            tracing::info!(function = %self.name, stream = %identity.name, "new function: progress recorded");
+        }
+        self.msg_scope = match progress.incarnation.as_str() {
+            "" => self.spec.name.clone(),
+            incarnation => format!("{}.{incarnation}", self.spec.name),
+        };
+        self.highest_applied = progress.highest_applied;
+        self.published.clear();
+        // An ack floor read from an earlier consumer says nothing about this
+        // one.
+        self.prune_floor = None;
+        self.guard = self.inherit_waits(&mut ingest).await;
+        Ok(ingest)
+    }
+
+    fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.spec.ack_wait_ms)
+    }
+
+    /// The key waits a new turn starts with: events a previous owner (or
+    /// this host's previous turn) may still hold hold their keys, until
+    /// decided or until they could have come back twice over.
+    async fn inherit_waits(&mut self, ingest: &mut Ingest) -> KeyGuard {
+        let limit = self.spec.batch_size.saturating_mul(4).max(1000);
+        let outstanding = match ingest.outstanding(limit).await {
+            Ok(outstanding) => {
+                // An event whose effect is committed holds nothing back.
+                let sequences: Vec<u64> = outstanding.iter().map(|(s, _)| *s).collect();
+                match self.state.already_applied(&self.name, &sequences).await {
+                    Ok(applied) => outstanding
+                        .into_iter()
+                        .filter(|(s, _)| !applied.contains(s))
+                        .collect(),
+                    Err(_) => outstanding,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot read the events still out; order per key across this takeover is not kept");
+                Vec::new()
+            }
+        };
+        if !outstanding.is_empty() {
+            tracing::info!(function = %self.name, events = outstanding.len(), "events of an earlier owner are still out; their keys wait for them");
+        }
+        let lapse = Duration::from_millis(self.spec.ack_wait_ms) * 2
+            + Duration::from_millis(self.spec.retry.max_backoff_ms)
+            + Duration::from_secs(5);
+        KeyGuard::inheriting(outstanding, Instant::now() + lapse)
+    }
+
+    /// Publishes what an earlier owner committed but may not have
+    /// published, batch by batch, deleting each batch's rows once stored.
+    /// With `ingest`, batches whose inputs are all acked are known to be
+    /// published and only deleted; without, every batch is published (before
+    /// acking redeliveries found applied: their commit's publish may be
+    /// what is pending).
+    async fn flush_outbox(
+        &mut self,
+        ingest: Option<&mut Ingest>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let batches = hold(
+            &self.name,
+            self.ack_wait(),
+            "reading the outbox",
+            &[],
+            cancel,
+            || self.state.outbox(&self.name),
+        )
+        .await?;
+        if batches.is_empty() {
+            return Ok(());
+        }
+        // Inputs are acked only after their outputs are stored (a
+        // redelivery found applied is acked only after this flush): a batch
+        // whose inputs are all at or below the ack floor was published.
+        let floor = match ingest {
+            Some(ingest) => ingest.ack_floor().await.unwrap_or(0),
+            None => 0,
+        };
+        for outbox in batches {
+            let (batch, mut records) = (outbox.batch, outbox.records);
+            if outbox.through_seq <= floor {
+                self.published.push(batch);
+                continue;
+            }
+            tracing::info!(function = %self.name, batch, outputs = records.len(), "publishing outputs committed by an earlier run");
+            let parents = vec![None; records.len()];
+            while let Err(error) = self.publish_records(&mut records, parents.clone()).await {
+                tracing::warn!(function = %self.name, %error, "publishing committed outputs failed; retrying");
+                if !pause(cancel, REDELIVER_DELAY).await {
+                    return Err(Stop::Cancelled);
+                }
+            }
+            self.published.push(batch);
+        }
+        self.tidy_outbox().await;
+        Ok(())
+    }
+
+    /// Deletes the outbox rows of published batches now (idle, or
+    /// stopping) instead of with the next commit.
+    async fn tidy_outbox(&mut self) {
+        if self.published.is_empty() {
+            return;
+        }
+        match self
+            .state
+            .delete_outbox(&self.name, self.epoch, &self.published)
+            .await
+        {
+            Ok(()) => self.published.clear(),
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot delete published outbox rows yet")
+            }
+        }
+    }
+
+    /// The end of a turn that was not fenced: published rows go, and the
+    /// function is released so a standby takes over at once.
+    async fn finish_turn(&mut self) {
+        self.tidy_outbox().await;
+        if let Err(error) = self.state.release(&self.name, self.epoch).await {
+            tracing::warn!(function = %self.name, %error, "cannot release the function; another host takes over when the lease lapses");
+        }
+    }
+
+    /// Renews the lease once a third of it has passed.
+    async fn renew_lease_if_due(&mut self) -> Result<(), Stop> {
+        if self.lease_renewed.elapsed() < self.owner_lease / 3 {
+            return Ok(());
+        }
+        match self
+            .state
+            .renew(&self.name, self.epoch, self.owner_lease)
+            .await
+        {
+            Ok(true) => {
+                self.lease_renewed = Instant::now();
+                Ok(())
+            }
+            Ok(false) => Err(Stop::Fenced),
+            // An outage: the commit's own epoch check still fences.
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot renew the function's lease");
+                Ok(())
+            }
+        }
+    }
+
+    /// Plans, runs and settles one batch.
+    async fn process(
+        &mut self,
+        deliveries: Vec<Delivery>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
         let metrics = &self.lanes[0].metrics;
-        metrics.in_flight.set(batch.len() as f64);
-        metrics.batch_size.record(batch.len() as f64);
-        if let Some(last) = batch.last() {
+        metrics.in_flight.set(deliveries.len() as f64);
+        metrics.batch_size.record(deliveries.len() as f64);
+        if let Some(last) = deliveries.last() {
             self.pending = last.pending;
             metrics.consumer_pending.set(last.pending as f64);
         }
-        self.process_batch(batch, cancel).await;
+        let (intake, mut hand) = self.take_in(deliveries);
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let settings = PlanSettings {
+            policy: self.spec.retry.clone(),
+            byte_budget: BATCH_BYTE_BUDGET,
+            wait_grace: ack_wait * 2 + Duration::from_secs(5),
+            highest_applied: self.highest_applied,
+        };
+        let (mut batch, lookup) = Batch::plan(intake, &self.guard, &settings, Instant::now());
+        let applied = hold(
+            &self.name,
+            self.ack_wait(),
+            "reading applied sequences",
+            &hand.messages,
+            cancel,
+            || self.state.already_applied(&self.name, &lookup),
+        )
+        .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
+            Err(stop) => return Err(stop),
+        };
+        batch.applied(&applied);
+        if batch.has_already_applied() {
+            self.flush_outbox(None, cancel).await?;
+        }
+        let keys: Vec<String> = batch
+            .records()
+            .iter()
+            .filter(|r| r.outcome == Outcome::ToRun)
+            .filter_map(|r| r.key.clone())
+            .collect();
+        let load_started = SystemTime::now();
+        let view = hold(
+            &self.name,
+            self.ack_wait(),
+            "loading state",
+            &hand.messages,
+            cancel,
+            || {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let state = self.state.clone();
+                let name = self.name.clone();
+                let epoch = self.epoch;
+                async move { state.view(&name, epoch, &keys).await }
+            },
+        )
+        .await;
+        let view = match view {
+            Ok(view) => view,
+            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
+            Err(stop) => return Err(stop),
+        };
+        self.record_step(&hand.traces, &batch, "state.load", load_started, |o| {
+            *o == Outcome::ToRun
+        });
+        let Some(ran) = self.run_events(batch, view, &mut hand, cancel).await? else {
+            return Ok(());
+        };
+        let Ran {
+            mut batch,
+            view,
+            invocations,
+            ..
+        } = ran;
+        self.observe_run(&batch, &hand, &invocations).await;
+        let settlement = batch.settle(&mut self.guard);
+        let result = self
+            .perform(
+                &mut batch,
+                settlement,
+                view,
+                &invocations,
+                &mut hand,
+                cancel,
+            )
+            .await;
         self.lanes[0].metrics.in_flight.set(0.0);
+        result
     }
 
-    async fn process_batch(&mut self, batch: Vec<Delivery>, cancel: &CancellationToken) {
-        let batch_started = SystemTime::now();
-        let mut slots = Vec::with_capacity(batch.len());
-        let mut events = Vec::with_capacity(batch.len());
-        for (index, delivery) in batch.into_iter().enumerate() {
+    /// Splits deliveries into what the protocol needs and what the driver
+    /// keeps.
+    fn take_in(&self, deliveries: Vec<Delivery>) -> (Vec<Intake>, InHand) {
+        let started = SystemTime::now();
+        let mut intake = Vec::with_capacity(deliveries.len());
+        let mut hand = InHand {
+            messages: Vec::with_capacity(deliveries.len()),
+            traces: Vec::with_capacity(deliveries.len()),
+            events: Vec::with_capacity(deliveries.len()),
+        };
+        for delivery in deliveries {
             let lane = match &delivery.event {
                 Ok(event) => lane_for(&event.key, self.canary_weight),
                 Err(_) => 0,
             };
-            let trace = self.start_trace(&delivery, lane, batch_started);
-            let outcome = match delivery.event {
-                Ok(event) => {
-                    events.push((index, event));
-                    None
-                }
-                Err(failure) => Some(EventOutcome::Failed(failure)),
+            hand.traces.push(self.start_trace(&delivery, lane, started));
+            let (key, event) = match delivery.event {
+                Ok(event) => (Ok(event.key.clone()), Some(event)),
+                Err(failure) => (Err(failure), None),
             };
-            slots.push(Slot {
-                message: delivery.message,
+            intake.push(Intake {
                 sequence: delivery.sequence,
                 delivered: delivery.delivered,
-                outcome,
-                handled: None,
-                trace,
+                key,
                 lane,
+                deferred: self.deferrals.get(&delivery.sequence).copied().unwrap_or(0),
             });
+            hand.events.push(event);
+            hand.messages.push(delivery.message);
         }
+        (intake, hand)
+    }
 
-        // A redelivery may be an event whose batch committed but was not
-        // acked before a crash: its effect is already in Postgres. The
-        // delivery count alone cannot tell: a nats-server killed before it
-        // persisted the consumer's state delivers again with a count of 1.
-        let highest_applied = self.highest_applied;
-        let redelivered: Vec<u64> = events
-            .iter()
-            .map(|(index, _)| &slots[*index])
-            .filter(|slot| slot.delivered > 1 || slot.sequence <= highest_applied)
-            .map(|slot| slot.sequence)
-            .collect();
-        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
-        let applied = hold_until_done(
-            &self.name,
-            "reading applied sequences",
-            &slots,
-            ack_wait,
-            cancel,
-            || self.state.already_applied(&self.name, &redelivered),
-        )
-        .await;
-        let Some(applied) = applied else {
-            return self.give_back(slots, "shutting down", cancel).await;
-        };
-        let to_run: Vec<(usize, usize, Event, bool)> = events
-            .into_iter()
-            .filter_map(|(index, event)| {
-                let slot = &mut slots[index];
-                if applied.contains(&slot.sequence) {
-                    slot.outcome = Some(EventOutcome::AlreadyApplied);
-                    return None;
-                }
-                let traced = slot.trace.as_ref().is_some_and(EventTrace::is_sampled);
-                Some((index, slot.lane, event, traced))
+    /// Runs the batch on a blocking thread. Meanwhile the messages' ack
+    /// deadlines are extended and the lease renewed; a lost lease or a stop
+    /// ends the run between events. `Ok(None)`: the run task failed (a host
+    /// bug) and the batch was handed back.
+    async fn run_events(
+        &mut self,
+        batch: Batch,
+        view: BatchView,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ran>, Stop> {
+        let lanes: Vec<LaneRun> = self.lanes.iter_mut().map(LaneRun::take).collect();
+        let events: Vec<Option<(Event, bool)>> = hand
+            .events
+            .iter_mut()
+            .zip(&hand.traces)
+            .map(|(event, trace)| {
+                let traced = trace.as_ref().is_some_and(EventTrace::is_sampled);
+                event.take().map(|e| (e, traced))
             })
             .collect();
-        let keys: Vec<&str> = to_run.iter().map(|(_, _, e, _)| e.key.as_str()).collect();
-        let load_started = SystemTime::now();
-        let view = hold_until_done(
-            &self.name,
-            "loading state",
-            &slots,
-            ack_wait,
-            cancel,
-            || self.state.view(&self.name, &keys),
-        )
-        .await;
-        let Some(view) = view else {
-            return self.give_back(slots, "shutting down", cancel).await;
-        };
-        // The events about to run: the others need no state.
-        self.record_step(&slots, "state.load", load_started, |slot| {
-            slot.outcome.is_none()
+        let stop = cancel.child_token();
+        let stop_run = stop.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            lanes::run_batch(batch, lanes, view, events, &stop_run)
         });
-
-        let keys: Vec<(usize, String)> = to_run
-            .iter()
-            .map(|(index, _, event, _)| (*index, event.key.clone()))
-            .collect();
-        let ran = self.invoke(view, to_run).await;
-        for (lane, transition) in &ran.transitions {
-            self.observe_transition(*lane, transition);
-        }
-        let view = ran.view;
-        for ((index, run), (_, key)) in ran.results.into_iter().zip(&keys) {
-            let slot = &mut slots[index];
-            let invocation = match run {
-                Run::Invoked(invocation) => invocation,
-                Run::Deferred { retry_after } => {
-                    slot.outcome = Some(EventOutcome::Deferred { retry_after });
-                    continue;
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let tick = (ack_wait / 3).min(self.owner_lease / 3);
+        let mut fenced = false;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut task => break joined,
+                _ = tokio::time::sleep(tick) => {
+                    extend_deadlines(&hand.messages).await;
+                    if self.renew_lease_if_due().await.is_err() {
+                        fenced = true;
+                        stop.cancel();
+                    }
                 }
-            };
-            let lane = &mut self.lanes[slot.lane];
-            lane.metrics.invocations.increment(1);
-            lane.metrics
-                .invocation_seconds
-                .record(invocation.took.as_secs_f64());
-            let failed = matches!(&invocation.result, Err(f) if f.kind.counts_against_function());
-            let micros = i64::try_from(invocation.took.as_micros()).unwrap_or(i64::MAX);
-            lane.unreported.0 += 1;
-            lane.unreported.1 += i64::from(failed);
-            lane.unreported.2 += micros;
-            lane.seen.0 += 1;
-            lane.seen.1 += u64::from(failed);
-            self.observe_invocation(slot, key, &invocation).await;
-            match invocation.result {
-                Ok(handled) => {
-                    slot.outcome = Some(EventOutcome::Applied);
-                    slot.handled = Some(handled);
-                }
-                Err(failure) => slot.outcome = Some(EventOutcome::Failed(failure)),
             }
+        };
+        let mut ran = match joined {
+            Ok(ran) => ran,
+            Err(error) => {
+                self.recover_from_failed_run(&error.to_string(), hand, cancel)
+                    .await;
+                return Ok(None);
+            }
+        };
+        for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
+            lane.instance = run.instance.take();
+            lane.breaker = run.breaker.take();
         }
+        for (lane, transition) in std::mem::take(&mut ran.transitions) {
+            self.observe_transition(lane, &transition);
+        }
+        if fenced {
+            return Err(Stop::Fenced);
+        }
+        Ok(Some(ran))
+    }
 
-        let mut outputs = Vec::new();
-        let mut output_traces = Vec::new();
-        let mut applied_sequences = Vec::new();
-        for slot in &mut slots {
-            let Some(handled) = slot.handled.take() else {
+    /// The run task panicked: a host bug, not the guest's. Nothing is
+    /// decided; the batch goes back without spending attempts, and the
+    /// breakers start again closed.
+    async fn recover_from_failed_run(
+        &mut self,
+        error: &str,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) {
+        tracing::error!(function = %self.name, %error, "invocation task failed; the batch is handed back and the circuit breakers start again closed");
+        for lane in &mut self.lanes {
+            lane.breaker = Some(Breaker::new(
+                lane.settings.breaker.clone(),
+                Arc::new(SystemClock),
+            ));
+            lane.metrics.breaker_state.set(0.0);
+        }
+        let sequences = hand
+            .messages
+            .iter()
+            .filter_map(|m| m.info().ok())
+            .map(|i| i.stream_sequence);
+        note_deferrals(
+            &mut self.deferrals,
+            sequences
+                .map(|s| (s, DeferralChange::Deferred))
+                .collect::<Vec<_>>(),
+        );
+        for message in &hand.messages {
+            let _ = message.ack_with(AckKind::Nak(Some(REDELIVER_DELAY))).await;
+        }
+        pause(cancel, REDELIVER_DELAY).await;
+    }
+
+    /// Metrics, spans and log lines of each invocation.
+    async fn observe_run(
+        &mut self,
+        batch: &Batch,
+        hand: &InHand,
+        invocations: &[Option<Invocation>],
+    ) {
+        for (index, invocation) in invocations.iter().enumerate() {
+            let Some(invocation) = invocation else {
                 continue;
             };
-            let sequence = slot.sequence;
-            if handled.wrote {
-                applied_sequences.push(sequence);
-            }
-            for (i, output) in handled.outputs.into_iter().enumerate() {
-                let mut headers = output.headers;
-                self.carry_trace(slot, &mut headers);
-                outputs.push(OutputRecord {
-                    msg_id: output_msg_id(&self.lanes[slot.lane].msg_scope, sequence, i),
-                    subject: output.subject,
-                    payload: output.payload,
-                    headers,
-                });
-                output_traces.push(slot.trace.as_ref().map(|t| t.context().clone()));
-            }
-        }
-        let decisions: Vec<AckDecision> = slots
-            .iter()
-            .map(|s| match &s.outcome {
-                Some(outcome) => decide(outcome, self.attempt(s), &self.spec.retry),
-                // Every slot has an outcome by now; treat a gap as retryable.
-                None => AckDecision::Nak {
-                    delay: BATCH_RETRY_DELAY,
-                },
-            })
-            .collect();
-
-        let deltas = view.into_deltas();
-        let committed = !deltas.is_empty();
-        if committed {
-            let commit = BatchCommit {
-                deltas,
-                applied: applied_sequences,
-                outbox: outputs.clone(),
-            };
-            crash::reached(CrashPoint::AfterInvoke);
-            // Re-running the same commit is harmless: every statement in it
-            // sets values or ignores conflicts.
-            let started = std::time::Instant::now();
-            let commit_started = SystemTime::now();
-            let done = hold_until_done(
-                &self.name,
-                "committing state",
-                &slots,
-                ack_wait,
-                cancel,
-                || self.state.commit(&self.name, &commit),
+            let record = &batch.records()[index];
+            let key = record.key.as_deref().unwrap_or_default();
+            self.observe_invocation(
+                record.lane,
+                record.sequence,
+                key,
+                hand.traces[index].as_ref(),
+                invocation,
             )
             .await;
-            if done.is_none() {
-                return self.give_back(slots, "shutting down", cancel).await;
-            }
-            self.lanes[0]
-                .metrics
-                .commit_seconds
-                .record(started.elapsed().as_secs_f64());
-            self.record_step(&slots, "state.commit", commit_started, |slot| {
-                matches!(slot.outcome, Some(EventOutcome::Applied))
-            });
-            self.highest_applied = self.highest_applied.max(commit.highest_applied());
-            crash::reached(CrashPoint::AfterCommit);
-        } else {
-            crash::reached(CrashPoint::AfterInvoke);
         }
+    }
 
-        let mut to_publish = outputs;
-        for (slot, decision) in slots.iter().zip(&decisions) {
-            if *decision == AckDecision::DeadLetter {
-                to_publish.push(self.dead_letter(slot));
-                output_traces.push(slot.trace.as_ref().map(|t| t.context().clone()));
+    /// Performs a settled batch's effects in order.
+    async fn perform(
+        &mut self,
+        batch: &mut Batch,
+        settlement: Settlement,
+        view: BatchView,
+        invocations: &[Option<Invocation>],
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let mut effects = settlement.effects;
+        let mut view = Some(view);
+        let mut committed = None;
+        let mut next = 0;
+        while let Some(effect) = effects.get(next).cloned() {
+            next += 1;
+            match effect {
+                Effect::Commit {
+                    batch_id,
+                    through_seq,
+                    applied,
+                } => {
+                    let outbox = self.gather(batch, &effects, invocations, hand).0;
+                    let commit = BatchCommit {
+                        epoch: self.epoch,
+                        batch_id,
+                        through_seq,
+                        published: self.published.clone(),
+                        deltas: view.take().map(BatchView::into_deltas).unwrap_or_default(),
+                        applied,
+                        outbox,
+                    };
+                    match self.commit(&commit, batch, hand, cancel).await {
+                        Ok(()) => committed = Some(batch_id),
+                        Err(CommitEnd::Stop(Stop::Cancelled)) => {
+                            return self.hand_back_batch(batch, hand, cancel).await;
+                        }
+                        Err(CommitEnd::Stop(stop)) => return Err(stop),
+                        Err(CommitEnd::Refused(reason)) => {
+                            match batch.commit_refused(&reason, &mut self.guard) {
+                                Some(again) => {
+                                    effects = again.effects;
+                                    next = 0;
+                                }
+                                None => {
+                                    self.isolate_through = batch
+                                        .records()
+                                        .iter()
+                                        .map(|r| r.sequence)
+                                        .max()
+                                        .unwrap_or(0);
+                                    tracing::warn!(function = %self.name, %reason, through = self.isolate_through, "the database refused the batch's state; running it one event at a time to find the event");
+                                    return self.hand_back_batch(batch, hand, cancel).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                Effect::Publish { .. } => {
+                    let (mut records, parents) = self.gather(batch, &effects, invocations, hand);
+                    let dead = self.dead_letters(batch, &effects, hand);
+                    records.extend(dead.0);
+                    let parents = parents.into_iter().chain(dead.1).collect();
+                    if !self
+                        .publish_settled(&mut records, parents, committed, batch, hand, cancel)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                    if let Some(id) = committed {
+                        self.published.push(id);
+                    }
+                }
+                Effect::Ack(acks) => self.acknowledge(batch, &acks, hand).await,
             }
         }
-        let send_traces = SendTraces::new(&self.tracing, output_traces);
-        while let Err(error) = publish_all(&self.js, &to_publish, &send_traces).await {
-            if !committed {
-                // Nothing is committed: redelivery runs the events again and
-                // the message ids drop what did get through.
-                return self.give_back(slots, &error.to_string(), cancel).await;
+        Ok(())
+    }
+
+    /// The output records of the settlement's publish, in record order.
+    fn gather(
+        &self,
+        batch: &Batch,
+        effects: &[Effect],
+        invocations: &[Option<Invocation>],
+        hand: &InHand,
+    ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
+        let mut gathered = (Vec::new(), Vec::new());
+        let Some(Effect::Publish { outputs, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Publish { .. }))
+        else {
+            return gathered;
+        };
+        for &index in outputs {
+            let Some(Invocation {
+                result: Ok(handled),
+                ..
+            }) = &invocations[index]
+            else {
+                continue;
+            };
+            self.event_outputs(
+                &batch.records()[index],
+                &hand.messages[index],
+                hand.traces[index].as_ref(),
+                handled.outputs.clone(),
+                &mut gathered,
+            );
+        }
+        gathered
+    }
+
+    /// The dead letters of the settlement's publish.
+    fn dead_letters(
+        &self,
+        batch: &Batch,
+        effects: &[Effect],
+        hand: &InHand,
+    ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
+        let Some(Effect::Publish { dead_letters, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Publish { .. }))
+        else {
+            return Default::default();
+        };
+        dead_letters
+            .iter()
+            .map(|&index| {
+                let trace = hand.traces[index].as_ref();
+                (
+                    self.dead_letter(&batch.records()[index], &hand.messages[index], trace),
+                    trace.map(|t| t.context().clone()),
+                )
+            })
+            .unzip()
+    }
+
+    /// Commits, holding the batch through transient failures.
+    async fn commit(
+        &mut self,
+        commit: &BatchCommit,
+        batch: &Batch,
+        hand: &InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), CommitEnd> {
+        crash::reached(CrashPoint::AfterInvoke);
+        let started = Instant::now();
+        let commit_started = SystemTime::now();
+        let done = hold(
+            &self.name,
+            self.ack_wait(),
+            "committing state",
+            &hand.messages,
+            cancel,
+            || self.state.commit(&self.name, commit, self.owner_lease),
+        )
+        .await;
+        match done {
+            Ok(()) => {}
+            Err(Stop::Refused(reason)) => return Err(CommitEnd::Refused(reason)),
+            Err(stop) => return Err(CommitEnd::Stop(stop)),
+        }
+        self.lease_renewed = Instant::now();
+        self.published.clear();
+        self.lanes[0]
+            .metrics
+            .commit_seconds
+            .record(started.elapsed().as_secs_f64());
+        self.record_step(&hand.traces, batch, "state.commit", commit_started, |o| {
+            matches!(o, Outcome::Applied { .. })
+        });
+        self.highest_applied = self.highest_applied.max(commit.highest_applied());
+        crash::reached(CrashPoint::AfterCommit);
+        Ok(())
+    }
+
+    /// Publishes a settled batch's records. After a commit, a transient
+    /// failure is retried until published or stopped (`Err(Cancelled)`:
+    /// the outbox keeps the rows, the inputs stay unacked). Without one,
+    /// the batch is handed back (`Ok(false)`).
+    async fn publish_settled(
+        &mut self,
+        records: &mut Vec<OutputRecord>,
+        parents: Vec<Option<Context>>,
+        committed: Option<u64>,
+        batch: &mut Batch,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Stop> {
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let mut extended = Instant::now();
+        let mut parents = parents;
+        loop {
+            let error = match self
+                .publish_records(records, std::mem::take(&mut parents))
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if committed.is_none() {
+                // Nothing is committed: redelivery runs the events again
+                // and the message ids drop what did get through.
+                tracing::warn!(function = %self.name, %error, "publishing failed; the batch will be delivered again");
+                self.hand_back_batch(batch, hand, cancel).await?;
+                return Ok(false);
             }
             tracing::warn!(function = %self.name, %error, "publishing committed outputs failed; retrying");
-            if !pause(cancel, BATCH_RETRY_DELAY).await {
-                // Shutting down: the outbox keeps the outputs, the inputs
-                // stay unacked, and the next start publishes them first.
-                return;
+            if extended.elapsed() >= ack_wait / 3 {
+                extend_deadlines(&hand.messages).await;
+                extended = Instant::now();
+            }
+            if !pause(cancel, REDELIVER_DELAY).await {
+                return Err(Stop::Cancelled);
             }
         }
         crash::reached(CrashPoint::AfterPublish);
-        if committed {
-            self.outbox_dirty = true;
-        } else if self.outbox_dirty {
-            self.clear_outbox().await;
-        }
+        Ok(true)
+    }
 
-        self.count_outcomes(&slots, &decisions);
-        self.track_deferrals(&slots, &decisions);
-        for (slot, decision) in slots.into_iter().zip(decisions) {
-            self.log_outcome(&slot, decision);
+    /// Tells JetStream what became of each delivery, and finishes spans.
+    async fn acknowledge(
+        &mut self,
+        batch: &Batch,
+        acks: &[(usize, AckDecision)],
+        hand: &mut InHand,
+    ) {
+        self.count_outcomes(batch);
+        let changes: Vec<(u64, DeferralChange)> = acks
+            .iter()
+            .map(|&(index, decision)| {
+                let change = match decision {
+                    _ if batch.is_deferral(index) => DeferralChange::Deferred,
+                    AckDecision::Nak { .. } => DeferralChange::Retried,
+                    _ => DeferralChange::Done,
+                };
+                (batch.records()[index].sequence, change)
+            })
+            .collect();
+        note_deferrals(&mut self.deferrals, changes);
+        for &(index, decision) in acks {
             let kind = match decision {
                 AckDecision::Ack => AckKind::Ack,
                 AckDecision::Nak { delay } => AckKind::Nak(Some(delay)),
                 AckDecision::DeadLetter => AckKind::Term,
             };
-            if let Err(error) = slot.message.ack_with(kind).await {
-                // JetStream delivers it again; the applied set or the
-                // message ids keep that from doubling anything.
-                tracing::warn!(function = %self.name, sequence = slot.sequence, %error, "ack failed");
+            if let Err(error) = hand.messages[index].ack_with(kind).await {
+                // JetStream delivers it again; the applied set or the message
+                // ids keep that from doubling anything.
+                tracing::warn!(function = %self.name, sequence = batch.records()[index].sequence, %error, "ack failed");
             }
-            if let Some(trace) = slot.trace {
-                let (outcome, error) = outcome_label(slot.outcome.as_ref());
+        }
+        for (trace, record) in hand.traces.iter_mut().zip(batch.records()) {
+            if let Some(trace) = trace.take() {
+                let (outcome, error) = observe::outcome_label(&record.outcome);
                 trace.finish(outcome, error, SystemTime::now());
             }
         }
     }
 
-    /// Opens the `process` span of one delivery; `None` when tracing is off.
-    fn start_trace(
-        &self,
-        delivery: &Delivery,
-        lane: usize,
-        start: SystemTime,
-    ) -> Option<EventTrace> {
-        use opentelemetry::KeyValue;
-        let message = &delivery.message;
-        let trace =
-            self.tracing
-                .start_process(message.headers.as_ref(), start, &message.subject)?;
-        if !trace.is_sampled() {
-            return Some(trace);
-        }
-        let mut attributes = vec![
-            KeyValue::new("messaging.system", "nats"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.operation.name", "process"),
-            KeyValue::new("messaging.destination.name", message.subject.to_string()),
-            KeyValue::new(
-                "messaging.consumer.group.name",
-                crate::ingest::consumer_name(&self.name),
-            ),
-            KeyValue::new("messaging.message.body.size", message.payload.len() as i64),
-            KeyValue::new("weir.function", self.name.to_string()),
-            KeyValue::new("weir.function.version", self.lanes[lane].version.clone()),
-            KeyValue::new("weir.stream", self.spec.stream.clone()),
-            KeyValue::new(
-                "weir.stream.sequence",
-                i64::try_from(delivery.sequence).unwrap_or(i64::MAX),
-            ),
-            KeyValue::new(
-                "weir.delivery.count",
-                i64::try_from(delivery.delivered).unwrap_or(i64::MAX),
-            ),
-        ];
-        if let Ok(event) = &delivery.event {
-            attributes.push(KeyValue::new("weir.key", event.key.clone()));
-        }
-        trace.set_attributes(attributes);
-        Some(trace)
+    /// Hands a batch back before it was run.
+    async fn hand_back(
+        &mut self,
+        mut batch: Batch,
+        mut hand: InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        self.hand_back_batch(&mut batch, &mut hand, cancel).await
     }
 
-    /// Records a batch-wide step from `started` until now under every
-    /// traced event of the batch it concerns.
-    fn record_step(
-        &self,
-        slots: &[Slot],
-        name: &str,
-        started: SystemTime,
-        concerns: impl Fn(&Slot) -> bool,
-    ) {
-        if !self.tracing.is_enabled() {
-            return;
-        }
-        let times = (started, SystemTime::now());
-        let traces = slots
-            .iter()
-            .filter(|slot| concerns(slot))
-            .filter_map(|slot| slot.trace.as_ref());
-        for trace in traces {
-            trace.record_step(&self.tracing, name, times);
-        }
+    /// Hands the whole batch back to JetStream: nothing was committed, no
+    /// delivery is an attempt.
+    async fn hand_back_batch(
+        &mut self,
+        batch: &mut Batch,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        tracing::warn!(function = %self.name, events = batch.records().len(), "batch not committed; it will be delivered again");
+        let acks = batch.give_back();
+        self.acknowledge(batch, &acks, hand).await;
+        pause(cancel, REDELIVER_DELAY).await;
+        Ok(())
     }
 
-    /// Traces one invocation and writes out its log lines.
-    async fn observe_invocation(&mut self, slot: &Slot, key: &str, invocation: &Invocation) {
-        if let Some(trace) = &slot.trace {
-            let end = invocation.started + invocation.took;
-            trace.record_invocation(
-                &self.tracing,
-                &self.name,
-                (invocation.started, end),
-                &invocation.diagnostics.spans,
-            );
-        }
-        let diagnostics = &invocation.diagnostics;
-        if diagnostics.logs.is_empty() && diagnostics.dropped_logs == 0 {
-            return;
-        }
-        let trace_id = slot.trace.as_ref().map(EventTrace::trace_id);
-        let origin = LineOrigin {
-            key,
-            sequence: slot.sequence,
-            trace_id: trace_id.as_deref(),
-            time: invocation.started,
-        };
-        self.logs.write(origin, diagnostics).await;
-    }
-
-    /// Puts the trace context on an output: the event's own when traced,
-    /// else the input's as it came (unless the guest set one).
-    fn carry_trace(&self, slot: &Slot, headers: &mut Vec<(String, String)>) {
-        match &slot.trace {
-            Some(trace) => self.tracing.inject(trace.context(), headers),
-            None => {
-                if !headers.iter().any(|(name, _)| is_trace_header(name)) {
-                    headers.extend(trace_headers(slot.message.headers.as_ref()));
-                }
-            }
-        }
-    }
-
-    /// Runs `events` in order on a blocking thread, replacing the instance
-    /// after a trap. The breaker is asked before each call and told how it
-    /// went; events it refuses are not run.
-    async fn invoke(&mut self, view: BatchView, events: Vec<(usize, usize, Event, bool)>) -> Ran {
-        let lanes: Vec<LaneRun> = self
-            .lanes
-            .iter_mut()
-            .map(|lane| LaneRun {
-                code: lane.code.clone(),
-                settings: lane.settings.clone(),
-                instance: lane.instance.take(),
-                breaker: lane.breaker.take(),
-            })
-            .collect();
-        let ran = tokio::task::spawn_blocking(move || {
-            let mut ran = Ran {
-                lanes,
-                view,
-                results: Vec::with_capacity(events.len()),
-                transitions: Vec::new(),
-            };
-            for (index, lane, event, traced) in events {
-                if let Some(breaker) = &mut ran.lanes[lane].breaker {
-                    let (permit, transition) = breaker.try_acquire();
-                    ran.transitions.extend(transition.map(|t| (lane, t)));
-                    if let Permit::Refused { retry_after } = permit {
-                        ran.results.push((index, Run::Deferred { retry_after }));
-                        continue;
-                    }
-                }
-                let invocation = ran.run_one(lane, &event, traced);
-                if let Some(breaker) = &mut ran.lanes[lane].breaker {
-                    let failed = match &invocation.result {
-                        Ok(_) => Some(false),
-                        Err(failure) if failure.kind.counts_against_function() => Some(true),
-                        Err(_) => None,
-                    };
-                    match failed {
-                        Some(failed) => {
-                            let transition = breaker.record(CallResult {
-                                failed,
-                                duration: invocation.took,
-                            });
-                            ran.transitions.extend(transition.map(|t| (lane, t)));
-                        }
-                        None => breaker.release(),
-                    }
-                }
-                ran.results.push((index, Run::Invoked(invocation)));
-            }
-            ran
-        })
-        .await;
-        match ran {
-            Ok(mut ran) => {
-                for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
-                    lane.instance = run.instance.take();
-                    lane.breaker = run.breaker.take();
-                }
-                ran
-            }
-            Err(error) => {
-                // The blocking task panicked: a host bug, not the guest's.
-                // Nothing ran to completion; the batch is handed back.
-                tracing::error!(function = %self.name, %error, "invocation task failed; its circuit breakers start again closed");
-                for lane in &mut self.lanes {
-                    lane.breaker = Some(Breaker::new(
-                        lane.settings.breaker.clone(),
-                        Arc::new(SystemClock),
-                    ));
-                    lane.metrics.breaker_state.set(0.0);
-                }
-                Ran::default()
-            }
-        }
-    }
-
-    /// Logs a breaker transition and updates its metrics.
-    fn observe_transition(&self, lane: usize, transition: &Transition) {
-        let lane = &self.lanes[lane];
-        let version = &lane.version;
-        let (from, to) = (transition.from.as_str(), transition.to.as_str());
-        let (failure_rate, slow_call_rate) = (transition.failure_rate, transition.slow_call_rate);
-        match transition.to {
-            crate::breaker::BreakerState::Open => tracing::warn!(
-                function = %self.name, %version, from, to, failure_rate, slow_call_rate,
-                wait_ms = lane.settings.breaker.wait_in_open_ms,
-                "circuit breaker opened: events are held in the stream until it lets probes through"
-            ),
-            _ => tracing::info!(
-                function = %self.name, %version, from, to, failure_rate, slow_call_rate,
-                "circuit breaker changed state"
-            ),
-        }
-        lane.metrics.breaker_state.set(transition.to.gauge());
-        let mut labels = lane.metrics.labels.to_vec();
-        labels.push(("to", to.to_string()));
-        metrics::counter!("weir_breaker_transitions_total", &labels).increment(1);
-    }
-
-    /// The attempt a slot's delivery is: deliveries the breaker handed back
-    /// do not count.
-    fn attempt(&self, slot: &Slot) -> u64 {
-        let deferred = self.deferrals.get(&slot.sequence).copied().unwrap_or(0);
-        attempt_of(slot.delivered, deferred)
-    }
-
-    /// Counts this batch's deferrals and forgets the events that are done.
-    fn track_deferrals(&mut self, slots: &[Slot], decisions: &[AckDecision]) {
-        let changes = slots.iter().zip(decisions).map(|(slot, decision)| {
-            let change = match (&slot.outcome, decision) {
-                (Some(EventOutcome::Deferred { .. }), _) => DeferralChange::Deferred,
-                (_, AckDecision::Nak { .. }) => DeferralChange::Retried,
-                _ => DeferralChange::Done,
-            };
-            (slot.sequence, change)
-        });
-        note_deferrals(&mut self.deferrals, changes);
-    }
-
-    /// Adds the lanes' calls to the shared statistics (at most every
-    /// [`STATS_EVERY`]) and rolls the canary back when it fails more than the
-    /// rollout allows compared with the stable version.
-    async fn watch_canary(&mut self) {
-        let Some(link) = self.deployment.clone() else {
-            return;
-        };
-        if self.last_stats.elapsed() >= STATS_EVERY {
-            self.last_stats = std::time::Instant::now();
-            for lane in &mut self.lanes {
-                let (Some(number), delta) = (lane.number, lane.unreported) else {
-                    continue;
-                };
-                if delta.0 == 0 {
-                    continue;
-                }
-                match link
-                    .store
-                    .add_stats(&link.namespace, &link.name, number, delta)
-                    .await
-                {
-                    Ok(()) => lane.unreported = (0, 0, 0),
-                    Err(error) => tracing::debug!(%error, "version statistics not recorded"),
-                }
-            }
-        }
-        let (Some(stable), Some(canary)) = (self.lanes.first(), self.lanes.get(1)) else {
-            return;
-        };
-        if self.rolled_back || canary.seen.0 < u64::from(link.rollout.rollback_min_calls) {
-            return;
-        }
-        let rate = |(calls, failures): (u64, u64)| {
-            if calls == 0 {
-                0.0
-            } else {
-                failures as f64 * 100.0 / calls as f64
-            }
-        };
-        let (canary_rate, stable_rate) = (rate(canary.seen), rate(stable.seen));
-        if canary_rate <= stable_rate + link.rollout.rollback_margin {
-            return;
-        }
-        let reason = format!(
-            "version {} failed {canary_rate:.1} % of {} calls; version {} failed {stable_rate:.1} %; the margin is {} points",
-            canary.number.unwrap_or_default(),
-            canary.seen.0,
-            stable.number.unwrap_or_default(),
-            link.rollout.rollback_margin
-        );
-        tracing::warn!(function = %self.name, %reason, "rolling the canary back");
-        let expected = (
-            stable.number.unwrap_or_default(),
-            canary.number.unwrap_or_default(),
-        );
-        match link
-            .store
-            .rollback_if(&link.namespace, &link.name, expected, &reason)
-            .await
-        {
-            // Not ours to roll back any more: the rollout has changed.
-            Ok(_) | Err(crate::control::store::StoreError::NoCanary(_)) => self.rolled_back = true,
-            Err(error) => {
-                tracing::warn!(function = %self.name, %error, "cannot roll the canary back yet")
-            }
-        }
-    }
-
-    /// Publishes the function's status for `/status`.
-    fn report_status(&self) {
-        let stable = &self.lanes[0];
-        let Some(breaker) = &stable.breaker else {
-            return;
-        };
-        self.readiness.report(FunctionStatus {
-            name: self.name.to_string(),
-            version: stable.version.clone(),
-            breaker: breaker.snapshot(),
-            pending: self.pending,
-            deferred: self.deferrals.len(),
-        });
-    }
-
-    fn dead_letter(&self, slot: &Slot) -> OutputRecord {
-        let message = &slot.message;
-        let failure = match &slot.outcome {
-            Some(EventOutcome::Failed(failure)) => failure.clone(),
-            _ => Failure::new(FailureKind::Trap, "no outcome"),
-        };
-        let mut headers: Vec<(String, String)> = message
-            .headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .flat_map(|(name, values)| {
-                values
-                    .iter()
-                    .map(move |v| (name.to_string(), v.as_str().to_string()))
-            })
-            .filter(|(name, _)| !name.eq_ignore_ascii_case("Nats-Msg-Id"))
-            .collect();
-        if let Some(trace) = &slot.trace {
-            self.tracing.inject(trace.context(), &mut headers);
-        }
-        headers.extend([
-            (dlq::FUNCTION.to_string(), self.name.to_string()),
-            (
-                dlq::VERSION.to_string(),
-                self.lanes[slot.lane].version.clone(),
-            ),
-            (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
-            (dlq::REASON.to_string(), header_text(&failure.message)),
-            (dlq::ATTEMPTS.to_string(), self.attempt(slot).to_string()),
-            (dlq::SUBJECT.to_string(), message.subject.to_string()),
-            (dlq::SEQUENCE.to_string(), slot.sequence.to_string()),
-        ]);
-        OutputRecord {
-            subject: self.dead_letter_subject.clone(),
-            payload: message.payload.clone(),
-            headers,
-            msg_id: dead_letter_msg_id(&self.lanes[slot.lane].msg_scope, slot.sequence),
-        }
-    }
-
-    /// Adds the batch's outcomes to the per-function counters, once per
-    /// outcome kind rather than once per event.
-    fn count_outcomes(&self, slots: &[Slot], decisions: &[AckDecision]) {
-        let mut outcomes: std::collections::BTreeMap<(usize, &'static str), u64> =
-            Default::default();
-        for slot in slots {
-            *outcomes
-                .entry((slot.lane, outcome_label(slot.outcome.as_ref()).0))
-                .or_default() += 1;
-        }
-        for ((lane, outcome), count) in outcomes {
-            metrics::counter!(
-                "weir_events_total",
-                "function" => self.name.to_string(),
-                "version" => self.lanes[lane].version.clone(),
-                "outcome" => outcome
-            )
-            .increment(count);
-        }
-        for (slot, decision) in slots.iter().zip(decisions) {
-            let metrics = &self.lanes[slot.lane].metrics;
-            match decision {
-                AckDecision::DeadLetter => metrics.dead_letters.increment(1),
-                AckDecision::Nak { .. }
-                    if !matches!(slot.outcome, Some(EventOutcome::Deferred { .. })) =>
-                {
-                    metrics.retries.increment(1)
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn log_outcome(&self, slot: &Slot, decision: AckDecision) {
-        let Some(EventOutcome::Failed(failure)) = &slot.outcome else {
-            return;
-        };
-        let sequence = slot.sequence;
-        match decision {
-            AckDecision::DeadLetter => tracing::warn!(
-                function = %self.name, sequence, kind = %failure.kind, error = %failure.message,
-                subject = %self.dead_letter_subject, "event dead-lettered"
-            ),
-            AckDecision::Nak { delay } => tracing::info!(
-                function = %self.name, sequence, kind = %failure.kind, error = %failure.message,
-                delay_ms = delay.as_millis() as u64, "event will be retried"
-            ),
-            AckDecision::Ack => {}
-        }
-    }
-
-    /// Hands a batch back to JetStream untouched: nothing was committed.
-    /// No event got a decision, so these deliveries are not attempts.
-    async fn give_back(&mut self, slots: Vec<Slot>, reason: &str, cancel: &CancellationToken) {
-        tracing::warn!(function = %self.name, events = slots.len(), error = reason, "batch not committed; it will be delivered again");
-        let changes = slots.iter().map(|s| (s.sequence, DeferralChange::Deferred));
-        note_deferrals(&mut self.deferrals, changes);
-        for slot in slots {
-            let _ = slot
-                .message
-                .ack_with(AckKind::Nak(Some(BATCH_RETRY_DELAY)))
-                .await;
-            if let Some(trace) = slot.trace {
-                trace.finish("given-back", Some(reason), SystemTime::now());
-            }
-        }
-        pause(cancel, BATCH_RETRY_DELAY).await;
-    }
-
-    async fn clear_outbox(&mut self) {
-        match self.state.clear_outbox(&self.name).await {
-            Ok(()) => self.outbox_dirty = false,
-            Err(error) => {
-                tracing::warn!(function = %self.name, %error, "cannot clear the published outbox yet")
-            }
-        }
-    }
-
-    /// Forgets applied sequences at or below an ack floor read at least
-    /// [`PRUNE_LAG`] ago. A nats-server that crashes can come back with an
-    /// older ack floor and deliver those messages again; the lag keeps their
-    /// rows until that can no longer happen.
-    async fn prune_applied(&mut self) {
-        let floor = match self.ingest.ack_floor().await {
+    /// Records the consumer's ack floor (a lost consumer is recreated above
+    /// it) and forgets applied sequences at or below a floor read at least
+    /// [`support::PRUNE_LAG`] ago. A nats-server that crashes can come back
+    /// with an older ack floor and deliver those messages again; the lag
+    /// keeps their rows until that can no longer happen.
+    async fn prune_applied(&mut self, ingest: &mut Ingest) {
+        let floor = match ingest.ack_floor().await {
             Ok(floor) => floor,
             Err(error) => {
                 tracing::warn!(function = %self.name, %error, "reading the ack floor failed");
                 return;
             }
         };
-        let (due, next) = prune_bound(self.prune_floor, std::time::Instant::now(), floor);
+        self.guard.passed_floor(floor);
+        let (due, next) = support::prune_bound(self.prune_floor, Instant::now(), floor);
         self.prune_floor = next;
-        if let Some(old_floor) = due
-            && let Err(error) = self.state.prune_applied(&self.name, old_floor).await
-        {
-            tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
-        }
-    }
-}
-
-/// Room kept in every output for the headers Weir adds (message id, trace
-/// context) on top of what the guest publishes.
-const WEIR_HEADER_ROOM: usize = 1024;
-
-/// The sandbox settings of a function's instances, for a NATS server that
-/// takes messages of up to `max_payload` bytes.
-pub fn instance_settings(spec: &FunctionSpec, max_payload: usize) -> InstanceSettings {
-    InstanceSettings {
-        function: Arc::from(spec.name.as_str()),
-        allowed_outputs: spec.outputs.clone().into(),
-        deadline: Duration::from_millis(spec.limits.deadline_ms),
-        limits: spec.limits.clone(),
-        max_record_bytes: max_payload.saturating_sub(WEIR_HEADER_ROOM),
-        breaker: spec.breaker.clone(),
-    }
-}
-
-/// The `version` label of a function: its module digest's first 12 hex
-/// digits.
-pub fn version_of(code: &FunctionCode) -> String {
-    code.digest().chars().take(12).collect()
-}
-
-/// One lane's code and taken state, on the blocking thread.
-struct LaneRun {
-    code: FunctionCode,
-    settings: InstanceSettings,
-    instance: Option<FunctionInstance>,
-    breaker: Option<Breaker>,
-}
-
-/// What one batch's run on the blocking thread gives back.
-#[derive(Default)]
-struct Ran {
-    lanes: Vec<LaneRun>,
-    view: BatchView,
-    results: Vec<(usize, Run)>,
-    /// Breaker transitions, with the lane they happened in.
-    transitions: Vec<(usize, Transition)>,
-}
-
-impl Ran {
-    /// Runs one event on the lane's warm instance, or a new one if there is
-    /// none or the last one trapped.
-    fn run_one(&mut self, lane: usize, event: &Event, traced: bool) -> Invocation {
-        let run = &mut self.lanes[lane];
-        let live = match run.instance.take() {
-            Some(live) if !live.is_poisoned() => Ok(live),
-            _ => FunctionInstance::new(&run.code, &run.settings),
-        };
-        let mut live = match live {
-            Ok(live) => live,
-            Err(error) => {
-                return Invocation {
-                    result: Err(Failure::new(FailureKind::Trap, error.to_string())),
-                    started: SystemTime::now(),
-                    took: Duration::ZERO,
-                    diagnostics: InvocationDiagnostics::default(),
-                };
+        if let Some(old_floor) = due {
+            if let Err(error) = self.state.record_resume(&self.name, old_floor).await {
+                tracing::warn!(function = %self.name, %error, "recording the ack floor failed");
+                return;
             }
-        };
-        live.begin_batch(std::mem::take(&mut self.view));
-        let invocation = live.handle(event, traced);
-        self.view = live.end_batch();
-        self.lanes[lane].instance = Some(live);
-        invocation
-    }
-}
-
-/// What became of one event on the blocking thread.
-enum Run {
-    Invoked(Invocation),
-    /// The breaker refused the call.
-    Deferred {
-        retry_after: Duration,
-    },
-}
-
-/// The attempt a delivery is: `deferred` of the event's deliveries ended
-/// without a decision (the breaker handed it back, or the whole batch was)
-/// and do not count.
-fn attempt_of(delivered: u64, deferred: u64) -> u64 {
-    delivered.saturating_sub(deferred).max(1)
-}
-
-/// What a batch did to an event's deferral count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeferralChange {
-    /// Handed back without a decision: one more delivery that is no attempt.
-    Deferred,
-    /// Naked for another attempt: keep counting.
-    Retried,
-    /// Acked or dead-lettered: forget it.
-    Done,
-}
-
-/// Applies one batch's changes to the deferral counts, keeping at most
-/// [`MAX_TRACKED_DEFERRALS`] (the oldest sequences go first).
-fn note_deferrals(
-    deferrals: &mut HashMap<u64, u64>,
-    changes: impl IntoIterator<Item = (u64, DeferralChange)>,
-) {
-    for (sequence, change) in changes {
-        match change {
-            DeferralChange::Deferred => *deferrals.entry(sequence).or_default() += 1,
-            DeferralChange::Retried => {}
-            DeferralChange::Done => {
-                deferrals.remove(&sequence);
+            if let Err(error) = self.state.prune_applied(&self.name, old_floor).await {
+                tracing::warn!(function = %self.name, %error, "pruning applied sequences failed");
             }
         }
     }
-    if deferrals.len() > MAX_TRACKED_DEFERRALS {
-        let mut sequences: Vec<u64> = deferrals.keys().copied().collect();
-        sequences.sort_unstable();
-        for sequence in &sequences[..sequences.len() - MAX_TRACKED_DEFERRALS] {
-            deferrals.remove(sequence);
-        }
-    }
 }
 
-/// The outcome label of metrics and spans, and the error, if any.
-fn outcome_label(outcome: Option<&EventOutcome>) -> (&'static str, Option<&str>) {
-    match outcome {
-        Some(EventOutcome::Applied) => ("applied", None),
-        Some(EventOutcome::AlreadyApplied) => ("already-applied", None),
-        Some(EventOutcome::Deferred { .. }) => ("deferred", None),
-        Some(EventOutcome::Failed(failure)) => (failure.kind.as_str(), Some(&failure.message)),
-        None => ("unfinished", None),
-    }
-}
-
-/// Which ack floor may be pruned now, given the floor read earlier
-/// (`pending`, with when it was read) and the one just read: the earlier one
-/// once it is [`PRUNE_LAG`] old. Returns it and the floor to remember.
-fn prune_bound(
-    pending: Option<(std::time::Instant, u64)>,
-    now: std::time::Instant,
-    floor: u64,
-) -> (Option<u64>, Option<(std::time::Instant, u64)>) {
-    match pending {
-        Some((seen, old_floor)) if now.duration_since(seen) >= PRUNE_LAG => {
-            (Some(old_floor), Some((now, floor)))
-        }
-        Some(_) => (None, pending),
-        None => (None, Some((now, floor))),
-    }
-}
-
-/// Runs `op` until it succeeds. Meanwhile the batch is held, its ack
-/// deadlines extended, rather than handed back: a Postgres outage must not
-/// use up the events' retry budgets. `None` if cancelled first.
-async fn hold_until_done<T, E, F, Fut>(
+/// Runs a step of `function` until it succeeds (see [`hold_until_done`]);
+/// a stop ends the turn, a fence too, and a permanent error refuses.
+async fn hold<T, F, Fut>(
     function: &str,
-    what: &str,
-    slots: &[Slot],
     ack_wait: Duration,
+    what: &str,
+    messages: &[Message],
     cancel: &CancellationToken,
-    mut op: F,
-) -> Option<T>
+    op: F,
+) -> Result<T, Stop>
 where
-    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: std::future::Future<Output = Result<T, StateError>>,
 {
-    let mut delay = Duration::from_millis(100);
-    let mut extended = std::time::Instant::now();
-    loop {
-        match op().await {
-            Ok(done) => return Some(done),
-            Err(error) => {
-                tracing::warn!(function, %error, "{what} failed; holding the batch and retrying")
-            }
-        }
-        if extended.elapsed() >= ack_wait / 3 {
-            for slot in slots {
-                let _ = slot.message.ack_with(AckKind::Progress).await;
-            }
-            extended = std::time::Instant::now();
-        }
-        if !pause(cancel, delay).await {
-            return None;
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    let permanent = |e: &StateError| matches!(e, StateError::Fenced { .. }) || e.is_permanent();
+    match hold_until_done(function, what, messages, ack_wait, cancel, permanent, op).await {
+        Ok(done) => Ok(done),
+        Err(Held::Cancelled) => Err(Stop::Cancelled),
+        Err(Held::Permanent(StateError::Fenced { .. })) => Err(Stop::Fenced),
+        Err(Held::Permanent(error)) => Err(Stop::Refused(format!("{what}: {error}"))),
     }
 }
 
-/// Sleeps for `delay` unless cancelled first; returns false if cancelled.
-async fn pause(cancel: &CancellationToken, delay: Duration) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    #[test]
-    fn deferred_deliveries_are_not_attempts() {
-        let mut deferrals = HashMap::new();
-        // Event 7: deferred twice, then run and naked, then run again.
-        note_deferrals(&mut deferrals, [(7, DeferralChange::Deferred)]);
-        note_deferrals(&mut deferrals, [(7, DeferralChange::Deferred)]);
-        assert_eq!(attempt_of(3, deferrals[&7]), 1, "third delivery, first run");
-        note_deferrals(&mut deferrals, [(7, DeferralChange::Retried)]);
-        assert_eq!(attempt_of(4, deferrals[&7]), 2);
-        note_deferrals(&mut deferrals, [(7, DeferralChange::Done)]);
-        assert!(deferrals.is_empty());
-        // A count that outlived its deliveries never makes attempt 0.
-        assert_eq!(attempt_of(1, 5), 1);
-
-        let many = (0..MAX_TRACKED_DEFERRALS as u64 + 10).map(|s| (s, DeferralChange::Deferred));
-        note_deferrals(&mut deferrals, many);
-        assert_eq!(deferrals.len(), MAX_TRACKED_DEFERRALS);
-        assert!(!deferrals.contains_key(&9) && deferrals.contains_key(&10));
-    }
-
-    #[test]
-    fn pruning_waits_for_an_ack_floor_to_age() {
-        let start = Instant::now();
-        let later = |secs| start + Duration::from_secs(secs);
-        // The first floor is only remembered.
-        let (due, pending) = prune_bound(None, start, 100);
-        assert_eq!((due, pending), (None, Some((start, 100))));
-        // Too young: keep the remembered floor, prune nothing.
-        let (due, pending) = prune_bound(pending, later(59), 500);
-        assert_eq!((due, pending), (None, Some((start, 100))));
-        // Old enough: prune up to the remembered floor, never the new one.
-        let (due, pending) = prune_bound(pending, later(60), 900);
-        assert_eq!((due, pending), (Some(100), Some((later(60), 900))));
-    }
+/// Why a commit did not happen.
+enum CommitEnd {
+    Stop(Stop),
+    /// The database refused the data for good.
+    Refused(String),
 }

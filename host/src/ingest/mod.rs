@@ -8,16 +8,19 @@
 //! falls behind leaves its backlog in JetStream instead of in memory.
 
 mod extract;
+mod stall;
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 pub use extract::{Extractor, MAX_KEY_BYTES, RawMessage};
+use stall::StallWatch;
 
 use crate::config::FunctionSpec;
 use crate::outcome::Failure;
@@ -61,6 +64,41 @@ pub struct Ingest {
     consumer: PullConsumer,
     batch_size: usize,
     extractor: Extractor,
+    stall: StallWatch,
+    stream: jetstream::stream::Stream,
+    filter: String,
+    /// The consumer was found deleted: the owner opens it again.
+    lost: bool,
+    /// Empty pulls since the consumer's existence was last checked.
+    idle_pulls: u32,
+}
+
+/// Empty pulls (of [`IDLE_WAIT`]) between checks that the consumer still
+/// exists.
+const CHECK_CONSUMER_EVERY: u32 = 20;
+
+/// The stream a function reads, and which incarnation of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamIdentity {
+    pub name: String,
+    /// When the stream was created, in ns since the Unix epoch: a stream
+    /// deleted and made again under the same name has another.
+    pub created_ns: i64,
+}
+
+fn stream_error(spec: &FunctionSpec, reason: String) -> IngestError {
+    IngestError::Stream {
+        function: spec.name.clone(),
+        stream: spec.stream.clone(),
+        reason,
+    }
+}
+
+fn consumer_error(spec: &FunctionSpec, error: &dyn std::fmt::Display) -> IngestError {
+    IngestError::Consumer {
+        function: spec.name.clone(),
+        reason: error.to_string(),
+    }
 }
 
 impl std::fmt::Debug for Ingest {
@@ -77,9 +115,56 @@ pub fn consumer_name(function: &str) -> String {
 }
 
 impl Ingest {
-    /// Creates (or reuses) the function's durable consumer.
-    pub async fn bind(js: &jetstream::Context, spec: &FunctionSpec) -> Result<Self, IngestError> {
-        Self::bind_at(js, spec, DeliverPolicy::All).await
+    /// Checks that the function's stream exists: a binding to a stream
+    /// that is not there is refused at start, not waited for.
+    pub async fn check_stream(
+        js: &jetstream::Context,
+        spec: &FunctionSpec,
+    ) -> Result<(), IngestError> {
+        js.get_stream(&spec.stream)
+            .await
+            .map(|_| ())
+            .map_err(|e| stream_error(spec, e.to_string()))
+    }
+
+    /// Opens the function's durable consumer for a worker that owns the
+    /// function. An existing consumer is used as it is (its settings brought
+    /// up to date); a missing one is created just above `resume_at`, the
+    /// ack floor last recorded with the function's progress (0: from the
+    /// start of the stream), never from the start of a stream the function
+    /// has already read. Also returns the stream's identity.
+    pub async fn open(
+        js: &jetstream::Context,
+        spec: &FunctionSpec,
+        resume_at: u64,
+    ) -> Result<(Self, StreamIdentity), IngestError> {
+        let stream = js
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|e| stream_error(spec, e.to_string()))?;
+        let created = stream.cached_info().created;
+        let identity = StreamIdentity {
+            name: spec.stream.clone(),
+            created_ns: i64::try_from(created.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+        };
+        let exists = match stream.consumer_info(consumer_name(&spec.name)).await {
+            Ok(_) => true,
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => false,
+            Err(error) => return Err(consumer_error(spec, &error)),
+        };
+        let start = match (exists, resume_at) {
+            (true, _) | (false, 0) => DeliverPolicy::All,
+            (false, floor) => {
+                tracing::warn!(function = %spec.name, resume_at = floor + 1, "the function's consumer was missing; recreated above its last recorded ack floor");
+                metrics::counter!("weir_consumer_recreated_total", "function" => spec.name.clone())
+                    .increment(1);
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                }
+            }
+        };
+        let ingest = Self::bind_at(js, spec, start).await?;
+        Ok((ingest, identity))
     }
 
     /// Creates the function's durable consumer reading from `start` (an
@@ -89,15 +174,10 @@ impl Ingest {
         spec: &FunctionSpec,
         start: DeliverPolicy,
     ) -> Result<Self, IngestError> {
-        let stream_error = |reason: String| IngestError::Stream {
-            function: spec.name.clone(),
-            stream: spec.stream.clone(),
-            reason,
-        };
         let stream = js
             .get_stream(&spec.stream)
             .await
-            .map_err(|e| stream_error(e.to_string()))?;
+            .map_err(|e| stream_error(spec, e.to_string()))?;
         let name = consumer_name(&spec.name);
         let max_ack_pending = i64::try_from(spec.batch_size * 4).unwrap_or(i64::MAX);
         let wanted = PullConfig {
@@ -112,14 +192,10 @@ impl Ingest {
             max_ack_pending,
             ..Default::default()
         };
-        let consumer_error = |e: &dyn std::fmt::Display| IngestError::Consumer {
-            function: spec.name.clone(),
-            reason: e.to_string(),
-        };
         let mut consumer: PullConsumer = stream
             .get_or_create_consumer(&name, wanted.clone())
             .await
-            .map_err(|e| consumer_error(&e))?;
+            .map_err(|e| consumer_error(spec, &e))?;
         // An existing consumer keeps the settings it was made with; bring
         // the ones a binding can change up to date (its position stays).
         let current = &consumer.cached_info().config;
@@ -147,13 +223,19 @@ impl Ingest {
             consumer,
             batch_size: spec.batch_size,
             extractor: Extractor::new(spec.key.clone(), spec.event_time.clone()),
+            stall: StallWatch::new(&spec.name),
+            stream,
+            filter: spec.subject.clone(),
+            lost: false,
+            idle_pulls: 0,
         })
     }
 
     /// The next batch of at most `max` events (and never more than the
     /// batch size), or `None` once `cancel` fires. Takes whatever is
-    /// available now; when nothing is, waits for the first message in
-    /// requests of [`IDLE_WAIT`]. A pull request is never abandoned
+    /// available now; when nothing is, waits up to [`IDLE_WAIT`] for the
+    /// first message and returns an empty batch if none came (the caller
+    /// renews its lease and tidies up while idle). A pull request is never abandoned
     /// half-way, so no delivered message is stranded until the ack wait:
     /// shutdown waits for the request in flight instead.
     pub async fn next_batch(
@@ -171,10 +253,24 @@ impl Ingest {
                 other => other,
             };
             match pulled {
-                Ok(batch) if batch.is_empty() => continue,
-                Ok(batch) => return Some(batch),
+                Ok(batch) if batch.is_empty() => {
+                    self.stall.empty_pull();
+                    self.idle_pulls += 1;
+                    if self.idle_pulls >= CHECK_CONSUMER_EVERY {
+                        self.idle_pulls = 0;
+                        self.check_consumer().await;
+                    }
+                    return Some(batch);
+                }
+                Ok(batch) => {
+                    self.stall.delivered(batch.last().map_or(0, |d| d.pending));
+                    return Some(batch);
+                }
                 Err(error) => {
                     tracing::warn!(function = %self.function, %error, "cannot pull messages; retrying");
+                    if self.check_consumer().await {
+                        return Some(Vec::new());
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return None,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -182,6 +278,25 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Whether the consumer was found deleted (it is then recreated by
+    /// opening again, at the recorded position).
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
+    /// Checks the consumer still exists; true (and remembered) if it was
+    /// deleted.
+    async fn check_consumer(&mut self) -> bool {
+        let name = consumer_name(&self.function);
+        if let Err(error) = self.stream.consumer_info(&name).await
+            && error.kind() == ConsumerInfoErrorKind::NotFound
+        {
+            tracing::warn!(function = %self.function, consumer = %name, "the function's consumer was deleted");
+            self.lost = true;
+        }
+        self.lost
     }
 
     /// Up to `max` messages that are available now, without waiting.
@@ -292,6 +407,49 @@ impl Ingest {
                 reason: error.to_string(),
             }),
         }
+    }
+
+    /// The events another host may still hold: (sequence, key) of each
+    /// message between the consumer's ack floor and its last delivery, at
+    /// most `limit` of them, read from the stream. A new owner keeps their
+    /// keys' later events waiting until they are decided.
+    pub async fn outstanding(&mut self, limit: usize) -> Result<Vec<(u64, String)>, IngestError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| IngestError::Consumer {
+                function: self.function.clone(),
+                reason: e.to_string(),
+            })?;
+        let (floor, delivered) = (
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        );
+        if delivered.saturating_sub(floor) > limit as u64 {
+            tracing::warn!(function = %self.function, floor, delivered, limit, "more events are out than a new owner reads back; order per key is kept for the first ones only");
+        }
+        let mut outstanding = Vec::new();
+        for sequence in (floor + 1..=delivered).take(limit) {
+            // Deleted or purged messages are gone for every owner.
+            let Ok(message) = self.stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            if !crate::output::subject_matches(&self.filter, &message.subject) {
+                continue;
+            }
+            let event = self.extractor.event(&RawMessage {
+                subject: message.subject.as_str(),
+                headers: Some(&message.headers),
+                payload: &message.payload,
+                sequence,
+                stored_at_ms: 0,
+            });
+            if let Ok(event) = event {
+                outstanding.push((sequence, event.key));
+            }
+        }
+        Ok(outstanding)
     }
 
     /// The highest stream sequence at or below which every message of this

@@ -81,13 +81,19 @@ impl FunctionInstance {
         store.epoch_deadline_trap();
         let deadline_ticks = (settings.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(deadline_ticks);
-        let handler = code
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| SandboxError::Instantiate {
-                digest: code.digest.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let handler = code.pre.instantiate(&mut store).map_err(|e| {
+            // No pool slot is the host's shortage, not the guest's fault.
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some()
+            {
+                SandboxError::NoSlot(format!("{e:#}"))
+            } else {
+                SandboxError::Instantiate {
+                    digest: code.digest.clone(),
+                    reason: format!("{e:#}"),
+                }
+            }
+        })?;
         Ok(Self {
             store,
             handler,

@@ -60,6 +60,15 @@ pub enum SandboxError {
     WrongWorld { digest: String, reason: String },
     #[error("instantiating module {digest} failed: {reason}")]
     Instantiate { digest: String, reason: String },
+    #[error("no instance slot is free on this host: {0}")]
+    NoSlot(String),
+}
+
+impl SandboxError {
+    /// Whether the host, not the guest, is short of something.
+    pub fn is_host_side(&self) -> bool {
+        matches!(self, SandboxError::NoSlot(_))
+    }
 }
 
 /// Engine-wide settings.

@@ -8,6 +8,7 @@
 //! committed values only: it is updated after a commit succeeds and
 //! invalidated for the batch's keys when one fails.
 
+mod owner;
 mod postgres;
 mod view;
 
@@ -28,6 +29,10 @@ pub enum StateError {
     Database(#[from] sqlx::Error),
     #[error("applying migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "function `{function}` is owned by another host now (epoch {epoch} was fenced): this host stopped committing for it"
+    )]
+    Fenced { function: String, epoch: u64 },
     #[error("outbox row {position} of `{function}` is corrupt: {reason}")]
     CorruptOutbox {
         function: String,
@@ -36,9 +41,55 @@ pub enum StateError {
     },
 }
 
+impl StateError {
+    /// Whether trying again cannot help: the database refuses the data
+    /// itself (a data exception such as U+0000 in text, or a value past a
+    /// size limit), as opposed to an outage, a timeout or a conflict.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StateError::Database(sqlx::Error::Database(error)) => error
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")),
+            StateError::CorruptOutbox { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A function's progress: what it has applied, in which stream, and the
+/// incarnation that scopes its output ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub highest_applied: u64,
+    /// The stream and its creation time (ns since the epoch), once known.
+    pub stream: Option<(String, i64)>,
+    /// Random per progress row; empty for rows older than incarnations.
+    pub incarnation: String,
+    /// The consumer's ack floor as last read.
+    pub resume_seq: u64,
+}
+
+/// The outbox rows of one committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxBatch {
+    pub batch: u64,
+    /// Its highest input sequence: once the ack floor passes it, the batch
+    /// was published (inputs are acked only after their outputs).
+    pub through_seq: u64,
+    pub records: Vec<OutputRecord>,
+}
+
 /// Everything one batch commits at once.
 #[derive(Debug, Default)]
 pub struct BatchCommit {
+    /// The owner epoch the commit is made under.
+    pub epoch: u64,
+    /// The outbox rows' batch id.
+    pub batch_id: u64,
+    /// The highest input sequence whose outputs are in the outbox rows.
+    pub through_seq: u64,
+    /// Earlier batches whose publish is acknowledged: their rows go.
+    pub published: Vec<u64>,
     pub deltas: Vec<KeyDelta>,
     /// Stream sequences of the events whose writes are in `deltas`.
     pub applied: Vec<u64>,
@@ -53,7 +104,10 @@ impl BatchCommit {
     }
 }
 
-type CacheKey = (Arc<str>, String);
+/// Cached entries are scoped to the owner epoch they were read or written
+/// under: a host that regains a function after another owned it reads
+/// Postgres again.
+type CacheKey = (Arc<str>, u64, String);
 
 /// The state backend shared by every function of a host.
 #[derive(Clone)]
@@ -76,7 +130,7 @@ impl StateStore {
         sqlx::migrate!("../migrations").run(&pool).await?;
         let cache = Cache::builder()
             .max_capacity(cache_bytes)
-            .weigher(|(function, key): &CacheKey, entries: &Arc<KeyEntries>| {
+            .weigher(|(function, _, key): &CacheKey, entries: &Arc<KeyEntries>| {
                 let size = function.len()
                     + key.len()
                     + entries
@@ -96,14 +150,23 @@ impl StateStore {
     }
 
     /// A view of the committed entries of `keys`.
-    pub async fn view(&self, function: &Arc<str>, keys: &[&str]) -> Result<BatchView, StateError> {
+    pub async fn view(
+        &self,
+        function: &Arc<str>,
+        epoch: u64,
+        keys: &[&str],
+    ) -> Result<BatchView, StateError> {
         let mut committed = HashMap::new();
         let mut missing = Vec::new();
         for &key in keys {
             if committed.contains_key(key) {
                 continue;
             }
-            match self.cache.get(&(function.clone(), key.to_string())).await {
+            match self
+                .cache
+                .get(&(function.clone(), epoch, key.to_string()))
+                .await
+            {
                 Some(entries) => {
                     committed.insert(key.to_string(), entries);
                 }
@@ -123,7 +186,7 @@ impl StateStore {
             for key in missing {
                 let entries = Arc::new(loaded.remove(&key).unwrap_or_default());
                 self.cache
-                    .insert((function.clone(), key.clone()), entries.clone())
+                    .insert((function.clone(), epoch, key.clone()), entries.clone())
                     .await;
                 committed.insert(key, entries);
             }
@@ -131,18 +194,21 @@ impl StateStore {
         Ok(BatchView::new(committed))
     }
 
-    /// Commits a batch in one transaction; the cache follows the outcome.
+    /// Commits a batch in one transaction if `commit.epoch` still owns the
+    /// function (extending its lease to `lease`); the cache follows the
+    /// outcome.
     pub async fn commit(
         &self,
         function: &Arc<str>,
         commit: &BatchCommit,
+        lease: std::time::Duration,
     ) -> Result<(), StateError> {
-        match postgres::commit_batch(&self.pool, function, commit).await {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        match postgres::commit_batch(&self.pool, function, commit, lease_ms).await {
             Ok(()) => {
                 for delta in &commit.deltas {
-                    self.cache
-                        .insert((function.clone(), delta.key.clone()), delta.entries.clone())
-                        .await;
+                    let key = (function.clone(), commit.epoch, delta.key.clone());
+                    self.cache.insert(key, delta.entries.clone()).await;
                 }
                 Ok(())
             }
@@ -151,7 +217,7 @@ impl StateStore {
                 // Postgres knows now.
                 for delta in &commit.deltas {
                     self.cache
-                        .invalidate(&(function.clone(), delta.key.clone()))
+                        .invalidate(&(function.clone(), commit.epoch, delta.key.clone()))
                         .await;
                 }
                 Err(error)
@@ -171,19 +237,74 @@ impl StateStore {
         postgres::applied_among(&self.pool, function, sequences).await
     }
 
-    /// The highest stream sequence whose effect is committed; 0 if none.
-    pub async fn highest_applied(&self, function: &str) -> Result<u64, StateError> {
-        postgres::highest_applied(&self.pool, function).await
+    /// Claims `function` for `owner` for `lease`: the new owner epoch, or
+    /// `None` while another owner's lease is live.
+    pub async fn claim(
+        &self,
+        function: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>, StateError> {
+        owner::claim(&self.pool, function, owner, millis(lease)).await
     }
 
-    /// Outputs of a committed batch that may not have been published.
-    pub async fn outbox(&self, function: &str) -> Result<Vec<OutputRecord>, StateError> {
+    /// Extends the lease of `epoch`; false once another owner claimed.
+    pub async fn renew(
+        &self,
+        function: &str,
+        epoch: u64,
+        lease: std::time::Duration,
+    ) -> Result<bool, StateError> {
+        owner::renew(&self.pool, function, epoch, millis(lease)).await
+    }
+
+    /// Gives up `epoch`'s ownership at a graceful stop.
+    pub async fn release(&self, function: &str, epoch: u64) -> Result<(), StateError> {
+        owner::release(&self.pool, function, epoch).await
+    }
+
+    /// The function's progress; a missing row is created with the new
+    /// `incarnation` (the bool says so).
+    pub async fn progress(
+        &self,
+        function: &str,
+        incarnation: &str,
+    ) -> Result<(Progress, bool), StateError> {
+        postgres::progress(&self.pool, function, incarnation).await
+    }
+
+    /// Records the stream incarnation the function's progress counts in.
+    pub async fn record_stream(
+        &self,
+        function: &str,
+        stream: &str,
+        created_ns: i64,
+    ) -> Result<(), StateError> {
+        postgres::record_stream(&self.pool, function, stream, created_ns).await
+    }
+
+    /// Records an ack floor read from the consumer.
+    pub async fn record_resume(&self, function: &str, ack_floor: u64) -> Result<(), StateError> {
+        postgres::record_resume(&self.pool, function, ack_floor).await
+    }
+
+    /// Committed outputs by batch, oldest first, that may not be published.
+    pub async fn outbox(&self, function: &str) -> Result<Vec<OutboxBatch>, StateError> {
         postgres::outbox(&self.pool, function).await
     }
 
-    /// Forgets outputs that are published.
-    pub async fn clear_outbox(&self, function: &str) -> Result<(), StateError> {
-        postgres::clear_outbox(&self.pool, function).await
+    /// Forgets the outbox rows of published `batches` (while `epoch` owns
+    /// the function).
+    pub async fn delete_outbox(
+        &self,
+        function: &str,
+        epoch: u64,
+        batches: &[u64],
+    ) -> Result<(), StateError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        postgres::delete_outbox(&self.pool, function, epoch, batches).await
     }
 
     /// Forgets applied sequences at or below `ack_floor`: JetStream never
@@ -191,4 +312,8 @@ impl StateStore {
     pub async fn prune_applied(&self, function: &str, ack_floor: u64) -> Result<u64, StateError> {
         postgres::prune_applied(&self.pool, function, ack_floor).await
     }
+}
+
+fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

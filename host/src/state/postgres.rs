@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use sqlx::{PgPool, Row};
 
-use super::{BatchCommit, KeyEntries, StateError};
+use super::{BatchCommit, KeyEntries, OutboxBatch, Progress, StateError};
 use crate::output::OutputRecord;
 
 pub(super) async fn load_keys(
@@ -40,6 +40,7 @@ pub(super) async fn commit_batch(
     pool: &PgPool,
     function: &str,
     commit: &BatchCommit,
+    lease_ms: i64,
 ) -> Result<(), StateError> {
     let highest = to_i64(commit.highest_applied());
     let mut upsert_keys = Vec::new();
@@ -65,11 +66,16 @@ pub(super) async fn commit_batch(
     let applied: Vec<i64> = commit.applied.iter().map(|s| to_i64(*s)).collect();
 
     let mut tx = pool.begin().await?;
-    // The previous batch's outputs were published before this batch began.
-    sqlx::query("DELETE FROM weir_outbox WHERE function_name = $1")
-        .bind(function)
-        .execute(&mut *tx)
-        .await?;
+    // First, so that nothing is written by an owner that lost the function.
+    super::owner::fence(&mut tx, function, commit.epoch, lease_ms).await?;
+    if !commit.published.is_empty() {
+        let published: Vec<i64> = commit.published.iter().map(|b| to_i64(*b)).collect();
+        sqlx::query("DELETE FROM weir_outbox WHERE function_name = $1 AND batch = ANY($2)")
+            .bind(function)
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+    }
     if !upsert_keys.is_empty() {
         sqlx::query(
             "INSERT INTO weir_state (function_name, key, name, value, updated_seq)
@@ -129,11 +135,15 @@ pub(super) async fn commit_batch(
             .map(|o| serde_json::to_string(&o.headers).unwrap_or_else(|_| "[]".into()))
             .collect();
         let msg_ids: Vec<&str> = commit.outbox.iter().map(|o| o.msg_id.as_str()).collect();
+        // A commit retried after an ambiguous failure writes the same rows.
         sqlx::query(
-            "INSERT INTO weir_outbox (function_name, position, subject, payload, headers, msg_id)
-             SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
+            "INSERT INTO weir_outbox (function_name, batch, through_seq, position, subject, payload, headers, msg_id)
+             SELECT $1, $2, $3, * FROM UNNEST($4::int4[], $5::text[], $6::bytea[], $7::text[], $8::text[])
+             ON CONFLICT DO NOTHING",
         )
         .bind(function)
+        .bind(to_i64(commit.batch_id))
+        .bind(to_i64(commit.through_seq))
         .bind(&positions)
         .bind(&subjects)
         .bind(&payloads)
@@ -163,48 +173,133 @@ pub(super) async fn applied_among(
         .collect()
 }
 
-pub(super) async fn highest_applied(pool: &PgPool, function: &str) -> Result<u64, StateError> {
-    let highest: Option<i64> =
-        sqlx::query_scalar("SELECT applied_seq FROM weir_progress WHERE function_name = $1")
-            .bind(function)
-            .fetch_optional(pool)
-            .await?;
-    Ok(highest.unwrap_or(0).max(0) as u64)
-}
-
-pub(super) async fn outbox(pool: &PgPool, function: &str) -> Result<Vec<OutputRecord>, StateError> {
+pub(super) async fn outbox(pool: &PgPool, function: &str) -> Result<Vec<OutboxBatch>, StateError> {
     let rows = sqlx::query(
-        "SELECT position, subject, payload, headers, msg_id FROM weir_outbox
-         WHERE function_name = $1 ORDER BY position",
+        "SELECT batch, position, subject, payload, headers, msg_id, through_seq FROM weir_outbox
+         WHERE function_name = $1 ORDER BY batch, position",
     )
     .bind(function)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let position: i32 = row.try_get(0)?;
-            let headers: String = row.try_get(3)?;
-            let headers =
-                serde_json::from_str(&headers).map_err(|e| StateError::CorruptOutbox {
-                    function: function.to_string(),
-                    position,
-                    reason: e.to_string(),
-                })?;
-            Ok(OutputRecord {
-                subject: row.try_get(1)?,
-                payload: Bytes::from(row.try_get::<Vec<u8>, _>(2)?),
-                headers,
-                msg_id: row.try_get(4)?,
-            })
-        })
-        .collect()
+    let mut batches: Vec<OutboxBatch> = Vec::new();
+    for row in &rows {
+        let batch = row.try_get::<i64, _>(0)?.max(0) as u64;
+        let through_seq = row.try_get::<i64, _>(6)?.max(0) as u64;
+        let position: i32 = row.try_get(1)?;
+        let headers: String = row.try_get(4)?;
+        let headers = serde_json::from_str(&headers).map_err(|e| StateError::CorruptOutbox {
+            function: function.to_string(),
+            position,
+            reason: e.to_string(),
+        })?;
+        let record = OutputRecord {
+            subject: row.try_get(2)?,
+            payload: Bytes::from(row.try_get::<Vec<u8>, _>(3)?),
+            headers,
+            msg_id: row.try_get(5)?,
+        };
+        match batches.last_mut() {
+            Some(last) if last.batch == batch => last.records.push(record),
+            _ => batches.push(OutboxBatch {
+                batch,
+                through_seq,
+                records: vec![record],
+            }),
+        }
+    }
+    Ok(batches)
 }
 
-pub(super) async fn clear_outbox(pool: &PgPool, function: &str) -> Result<(), StateError> {
-    sqlx::query("DELETE FROM weir_outbox WHERE function_name = $1")
-        .bind(function)
-        .execute(pool)
-        .await?;
+/// Deletes the outbox rows of `batches`: their publish is acknowledged.
+/// Only while `epoch` owns the function.
+pub(super) async fn delete_outbox(
+    pool: &PgPool,
+    function: &str,
+    epoch: u64,
+    batches: &[u64],
+) -> Result<(), StateError> {
+    let batches: Vec<i64> = batches.iter().map(|b| to_i64(*b)).collect();
+    sqlx::query(
+        "DELETE FROM weir_outbox WHERE function_name = $1 AND batch = ANY($2)
+         AND EXISTS (SELECT 1 FROM weir_owners
+                     WHERE function_name = $1 AND partition = $3 AND epoch = $4)",
+    )
+    .bind(function)
+    .bind(&batches)
+    .bind(super::owner::PARTITION)
+    .bind(to_i64(epoch))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A function's progress row: where its applied sequences count, and
+/// under which incarnation. Created (with a new incarnation) if missing;
+/// the bool says whether it was.
+pub(super) async fn progress(
+    pool: &PgPool,
+    function: &str,
+    incarnation: &str,
+) -> Result<(Progress, bool), StateError> {
+    let created = sqlx::query(
+        "INSERT INTO weir_progress (function_name, applied_seq, batches, incarnation)
+         VALUES ($1, 0, 0, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(function)
+    .bind(incarnation)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    let row = sqlx::query(
+        "SELECT applied_seq, stream, stream_created_ns, incarnation, resume_seq
+         FROM weir_progress WHERE function_name = $1",
+    )
+    .bind(function)
+    .fetch_one(pool)
+    .await?;
+    let stream: Option<String> = row.try_get(1)?;
+    let created_ns: Option<i64> = row.try_get(2)?;
+    let progress = Progress {
+        highest_applied: row.try_get::<i64, _>(0)?.max(0) as u64,
+        stream: stream.zip(created_ns),
+        incarnation: row.try_get(3)?,
+        resume_seq: row.try_get::<i64, _>(4)?.max(0) as u64,
+    };
+    Ok((progress, created))
+}
+
+/// Records which stream incarnation the progress counts in.
+pub(super) async fn record_stream(
+    pool: &PgPool,
+    function: &str,
+    stream: &str,
+    created_ns: i64,
+) -> Result<(), StateError> {
+    sqlx::query(
+        "UPDATE weir_progress SET stream = $2, stream_created_ns = $3 WHERE function_name = $1",
+    )
+    .bind(function)
+    .bind(stream)
+    .bind(created_ns)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records an ack floor: a lost consumer is recreated just above it.
+pub(super) async fn record_resume(
+    pool: &PgPool,
+    function: &str,
+    ack_floor: u64,
+) -> Result<(), StateError> {
+    sqlx::query(
+        "UPDATE weir_progress SET resume_seq = GREATEST(resume_seq, $2) WHERE function_name = $1",
+    )
+    .bind(function)
+    .bind(to_i64(ack_floor))
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -223,6 +318,6 @@ pub(super) async fn prune_applied(
 
 /// Stream sequences are u64 on the wire and BIGINT in Postgres; a stream
 /// would need 2^63 messages to overflow.
-fn to_i64(sequence: u64) -> i64 {
+pub(super) fn to_i64(sequence: u64) -> i64 {
     i64::try_from(sequence).unwrap_or(i64::MAX)
 }

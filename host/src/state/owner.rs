@@ -1,0 +1,105 @@
+//! Ownership of a function's state: one owner per (function, partition),
+//! fenced by an epoch.
+//!
+//! A host claims the row when no live owner holds it (its lease has lapsed,
+//! or it is the same host) and gets a new epoch. Every commit updates the
+//! row only if the epoch is still its own ([`super::postgres::commit_batch`]),
+//! in the same transaction, so a paused or partitioned owner's commit fails
+//! once another host has claimed, and that owner stops.
+
+use sqlx::PgPool;
+
+use super::StateError;
+
+/// The only partition until functions are partitioned across hosts.
+pub const PARTITION: i32 = 0;
+
+/// Claims `function` for `owner` for `lease_ms`; the new epoch, or `None`
+/// while another owner's lease is live.
+pub(super) async fn claim(
+    pool: &PgPool,
+    function: &str,
+    owner: &str,
+    lease_ms: i64,
+) -> Result<Option<u64>, StateError> {
+    let epoch: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO weir_owners (function_name, partition, epoch, owner, lease_until)
+         VALUES ($1, $2, 1, $3, now() + $4 * interval '1 millisecond')
+         ON CONFLICT (function_name, partition) DO UPDATE
+         SET epoch = weir_owners.epoch + 1, owner = EXCLUDED.owner,
+             lease_until = EXCLUDED.lease_until
+         WHERE weir_owners.lease_until < now() OR weir_owners.owner = EXCLUDED.owner
+         RETURNING epoch",
+    )
+    .bind(function)
+    .bind(PARTITION)
+    .bind(owner)
+    .bind(lease_ms)
+    .fetch_optional(pool)
+    .await?;
+    Ok(epoch.map(|e| e.max(0) as u64))
+}
+
+/// Extends the lease of `epoch`; false if another owner has claimed since.
+pub(super) async fn renew(
+    pool: &PgPool,
+    function: &str,
+    epoch: u64,
+    lease_ms: i64,
+) -> Result<bool, StateError> {
+    let done = sqlx::query(
+        "UPDATE weir_owners SET lease_until = now() + $4 * interval '1 millisecond'
+         WHERE function_name = $1 AND partition = $2 AND epoch = $3",
+    )
+    .bind(function)
+    .bind(PARTITION)
+    .bind(super::postgres::to_i64(epoch))
+    .bind(lease_ms)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives the function up at a graceful stop, so a standby takes over at
+/// once instead of after the lease.
+pub(super) async fn release(pool: &PgPool, function: &str, epoch: u64) -> Result<(), StateError> {
+    sqlx::query(
+        "UPDATE weir_owners SET lease_until = now() - interval '1 millisecond'
+         WHERE function_name = $1 AND partition = $2 AND epoch = $3",
+    )
+    .bind(function)
+    .bind(PARTITION)
+    .bind(super::postgres::to_i64(epoch))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The epoch check of a commit: extends the lease if `epoch` still owns the
+/// function, inside the commit's transaction (its row lock orders the commit
+/// against a concurrent claim).
+pub(super) async fn fence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    function: &str,
+    epoch: u64,
+    lease_ms: i64,
+) -> Result<(), StateError> {
+    let done = sqlx::query(
+        "UPDATE weir_owners SET lease_until = GREATEST(lease_until, now() + $4 * interval '1 millisecond')
+         WHERE function_name = $1 AND partition = $2 AND epoch = $3",
+    )
+    .bind(function)
+    .bind(PARTITION)
+    .bind(super::postgres::to_i64(epoch))
+    .bind(lease_ms)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StateError::Fenced {
+            function: function.to_string(),
+            epoch,
+        })
+    }
+}

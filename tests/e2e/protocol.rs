@@ -1,0 +1,378 @@
+//! The data-path protocol under the faults that broke it before: a graceful
+//! stop while committed outputs cannot be published, a second host on the
+//! same function with the owner paused past its lease, and a consumer
+//! deleted after its applied sequences were pruned. Each is counted against
+//! the oracle of the fault suites: exact per-key counts and sums, every
+//! output stored exactly once by id, dead letters = poison.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::process::{HostProcess, signal};
+use weir_e2e::*;
+
+use crate::faults::{counter_config, create_streams, inputs, produce, verify};
+
+/// Waits until `dir/weir.log` holds a line with `text`.
+async fn logged(dir: &Path, text: &str, limit: Duration) -> Result<()> {
+    let path = dir.join("weir.log");
+    eventually(limit, &format!("the host to log `{text}`"), || async {
+        Ok(std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains(text))
+    })
+    .await
+}
+
+/// Events the counter function has applied so far (0 before the host has
+/// made its tables).
+async fn counted(pool: &sqlx::PgPool) -> Result<u64> {
+    let total: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(convert_from(value, 'UTF8')::bigint)::bigint FROM weir_state
+         WHERE function_name = 'counter' AND name = 'count'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(None);
+    Ok(total.unwrap_or(0).max(0) as u64)
+}
+
+/// Points the output stream away from `counter.out` (publishes to it find
+/// no stream: an outage) or back.
+async fn output_stream_captures(stack: &Stack, subject: &str) -> Result<()> {
+    let mut stream = stack.js.get_stream("COUNTER_OUT").await?;
+    let mut config = stream.info().await?.config.clone();
+    config.subjects = vec![subject.to_string()];
+    stack.js.update_stream(config).await?;
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn graceful_stop_while_committed_outputs_cannot_be_published_loses_none(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
+    let dir = tempdir::TempDir::new("weir-protocol")?;
+    let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
+    create_streams(&stack).await?;
+    let inputs = inputs(20, 20);
+    let (first, second) = inputs.split_at(inputs.len() / 2);
+
+    let host = HostProcess::start(&config, dir.path(), &[])?;
+    produce(stack.nats.url(), first.to_vec()).await?;
+    eventually(Duration::from_secs(60), "the first half", || async {
+        Ok(counted(&pool).await? >= first.iter().filter(|i| !i.poison()).count() as u64)
+    })
+    .await?;
+    // The outputs have nowhere to go; the next batch commits and then
+    // cannot publish.
+    output_stream_captures(&stack, "counter.elsewhere").await?;
+    produce(stack.nats.url(), second.to_vec()).await?;
+    logged(
+        dir.path(),
+        "publishing committed outputs failed",
+        Duration::from_secs(60),
+    )
+    .await?;
+    signal(host.pid(), "TERM")?;
+    let mut host = host;
+    eventually(Duration::from_secs(30), "the host to stop", || {
+        let exited = host.has_exited();
+        async move { Ok(exited) }
+    })
+    .await?;
+
+    output_stream_captures(&stack, "counter.out").await?;
+    let host = HostProcess::start(&config, dir.path(), &[])?;
+    verify(&stack, &inputs).await?;
+    drop(host);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_second_host_stands_by_and_a_paused_owner_is_fenced(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
+    let first_dir = tempdir::TempDir::new("weir-owner-a")?;
+    let second_dir = tempdir::TempDir::new("weir-owner-b")?;
+    let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
+    create_streams(&stack).await?;
+    let inputs = inputs(100, 40);
+    let producer = tokio::spawn(produce(stack.nats.url(), inputs.clone()));
+
+    let first = HostProcess::start(&config, first_dir.path(), &[])?;
+    eventually(
+        Duration::from_secs(60),
+        "the first host to count",
+        || async { Ok(counted(&pool).await? > 100) },
+    )
+    .await?;
+    let second = HostProcess::start(&config, second_dir.path(), &[])?;
+    logged(
+        second_dir.path(),
+        "another host owns the function",
+        Duration::from_secs(60),
+    )
+    .await?;
+
+    // The owner stops dead (a long GC pause, a frozen VM) past its lease,
+    // with a batch in hand; the standby takes over.
+    signal(first.pid(), "STOP")?;
+    logged(
+        second_dir.path(),
+        "took over the function",
+        Duration::from_secs(60),
+    )
+    .await?;
+    let at_takeover = counted(&pool).await?;
+    eventually(
+        Duration::from_secs(60),
+        "the second host to count",
+        || async { Ok(counted(&pool).await? > at_takeover + 100) },
+    )
+    .await?;
+    // The old owner wakes up beside the new one: it must not commit.
+    signal(first.pid(), "CONT")?;
+    logged(
+        first_dir.path(),
+        "lost ownership of the function",
+        Duration::from_secs(60),
+    )
+    .await?;
+    producer.await??;
+    verify(&stack, &inputs).await?;
+    drop((first, second));
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_consumer_deleted_after_pruning_is_recreated_where_the_function_was(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
+    let dir = tempdir::TempDir::new("weir-consumer")?;
+    let mut config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
+    // Batches of one: enough batches that applied sequences are pruned
+    // while the stream flows for more than the prune lag (60 s).
+    config.functions[0].batch_size = 1;
+    create_streams(&stack).await?;
+    let inputs = inputs(20, 150);
+    let host = HostProcess::start(&config, dir.path(), &[])?;
+    for chunk in inputs.chunks(200) {
+        produce(stack.nats.url(), chunk.to_vec()).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let pruned = || async {
+        let resume: Option<i64> = sqlx::query_scalar(
+            "SELECT resume_seq FROM weir_progress WHERE function_name = 'counter'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        anyhow::Ok(resume.unwrap_or(0) > 0)
+    };
+    eventually(
+        Duration::from_secs(120),
+        "applied sequences to be pruned",
+        || async { pruned().await },
+    )
+    .await?;
+    let good = inputs.iter().filter(|i| !i.poison()).count() as u64;
+    eventually(Duration::from_secs(120), "every event", || async {
+        Ok(counted(&pool).await? >= good)
+    })
+    .await?;
+    signal(host.pid(), "TERM")?;
+    let mut host = host;
+    eventually(Duration::from_secs(30), "the host to stop", || {
+        let exited = host.has_exited();
+        async move { Ok(exited) }
+    })
+    .await?;
+
+    // The durable consumer is lost (deleted by hand, a stream restored
+    // from backup without it): the function must not start over.
+    let stream = stack.js.get_stream("COUNTER_IN").await?;
+    stream
+        .delete_consumer("weir-counter")
+        .await
+        .context("deleting the consumer")?;
+    let host = HostProcess::start(&config, dir.path(), &[])?;
+    wait_for_consumer(&stack.js, "COUNTER_IN", "weir-counter").await?;
+    // Let it read whatever the new consumer delivers.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    verify(&stack, &inputs).await?;
+    drop(host);
+    Ok(())
+}
+
+const ADMIN: &str = "weir_bootstrap_for_protocol_tests";
+const PASS: &str = "/v1/namespaces/shop/functions/pass";
+
+/// Calls the API as the bootstrap admin; the JSON answer.
+async fn call(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let auth = format!("Bearer {ADMIN}");
+    let content = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let content_type = if path == "/v1/modules" {
+        "application/wasm"
+    } else {
+        "application/json"
+    };
+    let response = http_request(
+        address,
+        method,
+        path,
+        &[("Authorization", &auth), ("Content-Type", content_type)],
+        &content,
+    )
+    .await?;
+    anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
+    response.json()
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_output_once(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let dir = tempdir::TempDir::new("weir-switch")?;
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(
+        vec![
+            stream("PASS_IN", &["pass.in"]),
+            stream("PASS_OUT", &["bench.out"]),
+        ],
+        vec![],
+    );
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(weir_host::config::Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    let start = |crash: Option<u32>| {
+        let env: Vec<(&str, String)> = match crash {
+            Some(after) => vec![
+                ("WEIR_CRASH_POINT", "after-publish".to_string()),
+                ("WEIR_CRASH_AFTER", after.to_string()),
+            ],
+            None => vec![],
+        };
+        HostProcess::start(&config, dir.path(), &env)
+    };
+    let api_up = || async {
+        eventually(Duration::from_secs(60), "the API", || async {
+            Ok(http_get(address, "/v1/").await.is_ok())
+        })
+        .await
+    };
+
+    // `passthrough` writes no state: nothing but the message id keeps a
+    // re-run's outputs from being stored twice. Two versions of it.
+    let mut host = start(None)?;
+    api_up().await?;
+    let bytes = std::fs::read(component("passthrough")?)?;
+    let auth = format!("Bearer {ADMIN}");
+    let uploaded = http_request(
+        address,
+        "POST",
+        "/v1/modules",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/wasm"),
+        ],
+        &bytes,
+    )
+    .await?
+    .json()?;
+    let digest = uploaded["digest"].as_str().context("digest")?.to_string();
+    let binding = serde_json::json!({
+        "stream": "PASS_IN", "subject": "pass.in", "key": {"json_pointer": "/key"},
+        "outputs": ["bench.out"], "batch_size": 10, "ack_wait_ms": 5000,
+    });
+    call(address, "PUT", PASS, binding).await?;
+    for _ in 0..2 {
+        let versions = format!("{PASS}/versions");
+        call(
+            address,
+            "POST",
+            &versions,
+            serde_json::json!({"module": digest}),
+        )
+        .await?;
+    }
+
+    // Each round: the host aborts right after a publish, before its acks;
+    // the serving version is switched before the unacked batch comes back
+    // (after the 5 s ack wait), so the batch runs again on the other version.
+    let mut next_id = 0u64;
+    let mut stable = 1;
+    for round in 0..5u32 {
+        host.kill();
+        host = start(Some(1 + round % 3))?;
+        let events: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                next_id += 1;
+                serde_json::json!({"key": format!("k{}", i % 7), "id": next_id})
+                    .to_string()
+                    .into_bytes()
+            })
+            .collect();
+        publish_all(&stack.js, "pass.in", events).await?;
+        eventually(
+            Duration::from_secs(60),
+            "the host to abort after a publish",
+            || {
+                let exited = host.has_exited();
+                async move { Ok(exited) }
+            },
+        )
+        .await?;
+        host = start(None)?;
+        api_up().await?;
+        stable = 3 - stable;
+        call(
+            address,
+            "PUT",
+            &format!("{PASS}/rollout"),
+            serde_json::json!({"stable": stable}),
+        )
+        .await?;
+        eventually(Duration::from_secs(60), "the round's outputs", || async {
+            Ok(stream_len(&stack.js, "PASS_OUT").await? >= next_id)
+        })
+        .await?;
+    }
+    // Let any late repeat arrive before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut copies = std::collections::BTreeMap::<u64, usize>::new();
+    for message in read_stream(&stack.js, "PASS_OUT").await? {
+        let payload: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        *copies
+            .entry(payload["id"].as_u64().context("id")?)
+            .or_default() += 1;
+    }
+    let repeated: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        repeated.is_empty(),
+        "outputs stored more than once: {repeated:?}"
+    );
+    assert_eq!(copies.len() as u64, next_id, "every output stored");
+    drop(host);
+    Ok(())
+}
