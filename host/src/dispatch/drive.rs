@@ -1,0 +1,565 @@
+//! Driving one batch through the protocol: plan it, look up redeliveries,
+//! load state, run the events on a blocking thread (extending ack
+//! deadlines and the lease meanwhile), settle it, and perform its effects
+//! in order — commit, publish, ack — or hand it back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::AckKind;
+use opentelemetry::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{Batch, Effect, Intake, Outcome, PlanSettings, REDELIVER_DELAY, Settlement};
+use super::lanes::{self, LaneRun, Ran, lane_for};
+use super::support::{DeferralChange, extend_deadlines, note_deferrals, pause};
+use super::{BATCH_BYTE_BUDGET, FunctionWorker, InHand, Stop, hold, observe};
+use crate::ack::AckDecision;
+use crate::breaker::{Breaker, SystemClock};
+use crate::crash::{self, CrashPoint};
+use crate::ingest::Delivery;
+use crate::output::OutputRecord;
+use crate::sandbox::{Event, Invocation};
+use crate::state::{BatchCommit, BatchView};
+use crate::traces::EventTrace;
+
+impl FunctionWorker {
+    /// Plans, runs and settles one batch.
+    pub(super) async fn process(
+        &mut self,
+        deliveries: Vec<Delivery>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let metrics = &self.lanes[0].metrics;
+        metrics.in_flight.set(deliveries.len() as f64);
+        metrics.batch_size.record(deliveries.len() as f64);
+        if let Some(last) = deliveries.last() {
+            self.pending = last.pending;
+            metrics.consumer_pending.set(last.pending as f64);
+        }
+        let (intake, mut hand) = self.take_in(deliveries);
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let settings = PlanSettings {
+            policy: self.spec.retry.clone(),
+            byte_budget: BATCH_BYTE_BUDGET,
+            wait_grace: ack_wait * 2 + Duration::from_secs(5),
+            highest_applied: self.highest_applied,
+        };
+        let (mut batch, lookup) = Batch::plan(intake, &self.guard, &settings, Instant::now());
+        let applied = hold(
+            &self.name,
+            self.ack_wait(),
+            "reading applied sequences",
+            &hand.messages,
+            cancel,
+            || self.state.already_applied(&self.name, &lookup),
+        )
+        .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
+            Err(stop) => return Err(stop),
+        };
+        batch.applied(&applied);
+        if batch.has_already_applied() {
+            self.flush_outbox(None, cancel).await?;
+        }
+        let keys: Vec<String> = batch
+            .records()
+            .iter()
+            .filter(|r| r.outcome == Outcome::ToRun)
+            .filter_map(|r| r.key.clone())
+            .collect();
+        let load_started = SystemTime::now();
+        let view = hold(
+            &self.name,
+            self.ack_wait(),
+            "loading state",
+            &hand.messages,
+            cancel,
+            || {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let state = self.state.clone();
+                let name = self.name.clone();
+                let epoch = self.epoch;
+                async move { state.view(&name, epoch, &keys).await }
+            },
+        )
+        .await;
+        let view = match view {
+            Ok(view) => view,
+            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
+            Err(stop) => return Err(stop),
+        };
+        self.record_step(&hand.traces, &batch, "state.load", load_started, |o| {
+            *o == Outcome::ToRun
+        });
+        let Some(ran) = self.run_events(batch, view, &mut hand, cancel).await? else {
+            return Ok(());
+        };
+        let Ran {
+            mut batch,
+            view,
+            invocations,
+            ..
+        } = ran;
+        self.observe_run(&batch, &hand, &invocations).await;
+        let settlement = batch.settle(&mut self.guard);
+        let result = self
+            .perform(
+                &mut batch,
+                settlement,
+                view,
+                &invocations,
+                &mut hand,
+                cancel,
+            )
+            .await;
+        self.lanes[0].metrics.in_flight.set(0.0);
+        result
+    }
+
+    /// Splits deliveries into what the protocol needs and what the driver
+    /// keeps.
+    fn take_in(&self, deliveries: Vec<Delivery>) -> (Vec<Intake>, InHand) {
+        let started = SystemTime::now();
+        let mut intake = Vec::with_capacity(deliveries.len());
+        let mut hand = InHand {
+            messages: Vec::with_capacity(deliveries.len()),
+            traces: Vec::with_capacity(deliveries.len()),
+            events: Vec::with_capacity(deliveries.len()),
+        };
+        for delivery in deliveries {
+            let lane = match &delivery.event {
+                Ok(event) => lane_for(&event.key, self.canary_weight),
+                Err(_) => 0,
+            };
+            hand.traces.push(self.start_trace(&delivery, lane, started));
+            let (key, event) = match delivery.event {
+                Ok(event) => (Ok(event.key.clone()), Some(event)),
+                Err(failure) => (Err(failure), None),
+            };
+            intake.push(Intake {
+                sequence: delivery.sequence,
+                delivered: delivery.delivered,
+                key,
+                lane,
+                deferred: self.deferrals.get(&delivery.sequence).copied().unwrap_or(0),
+            });
+            hand.events.push(event);
+            hand.messages.push(delivery.message);
+        }
+        (intake, hand)
+    }
+
+    /// Runs the batch on a blocking thread. Meanwhile the messages' ack
+    /// deadlines are extended and the lease renewed; a lost lease or a stop
+    /// ends the run between events. `Ok(None)`: the run task failed (a host
+    /// bug) and the batch was handed back.
+    async fn run_events(
+        &mut self,
+        batch: Batch,
+        view: BatchView,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ran>, Stop> {
+        let lanes: Vec<LaneRun> = self.lanes.iter_mut().map(LaneRun::take).collect();
+        let events: Vec<Option<(Event, bool)>> = hand
+            .events
+            .iter_mut()
+            .zip(&hand.traces)
+            .map(|(event, trace)| {
+                let traced = trace.as_ref().is_some_and(EventTrace::is_sampled);
+                event.take().map(|e| (e, traced))
+            })
+            .collect();
+        let stop = cancel.child_token();
+        let stop_run = stop.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            lanes::run_batch(batch, lanes, view, events, &stop_run)
+        });
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let tick = (ack_wait / 3).min(self.owner_lease / 3);
+        let mut fenced = false;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut task => break joined,
+                _ = tokio::time::sleep(tick) => {
+                    extend_deadlines(&hand.messages).await;
+                    if self.renew_lease_if_due().await.is_err() {
+                        fenced = true;
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        let mut ran = match joined {
+            Ok(ran) => ran,
+            Err(error) => {
+                self.recover_from_failed_run(&error.to_string(), hand, cancel)
+                    .await;
+                return Ok(None);
+            }
+        };
+        for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
+            lane.instance = run.instance.take();
+            lane.breaker = run.breaker.take();
+        }
+        for (lane, transition) in std::mem::take(&mut ran.transitions) {
+            self.observe_transition(lane, &transition);
+        }
+        if fenced {
+            return Err(Stop::Fenced);
+        }
+        Ok(Some(ran))
+    }
+
+    /// The run task panicked: a host bug, not the guest's. Nothing is
+    /// decided; the batch goes back without spending attempts, and the
+    /// breakers start again closed.
+    async fn recover_from_failed_run(
+        &mut self,
+        error: &str,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) {
+        tracing::error!(function = %self.name, %error, "invocation task failed; the batch is handed back and the circuit breakers start again closed");
+        for lane in &mut self.lanes {
+            lane.breaker = Some(Breaker::new(
+                lane.settings.breaker.clone(),
+                Arc::new(SystemClock),
+            ));
+            lane.metrics.breaker_state.set(0.0);
+        }
+        let sequences = hand
+            .messages
+            .iter()
+            .filter_map(|m| m.info().ok())
+            .map(|i| i.stream_sequence);
+        note_deferrals(
+            &mut self.deferrals,
+            sequences
+                .map(|s| (s, DeferralChange::Deferred))
+                .collect::<Vec<_>>(),
+        );
+        for message in &hand.messages {
+            let _ = message.ack_with(AckKind::Nak(Some(REDELIVER_DELAY))).await;
+        }
+        pause(cancel, REDELIVER_DELAY).await;
+    }
+
+    /// Metrics, spans and log lines of each invocation.
+    async fn observe_run(
+        &mut self,
+        batch: &Batch,
+        hand: &InHand,
+        invocations: &[Option<Invocation>],
+    ) {
+        for (index, invocation) in invocations.iter().enumerate() {
+            let Some(invocation) = invocation else {
+                continue;
+            };
+            let record = &batch.records()[index];
+            let key = record.key.as_deref().unwrap_or_default();
+            self.observe_invocation(
+                record.lane,
+                record.sequence,
+                key,
+                hand.traces[index].as_ref(),
+                invocation,
+            )
+            .await;
+        }
+    }
+
+    /// Performs a settled batch's effects in order.
+    async fn perform(
+        &mut self,
+        batch: &mut Batch,
+        settlement: Settlement,
+        view: BatchView,
+        invocations: &[Option<Invocation>],
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let mut effects = settlement.effects;
+        let mut view = Some(view);
+        let mut committed = None;
+        let mut next = 0;
+        while let Some(effect) = effects.get(next).cloned() {
+            next += 1;
+            match effect {
+                Effect::Commit {
+                    batch_id,
+                    through_seq,
+                    applied,
+                } => {
+                    let outbox = self.gather(batch, &effects, invocations, hand).0;
+                    let commit = BatchCommit {
+                        epoch: self.epoch,
+                        batch_id,
+                        through_seq,
+                        published: self.published.clone(),
+                        deltas: view.take().map(BatchView::into_deltas).unwrap_or_default(),
+                        applied,
+                        outbox,
+                    };
+                    match self.commit(&commit, batch, hand, cancel).await {
+                        Ok(()) => committed = Some(batch_id),
+                        Err(CommitEnd::Stop(Stop::Cancelled)) => {
+                            return self.hand_back_batch(batch, hand, cancel).await;
+                        }
+                        Err(CommitEnd::Stop(stop)) => return Err(stop),
+                        Err(CommitEnd::Refused(reason)) => {
+                            match batch.commit_refused(&reason, &mut self.guard) {
+                                Some(again) => {
+                                    effects = again.effects;
+                                    next = 0;
+                                }
+                                None => {
+                                    self.isolate_through = batch
+                                        .records()
+                                        .iter()
+                                        .map(|r| r.sequence)
+                                        .max()
+                                        .unwrap_or(0);
+                                    tracing::warn!(function = %self.name, %reason, through = self.isolate_through, "the database refused the batch's state; running it one event at a time to find the event");
+                                    return self.hand_back_batch(batch, hand, cancel).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                Effect::Publish { .. } => {
+                    let (mut records, parents) = self.gather(batch, &effects, invocations, hand);
+                    let dead = self.dead_letters(batch, &effects, hand);
+                    records.extend(dead.0);
+                    let parents = parents.into_iter().chain(dead.1).collect();
+                    if !self
+                        .publish_settled(&mut records, parents, committed, batch, hand, cancel)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                    if let Some(id) = committed {
+                        self.published.push(id);
+                    }
+                }
+                Effect::Ack(acks) => self.acknowledge(batch, &acks, hand).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// The output records of the settlement's publish, in record order.
+    fn gather(
+        &self,
+        batch: &Batch,
+        effects: &[Effect],
+        invocations: &[Option<Invocation>],
+        hand: &InHand,
+    ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
+        let mut gathered = (Vec::new(), Vec::new());
+        let Some(Effect::Publish { outputs, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Publish { .. }))
+        else {
+            return gathered;
+        };
+        for &index in outputs {
+            let Some(Invocation {
+                result: Ok(handled),
+                ..
+            }) = &invocations[index]
+            else {
+                continue;
+            };
+            self.event_outputs(
+                &batch.records()[index],
+                &hand.messages[index],
+                hand.traces[index].as_ref(),
+                handled.outputs.clone(),
+                &mut gathered,
+            );
+        }
+        gathered
+    }
+
+    /// The dead letters of the settlement's publish.
+    fn dead_letters(
+        &self,
+        batch: &Batch,
+        effects: &[Effect],
+        hand: &InHand,
+    ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
+        let Some(Effect::Publish { dead_letters, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Publish { .. }))
+        else {
+            return Default::default();
+        };
+        dead_letters
+            .iter()
+            .map(|&index| {
+                let trace = hand.traces[index].as_ref();
+                (
+                    self.dead_letter(&batch.records()[index], &hand.messages[index], trace),
+                    trace.map(|t| t.context().clone()),
+                )
+            })
+            .unzip()
+    }
+
+    /// Commits, holding the batch through transient failures.
+    async fn commit(
+        &mut self,
+        commit: &BatchCommit,
+        batch: &Batch,
+        hand: &InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), CommitEnd> {
+        crash::reached(CrashPoint::AfterInvoke);
+        let started = Instant::now();
+        let commit_started = SystemTime::now();
+        let done = hold(
+            &self.name,
+            self.ack_wait(),
+            "committing state",
+            &hand.messages,
+            cancel,
+            || self.state.commit(&self.name, commit, self.owner_lease),
+        )
+        .await;
+        match done {
+            Ok(()) => {}
+            Err(Stop::Refused(reason)) => return Err(CommitEnd::Refused(reason)),
+            Err(stop) => return Err(CommitEnd::Stop(stop)),
+        }
+        self.lease_renewed = Instant::now();
+        self.published.clear();
+        self.lanes[0]
+            .metrics
+            .commit_seconds
+            .record(started.elapsed().as_secs_f64());
+        self.record_step(&hand.traces, batch, "state.commit", commit_started, |o| {
+            matches!(o, Outcome::Applied { .. })
+        });
+        self.highest_applied = self.highest_applied.max(commit.highest_applied());
+        crash::reached(CrashPoint::AfterCommit);
+        Ok(())
+    }
+
+    /// Publishes a settled batch's records. After a commit, a transient
+    /// failure is retried until published or stopped (`Err(Cancelled)`:
+    /// the outbox keeps the rows, the inputs stay unacked). Without one,
+    /// the batch is handed back (`Ok(false)`).
+    async fn publish_settled(
+        &mut self,
+        records: &mut Vec<OutputRecord>,
+        parents: Vec<Option<Context>>,
+        committed: Option<u64>,
+        batch: &mut Batch,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Stop> {
+        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
+        let mut extended = Instant::now();
+        let mut parents = parents;
+        loop {
+            let error = match self
+                .publish_records(records, std::mem::take(&mut parents))
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if committed.is_none() {
+                // Nothing is committed: redelivery runs the events again
+                // and the message ids drop what did get through.
+                tracing::warn!(function = %self.name, %error, "publishing failed; the batch will be delivered again");
+                self.hand_back_batch(batch, hand, cancel).await?;
+                return Ok(false);
+            }
+            tracing::warn!(function = %self.name, %error, "publishing committed outputs failed; retrying");
+            if extended.elapsed() >= ack_wait / 3 {
+                extend_deadlines(&hand.messages).await;
+                extended = Instant::now();
+            }
+            if !pause(cancel, REDELIVER_DELAY).await {
+                return Err(Stop::Cancelled);
+            }
+        }
+        crash::reached(CrashPoint::AfterPublish);
+        Ok(true)
+    }
+
+    /// Tells JetStream what became of each delivery, and finishes spans.
+    async fn acknowledge(
+        &mut self,
+        batch: &Batch,
+        acks: &[(usize, AckDecision)],
+        hand: &mut InHand,
+    ) {
+        self.count_outcomes(batch);
+        let changes: Vec<(u64, DeferralChange)> = acks
+            .iter()
+            .map(|&(index, decision)| {
+                let change = match decision {
+                    _ if batch.is_deferral(index) => DeferralChange::Deferred,
+                    AckDecision::Nak { .. } => DeferralChange::Retried,
+                    _ => DeferralChange::Done,
+                };
+                (batch.records()[index].sequence, change)
+            })
+            .collect();
+        note_deferrals(&mut self.deferrals, changes);
+        for &(index, decision) in acks {
+            let kind = match decision {
+                AckDecision::Ack => AckKind::Ack,
+                AckDecision::Nak { delay } => AckKind::Nak(Some(delay)),
+                AckDecision::DeadLetter => AckKind::Term,
+            };
+            if let Err(error) = hand.messages[index].ack_with(kind).await {
+                // JetStream delivers it again; the applied set or the message
+                // ids keep that from doubling anything.
+                tracing::warn!(function = %self.name, sequence = batch.records()[index].sequence, %error, "ack failed");
+            }
+        }
+        for (trace, record) in hand.traces.iter_mut().zip(batch.records()) {
+            if let Some(trace) = trace.take() {
+                let (outcome, error) = observe::outcome_label(&record.outcome);
+                trace.finish(outcome, error, SystemTime::now());
+            }
+        }
+    }
+
+    /// Hands a batch back before it was run.
+    async fn hand_back(
+        &mut self,
+        mut batch: Batch,
+        mut hand: InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        self.hand_back_batch(&mut batch, &mut hand, cancel).await
+    }
+
+    /// Hands the whole batch back to JetStream: nothing was committed, no
+    /// delivery is an attempt.
+    async fn hand_back_batch(
+        &mut self,
+        batch: &mut Batch,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        tracing::warn!(function = %self.name, events = batch.records().len(), "batch not committed; it will be delivered again");
+        let acks = batch.give_back();
+        self.acknowledge(batch, &acks, hand).await;
+        pause(cancel, REDELIVER_DELAY).await;
+        Ok(())
+    }
+}
+
+/// Why a commit did not happen.
+enum CommitEnd {
+    Stop(Stop),
+    /// The database refused the data for good.
+    Refused(String),
+}
