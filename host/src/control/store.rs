@@ -263,6 +263,18 @@ impl ControlStore {
         .bind(&spec)
         .fetch_one(&mut *tx)
         .await?;
+        if created {
+            // A function made again under a deleted one's name may be owned
+            // again (its epochs go on from the deleted one's: nothing cached
+            // or held under those can pass for its own).
+            sqlx::query(
+                "UPDATE weir_owners SET lease_until = now() - interval '1 millisecond'
+                 WHERE function_name = $1 AND owner = ''",
+            )
+            .bind(runtime_name(namespace, name))
+            .execute(&mut *tx)
+            .await?;
+        }
         notify(&mut tx, namespace, name).await?;
         tx.commit().await?;
         Ok(created)
@@ -373,6 +385,7 @@ impl ControlStore {
     /// its worker.)
     pub async fn delete_function(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_owners(&mut tx, &runtime_name(namespace, name), true).await?;
         sqlx::query("DELETE FROM weir_rollouts WHERE namespace = $1 AND name = $2")
             .bind(namespace)
             .bind(name)
@@ -387,13 +400,7 @@ impl ControlStore {
         // Its state and progress go with it: a function made again under the
         // same name starts anew instead of inheriting them.
         let runtime = runtime_name(namespace, name);
-        for table in [
-            "weir_state",
-            "weir_applied",
-            "weir_progress",
-            "weir_outbox",
-            "weir_owners",
-        ] {
+        for table in ["weir_state", "weir_applied", "weir_progress", "weir_outbox"] {
             let sql = format!("DELETE FROM {table} WHERE function_name = $1");
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&runtime)
@@ -711,6 +718,8 @@ impl ControlStore {
     ) -> Result<(), StoreError> {
         let runtime = runtime_name(namespace, name);
         let mut tx = self.pool.begin().await?;
+        // Whoever ran the function before the replay commits nothing more.
+        fence_owners(&mut tx, &runtime, false).await?;
         for table in ["weir_state", "weir_applied", "weir_progress", "weir_outbox"] {
             let sql = format!("DELETE FROM {table} WHERE function_name = $1");
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -739,6 +748,26 @@ impl ControlStore {
             .await?
             .ok_or_else(|| StoreError::NoModule(digest.to_string()))
     }
+}
+
+/// Takes a function from its owner first, in the caller's transaction: a
+/// new epoch (so an owner's commit in flight is fenced, and waits for this
+/// transaction if it holds the row), and for a deletion a tombstone that no
+/// host can claim (`owner = ''`, a lease that never ends) until the function
+/// is made again. The row stays, so epochs only grow.
+async fn fence_owners(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    function: &str,
+    tombstone: bool,
+) -> Result<(), StoreError> {
+    let sql = if tombstone {
+        "UPDATE weir_owners SET epoch = epoch + 1, owner = '', lease_until = 'infinity'
+         WHERE function_name = $1"
+    } else {
+        "UPDATE weir_owners SET epoch = epoch + 1 WHERE function_name = $1"
+    };
+    sqlx::query(sql).bind(function).execute(&mut **tx).await?;
+    Ok(())
 }
 
 async fn notify(

@@ -436,8 +436,9 @@ impl Batch {
         }
     }
 
-    /// Ends the run phase: the ordered effects, and the key waits updated.
-    pub fn settle(&mut self, guard: &mut KeyGuard) -> Settlement {
+    /// Ends the run phase: the ordered effects. (Key waits change when the
+    /// acks are performed: [`Batch::acked`].)
+    pub fn settle(&mut self) -> Settlement {
         self.stop_running();
         let wrote: Vec<usize> = self.indices(|o| matches!(o, Outcome::Applied { wrote: true, .. }));
         let with_outputs: Vec<usize> =
@@ -451,7 +452,6 @@ impl Batch {
         let acks: Vec<(usize, AckDecision)> = (0..self.records.len())
             .map(|i| (i, self.decision(i)))
             .collect();
-        self.update_guard(guard, &acks);
         let mut effects = Vec::with_capacity(3);
         if !wrote.is_empty() {
             let sequences = || {
@@ -482,9 +482,10 @@ impl Batch {
             .collect()
     }
 
-    /// A key waits for every one of its events that will come back; an
-    /// event that is decided stops holding it.
-    fn update_guard(&self, guard: &mut KeyGuard, acks: &[(usize, AckDecision)]) {
+    /// The acks were performed at `now`: a key waits for every one of its
+    /// events that will come back (from `now`, however long the commit or
+    /// publish before took); an event that is decided stops holding it.
+    pub fn acked(&self, guard: &mut KeyGuard, acks: &[(usize, AckDecision)], now: Instant) {
         for &(index, decision) in acks {
             let record = &self.records[index];
             if !matches!(decision, AckDecision::Nak { .. }) {
@@ -494,7 +495,7 @@ impl Batch {
             let out = guard.waiting.entry(key.clone()).or_default();
             match decision {
                 AckDecision::Nak { delay } => {
-                    let due = self.now + delay;
+                    let due = now + delay;
                     out.insert(record.sequence, (due, due + self.wait_grace));
                 }
                 AckDecision::Ack | AckDecision::DeadLetter => {
@@ -503,16 +504,17 @@ impl Batch {
             }
         }
         for out in guard.waiting.values_mut() {
-            out.retain(|_, (_, lapse)| *lapse > self.now);
+            out.retain(|_, (_, lapse)| *lapse > now);
         }
         guard.waiting.retain(|_, out| !out.is_empty());
-        if guard.inherited_lapse.is_some_and(|lapse| lapse <= self.now) {
+        if guard.inherited_lapse.is_some_and(|lapse| lapse <= now) {
             guard.inherited.clear();
         }
     }
 
     /// Hands the whole batch back (a commit that cannot be made now): no
-    /// decision, no attempt. Key waits are kept as they were.
+    /// decision, no attempt. Its keys wait for it once the naks are
+    /// performed ([`Batch::acked`]).
     pub fn give_back(&mut self) -> Vec<(usize, AckDecision)> {
         for record in &mut self.records {
             if !matches!(record.outcome, Outcome::Duplicate { .. }) {
@@ -531,7 +533,7 @@ impl Batch {
     /// With one writer in the batch, that event is the cause: it fails for
     /// good and the batch settles again without it. With several, `None`:
     /// hand the batch back and run it one event at a time.
-    pub fn commit_refused(&mut self, reason: &str, guard: &mut KeyGuard) -> Option<Settlement> {
+    pub fn commit_refused(&mut self, reason: &str) -> Option<Settlement> {
         let writers = self.indices(|o| matches!(o, Outcome::Applied { wrote: true, .. }));
         let [writer] = writers[..] else {
             return None;
@@ -540,7 +542,7 @@ impl Batch {
             crate::outcome::FailureKind::Refused,
             format!("its state changes were refused by the database: {reason}"),
         ));
-        Some(self.settle(guard))
+        Some(self.settle())
     }
 }
 
@@ -611,6 +613,13 @@ mod tests {
         }
     }
 
+    fn settle_and_ack(batch: &mut Batch, guard: &mut KeyGuard, now: Instant) {
+        let settlement = batch.settle();
+        if let Some(Effect::Ack(acks)) = settlement.effects.last() {
+            batch.acked(guard, acks, now);
+        }
+    }
+
     fn run_all(batch: &mut Batch, mut result: impl FnMut(&Record) -> RunResult) -> Vec<u64> {
         let mut ran = Vec::new();
         while let Some(i) = batch.next_run() {
@@ -635,7 +644,7 @@ mod tests {
         assert!(lookup.is_empty());
         let ran = run_all(&mut batch, |_| RunResult::Invoked(Ok((true, 1, 10))));
         assert_eq!(ran, vec![1, 2, 3]);
-        let settlement = batch.settle(&mut KeyGuard::default());
+        let settlement = batch.settle();
         assert_eq!(
             settlement.effects[0],
             Effect::Commit {
@@ -661,7 +670,7 @@ mod tests {
             }
         });
         assert_eq!(ran, vec![1, 3], "2 waits behind 1");
-        batch.settle(&mut guard);
+        settle_and_ack(&mut batch, &mut guard, now);
         assert!(batch.is_deferral(1) && !batch.is_deferral(0));
         // Next batch: 2 alone still waits for 1; 1 runs again.
         let (mut next, _) = Batch::plan(vec![intake(2, "a")], &guard, &settings(), now);
@@ -676,7 +685,7 @@ mod tests {
             run_all(&mut next, |_| RunResult::Invoked(Ok((true, 0, 0)))),
             vec![1, 2]
         );
-        next.settle(&mut guard);
+        settle_and_ack(&mut next, &mut guard, now);
         assert!(guard.is_empty());
     }
 
@@ -694,7 +703,7 @@ mod tests {
                 retry_after: Duration::from_millis(700),
             },
         );
-        batch.settle(&mut KeyGuard::default());
+        batch.settle();
         assert!(batch.is_deferral(0) && batch.is_deferral(1));
         assert_eq!(
             batch.decision(1),
@@ -722,11 +731,8 @@ mod tests {
         run_all(&mut batch, |r| {
             RunResult::Invoked(Ok((r.sequence == 2, usize::from(r.sequence == 1), 5)))
         });
-        let mut guard = KeyGuard::default();
-        batch.settle(&mut guard);
-        let again = batch
-            .commit_refused("0x00", &mut guard)
-            .expect("one writer");
+        batch.settle();
+        let again = batch.commit_refused("0x00").expect("one writer");
         assert!(!again.commits());
         assert_eq!(batch.decision(1), AckDecision::DeadLetter);
         assert_eq!(batch.decision(0), AckDecision::Ack);

@@ -104,7 +104,7 @@ impl FunctionWorker {
             ..
         } = ran;
         self.observe_run(&batch, &hand, &invocations).await;
-        let settlement = batch.settle(&mut self.guard);
+        let settlement = batch.settle();
         let result = self
             .perform(
                 &mut batch,
@@ -310,24 +310,19 @@ impl FunctionWorker {
                             return self.hand_back_batch(batch, hand, cancel).await;
                         }
                         Err(CommitEnd::Stop(stop)) => return Err(stop),
-                        Err(CommitEnd::Refused(reason)) => {
-                            match batch.commit_refused(&reason, &mut self.guard) {
-                                Some(again) => {
-                                    effects = again.effects;
-                                    next = 0;
-                                }
-                                None => {
-                                    self.isolate_through = batch
-                                        .records()
-                                        .iter()
-                                        .map(|r| r.sequence)
-                                        .max()
-                                        .unwrap_or(0);
-                                    tracing::warn!(function = %self.name, %reason, through = self.isolate_through, "the database refused the batch's state; running it one event at a time to find the event");
-                                    return self.hand_back_batch(batch, hand, cancel).await;
-                                }
+                        Err(CommitEnd::Refused(reason)) => match batch.commit_refused(&reason) {
+                            Some(again) => {
+                                effects = again.effects;
+                                next = 0;
                             }
-                        }
+                            None => {
+                                self.isolating =
+                                    batch.records().iter().map(|r| r.sequence).collect();
+                                self.isolating_since = Instant::now();
+                                tracing::warn!(function = %self.name, %reason, events = self.isolating.len(), "the database refused the batch's state; running its events one at a time to find the one");
+                                return self.hand_back_batch(batch, hand, cancel).await;
+                            }
+                        },
                     }
                 }
                 Effect::Publish { .. } => {
@@ -510,7 +505,13 @@ impl FunctionWorker {
                 (batch.records()[index].sequence, change)
             })
             .collect();
+        for (sequence, change) in &changes {
+            if *change == DeferralChange::Done {
+                self.isolating.remove(sequence);
+            }
+        }
         note_deferrals(&mut self.deferrals, changes);
+        batch.acked(&mut self.guard, acks, Instant::now());
         for &(index, decision) in acks {
             let kind = match decision {
                 AckDecision::Ack => AckKind::Ack,

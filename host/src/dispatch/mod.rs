@@ -65,6 +65,9 @@ use support::{Held, hold_until_done};
 
 /// Output bytes one batch may hold before the rest of it waits for the next.
 const BATCH_BYTE_BUDGET: usize = 64 << 20;
+/// Longest a function runs one event per batch to find the event whose
+/// state the database refused.
+const ISOLATE_AT_MOST: Duration = Duration::from_secs(300);
 /// Applied sequences are considered for pruning after this many batches.
 const PRUNE_EVERY_BATCHES: u64 = 200;
 
@@ -189,9 +192,10 @@ pub struct FunctionWorker {
     /// Committed batches whose publish is acknowledged but whose outbox
     /// rows are still there: deleted with the next commit, or when idle.
     published: Vec<u64>,
-    /// After a commit the database refused, batches of one event until
-    /// past this sequence.
-    isolate_through: u64,
+    /// After a commit the database refused: its events, which run one per
+    /// batch until each is decided (or [`ISOLATE_AT_MOST`] has passed).
+    isolating: std::collections::BTreeSet<u64>,
+    isolating_since: Instant,
     guard: KeyGuard,
     /// An ack floor and when it was read: the next prune's bound.
     prune_floor: Option<(Instant, u64)>,
@@ -268,7 +272,8 @@ impl FunctionWorker {
             js: env.js.clone(),
             highest_applied: 0,
             published: Vec::new(),
-            isolate_through: 0,
+            isolating: Default::default(),
+            isolating_since: Instant::now(),
             guard: KeyGuard::default(),
             prune_floor: None,
             batches: 0,

@@ -14,6 +14,10 @@ pub(super) const PRUNE_LAG: Duration = Duration::from_secs(60);
 /// (an event handed to another host never comes back to clear its own).
 pub(super) const MAX_TRACKED_DEFERRALS: usize = 100_000;
 
+/// Longest one held step (a query, a commit) may take before it is tried
+/// again.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why a held step ended without its result.
 #[derive(Debug)]
 pub(super) enum Held<E> {
@@ -43,12 +47,19 @@ where
     let mut delay = Duration::from_millis(100);
     let mut extended = Instant::now();
     loop {
-        match op().await {
-            Ok(done) => return Ok(done),
-            Err(error) if permanent(&error) => return Err(Held::Permanent(error)),
-            Err(error) => {
+        // A call that hangs (a connection blackholed mid-query) counts as a
+        // failure that passes: the batch is held and a stop is still seen.
+        match tokio::time::timeout(STEP_TIMEOUT, op()).await {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err(error)) if permanent(&error) => return Err(Held::Permanent(error)),
+            Ok(Err(error)) => {
                 tracing::warn!(function, %error, "{what} failed; holding the batch and retrying")
             }
+            Err(_) => tracing::warn!(
+                function,
+                timeout_s = STEP_TIMEOUT.as_secs(),
+                "{what} did not answer in time; holding the batch and retrying"
+            ),
         }
         if extended.elapsed() >= ack_wait / 3 {
             extend_deadlines(messages).await;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{KeyGuard, REDELIVER_DELAY};
 use super::support::{self, pause};
-use super::{FunctionWorker, PRUNE_EVERY_BATCHES, Stop, hold, random_hex};
+use super::{FunctionWorker, ISOLATE_AT_MOST, PRUNE_EVERY_BATCHES, Stop, hold, random_hex};
 use crate::breaker::Breaker;
 use crate::ingest::Ingest;
 
@@ -93,7 +93,7 @@ impl FunctionWorker {
     /// How many events the next batch may take: the stable breaker's budget,
     /// or one at a time while isolating a commit the database refused.
     pub(super) fn call_budget(&self) -> usize {
-        if self.isolate_through > self.highest_applied {
+        if !self.isolating.is_empty() && self.isolating_since.elapsed() < ISOLATE_AT_MOST {
             return 1;
         }
         self.lanes[0]
@@ -251,6 +251,9 @@ impl FunctionWorker {
         };
         for outbox in batches {
             let (batch, mut records) = (outbox.batch, outbox.records);
+            if self.published.contains(&batch) {
+                continue;
+            }
             if outbox.through_seq <= floor {
                 self.published.push(batch);
                 continue;
@@ -311,7 +314,13 @@ impl FunctionWorker {
                 Ok(())
             }
             Ok(false) => Err(Stop::Fenced),
-            // An outage: the commit's own epoch check still fences.
+            // An outage: the commit's own epoch check still fences, but an
+            // owner that cannot renew past its lease must assume another
+            // host took over, and stop holding events it may no longer own.
+            Err(error) if self.lease_renewed.elapsed() >= self.owner_lease => {
+                tracing::warn!(function = %self.name, %error, "cannot renew the function's lease and it has lapsed; standing by");
+                Err(Stop::Fenced)
+            }
             Err(error) => {
                 tracing::warn!(function = %self.name, %error, "cannot renew the function's lease");
                 Ok(())

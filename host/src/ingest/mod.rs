@@ -268,13 +268,14 @@ impl Ingest {
                 }
                 Err(error) => {
                     tracing::warn!(function = %self.function, %error, "cannot pull messages; retrying");
-                    if self.check_consumer().await {
-                        return Some(Vec::new());
-                    }
+                    self.check_consumer().await;
                     tokio::select! {
                         _ = cancel.cancelled() => return None,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
+                    // Back to the worker, which renews its lease (or finds
+                    // it cannot) before pulling again.
+                    return Some(Vec::new());
                 }
             }
         }
@@ -430,7 +431,16 @@ impl Ingest {
             tracing::warn!(function = %self.function, floor, delivered, limit, "more events are out than a new owner reads back; order per key is kept for the first ones only");
         }
         let mut outstanding = Vec::new();
-        for sequence in (floor + 1..=delivered).take(limit) {
+        // Both ends of the range when it is longer than the limit: the
+        // oldest events out (retries) and the newest (the batch in hand).
+        let range = floor + 1..=delivered;
+        let half = (limit / 2) as u64;
+        let wanted = move |s: &u64| {
+            delivered.saturating_sub(floor) <= limit as u64
+                || *s <= floor + half
+                || *s > delivered.saturating_sub(half)
+        };
+        for sequence in range.filter(wanted) {
             // Deleted or purged messages are gone for every owner.
             let Ok(message) = self.stream.get_raw_message(sequence).await else {
                 continue;
