@@ -38,62 +38,16 @@ impl FunctionWorker {
             metrics.consumer_pending.set(last.pending as f64);
         }
         let (intake, mut hand) = self.take_in(deliveries);
-        let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
         let settings = PlanSettings {
             policy: self.spec.retry.clone(),
             byte_budget: BATCH_BYTE_BUDGET,
-            wait_grace: ack_wait * 2 + Duration::from_secs(5),
+            wait_grace: self.ack_wait() * 2 + Duration::from_secs(5),
             highest_applied: self.highest_applied,
         };
-        let (mut batch, lookup) = Batch::plan(intake, &self.guard, &settings, Instant::now());
-        let applied = hold(
-            &self.name,
-            self.ack_wait(),
-            "reading applied sequences",
-            &hand.messages,
-            cancel,
-            || self.state.already_applied(&self.name, &lookup),
-        )
-        .await;
-        let applied = match applied {
-            Ok(applied) => applied,
-            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
-            Err(stop) => return Err(stop),
+        let (batch, lookup) = Batch::plan(intake, &self.guard, &settings, Instant::now());
+        let Some((batch, view)) = self.prepare(batch, &lookup, &mut hand, cancel).await? else {
+            return Ok(());
         };
-        batch.applied(&applied);
-        if batch.has_already_applied() {
-            self.flush_outbox(None, cancel).await?;
-        }
-        let keys: Vec<String> = batch
-            .records()
-            .iter()
-            .filter(|r| r.outcome == Outcome::ToRun)
-            .filter_map(|r| r.key.clone())
-            .collect();
-        let load_started = SystemTime::now();
-        let view = hold(
-            &self.name,
-            self.ack_wait(),
-            "loading state",
-            &hand.messages,
-            cancel,
-            || {
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let state = self.state.clone();
-                let name = self.name.clone();
-                let epoch = self.epoch;
-                async move { state.view(&name, epoch, &keys).await }
-            },
-        )
-        .await;
-        let view = match view {
-            Ok(view) => view,
-            Err(Stop::Cancelled) => return self.hand_back(batch, hand, cancel).await,
-            Err(stop) => return Err(stop),
-        };
-        self.record_step(&hand.traces, &batch, "state.load", load_started, |o| {
-            *o == Outcome::ToRun
-        });
         let Some(ran) = self.run_events(batch, view, &mut hand, cancel).await? else {
             return Ok(());
         };
@@ -117,6 +71,73 @@ impl FunctionWorker {
             .await;
         self.lanes[0].metrics.in_flight.set(0.0);
         result
+    }
+
+    /// Looks up the redeliveries in `lookup`, publishes the outbox if one
+    /// was applied already, and loads the state of the events to run.
+    /// `None` when stopped first: the batch was handed back.
+    async fn prepare(
+        &mut self,
+        mut batch: Batch,
+        lookup: &[u64],
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(Batch, BatchView)>, Stop> {
+        let what = "reading applied sequences";
+        let applied = hold(
+            &self.name,
+            self.ack_wait(),
+            what,
+            &hand.messages,
+            cancel,
+            || self.state.already_applied(&self.name, lookup),
+        )
+        .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(Stop::Cancelled) => {
+                self.hand_back_batch(&mut batch, hand, cancel).await?;
+                return Ok(None);
+            }
+            Err(stop) => return Err(stop),
+        };
+        batch.applied(&applied);
+        if batch.has_already_applied() {
+            self.flush_outbox(None, cancel).await?;
+        }
+        let keys: Vec<String> = batch
+            .records()
+            .iter()
+            .filter(|r| r.outcome == Outcome::ToRun)
+            .filter_map(|r| r.key.clone())
+            .collect();
+        let load_started = SystemTime::now();
+        let (state, name, epoch) = (self.state.clone(), self.name.clone(), self.epoch);
+        let view = hold(
+            &self.name,
+            self.ack_wait(),
+            "loading state",
+            &hand.messages,
+            cancel,
+            || {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let (state, name) = (state.clone(), name.clone());
+                async move { state.view(&name, epoch, &keys).await }
+            },
+        )
+        .await;
+        let view = match view {
+            Ok(view) => view,
+            Err(Stop::Cancelled) => {
+                self.hand_back_batch(&mut batch, hand, cancel).await?;
+                return Ok(None);
+            }
+            Err(stop) => return Err(stop),
+        };
+        self.record_step(&hand.traces, &batch, "state.load", load_started, |o| {
+            *o == Outcome::ToRun
+        });
+        Ok(Some((batch, view)))
     }
 
     /// Splits deliveries into what the protocol needs and what the driver
@@ -306,22 +327,13 @@ impl FunctionWorker {
                     };
                     match self.commit(&commit, batch, hand, cancel).await {
                         Ok(()) => committed = Some(batch_id),
-                        Err(CommitEnd::Stop(Stop::Cancelled)) => {
-                            return self.hand_back_batch(batch, hand, cancel).await;
-                        }
-                        Err(CommitEnd::Stop(stop)) => return Err(stop),
-                        Err(CommitEnd::Refused(reason)) => match batch.commit_refused(&reason) {
+                        Err(end) => match self.after_failed_commit(end, batch, hand, cancel).await?
+                        {
                             Some(again) => {
                                 effects = again.effects;
                                 next = 0;
                             }
-                            None => {
-                                self.isolating =
-                                    batch.records().iter().map(|r| r.sequence).collect();
-                                self.isolating_since = Instant::now();
-                                tracing::warn!(function = %self.name, %reason, events = self.isolating.len(), "the database refused the batch's state; running its events one at a time to find the one");
-                                return self.hand_back_batch(batch, hand, cancel).await;
-                            }
+                            None => return Ok(()),
                         },
                     }
                 }
@@ -344,6 +356,35 @@ impl FunctionWorker {
             }
         }
         Ok(())
+    }
+
+    /// What follows a commit that did not happen: a stop hands the batch
+    /// back; a refusal fails the one writer (`Some`: the batch settled again)
+    /// or isolates the batch's events and hands it back; a fence ends the
+    /// turn. `None`: the batch is done with.
+    async fn after_failed_commit(
+        &mut self,
+        end: CommitEnd,
+        batch: &mut Batch,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Settlement>, Stop> {
+        let reason = match end {
+            CommitEnd::Stop(Stop::Cancelled) => {
+                self.hand_back_batch(batch, hand, cancel).await?;
+                return Ok(None);
+            }
+            CommitEnd::Stop(stop) => return Err(stop),
+            CommitEnd::Refused(reason) => reason,
+        };
+        if let Some(again) = batch.commit_refused(&reason) {
+            return Ok(Some(again));
+        }
+        self.isolating = batch.records().iter().map(|r| r.sequence).collect();
+        self.isolating_since = Instant::now();
+        tracing::warn!(function = %self.name, %reason, events = self.isolating.len(), "the database refused the batch's state; running its events one at a time to find the one");
+        self.hand_back_batch(batch, hand, cancel).await?;
+        Ok(None)
     }
 
     /// The output records of the settlement's publish, in record order.
@@ -530,16 +571,6 @@ impl FunctionWorker {
                 trace.finish(outcome, error, SystemTime::now());
             }
         }
-    }
-
-    /// Hands a batch back before it was run.
-    async fn hand_back(
-        &mut self,
-        mut batch: Batch,
-        mut hand: InHand,
-        cancel: &CancellationToken,
-    ) -> Result<(), Stop> {
-        self.hand_back_batch(&mut batch, &mut hand, cancel).await
     }
 
     /// Hands the whole batch back to JetStream: nothing was committed, no

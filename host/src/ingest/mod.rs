@@ -244,39 +244,37 @@ impl Ingest {
         max: usize,
     ) -> Option<Vec<Delivery>> {
         let max = max.clamp(1, self.batch_size);
-        loop {
-            if cancel.is_cancelled() {
-                return None;
-            }
-            let pulled = match self.fetch_available(max).await {
-                Ok(batch) if batch.is_empty() => self.wait_for_first(max).await,
-                other => other,
-            };
-            match pulled {
-                Ok(batch) if batch.is_empty() => {
-                    self.stall.empty_pull();
-                    self.idle_pulls += 1;
-                    if self.idle_pulls >= CHECK_CONSUMER_EVERY {
-                        self.idle_pulls = 0;
-                        self.check_consumer().await;
-                    }
-                    return Some(batch);
-                }
-                Ok(batch) => {
-                    self.stall.delivered(batch.last().map_or(0, |d| d.pending));
-                    return Some(batch);
-                }
-                Err(error) => {
-                    tracing::warn!(function = %self.function, %error, "cannot pull messages; retrying");
+        if cancel.is_cancelled() {
+            return None;
+        }
+        let pulled = match self.fetch_available(max).await {
+            Ok(batch) if batch.is_empty() => self.wait_for_first(max).await,
+            other => other,
+        };
+        match pulled {
+            Ok(batch) if batch.is_empty() => {
+                self.stall.empty_pull();
+                self.idle_pulls += 1;
+                if self.idle_pulls >= CHECK_CONSUMER_EVERY {
+                    self.idle_pulls = 0;
                     self.check_consumer().await;
-                    tokio::select! {
-                        _ = cancel.cancelled() => return None,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    // Back to the worker, which renews its lease (or finds
-                    // it cannot) before pulling again.
-                    return Some(Vec::new());
                 }
+                Some(batch)
+            }
+            Ok(batch) => {
+                self.stall.delivered(batch.last().map_or(0, |d| d.pending));
+                Some(batch)
+            }
+            Err(error) => {
+                tracing::warn!(function = %self.function, %error, "cannot pull messages; retrying");
+                self.check_consumer().await;
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Back to the worker, which renews its lease (or finds it
+                // cannot) before pulling again.
+                Some(Vec::new())
             }
         }
     }
