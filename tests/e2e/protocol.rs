@@ -171,21 +171,21 @@ async fn a_consumer_deleted_after_pruning_is_recreated_where_the_function_was(
         produce(stack.nats.url(), chunk.to_vec()).await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let pruned = || async {
-        let resume: Option<i64> = sqlx::query_scalar(
-            "SELECT resume_seq FROM weir_progress WHERE function_name = 'counter'",
-        )
-        .fetch_optional(&pool)
-        .await?;
-        anyhow::Ok(resume.unwrap_or(0) > 0)
-    };
-    eventually(
-        Duration::from_secs(120),
-        "applied sequences to be pruned",
-        || async { pruned().await },
-    )
-    .await?;
     let good = inputs.iter().filter(|i| !i.poison()).count() as u64;
+    // Pruned: fewer applied rows than events applied.
+    let pruned = || async {
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM weir_applied WHERE function_name = 'counter'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(i64::MAX);
+        anyhow::Ok(counted(&pool).await? > 0 && (rows as u64) < counted(&pool).await?)
+    };
+    eventually(Duration::from_secs(120), "applied sequences to be pruned", || async {
+        pruned().await
+    })
+    .await?;
     eventually(Duration::from_secs(120), "every event", || async {
         Ok(counted(&pool).await? >= good)
     })
