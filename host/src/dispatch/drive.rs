@@ -352,7 +352,13 @@ impl FunctionWorker {
                         self.published.push(id);
                     }
                 }
-                Effect::Ack(acks) => self.acknowledge(batch, &acks, hand).await,
+                Effect::Ack(acks) => {
+                    // An owner that was paused past its lease (and holds a
+                    // batch with no commit to fence it) finds out here,
+                    // before it tells JetStream anything.
+                    self.renew_lease_if_due().await?;
+                    self.acknowledge(batch, &acks, hand).await
+                }
             }
         }
         Ok(())

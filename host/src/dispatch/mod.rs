@@ -181,6 +181,8 @@ pub struct FunctionWorker {
     owner_lease: Duration,
     /// The owner epoch of this turn; 0 before the first claim.
     epoch: u64,
+    /// The previous owner handed the function over cleanly.
+    clean_claim: bool,
     lease_renewed: Instant,
     /// What output message ids are scoped by: the function and the
     /// incarnation of its progress, the same across versions and restarts,
@@ -264,6 +266,7 @@ impl FunctionWorker {
             owner_id: env.owner_id.clone(),
             owner_lease: env.owner_lease,
             epoch: 0,
+            clean_claim: true,
             lease_renewed: Instant::now(),
             msg_scope: spec.name.clone(),
             name,
@@ -296,9 +299,8 @@ impl FunctionWorker {
                     self.finish_turn().await;
                     break;
                 }
-                Stop::Reopen => {
-                    self.finish_turn().await;
-                }
+                // Not released: the next turn takes the events back itself.
+                Stop::Reopen => self.tidy_outbox().await,
                 Stop::Fenced => {
                     metrics::counter!("weir_ownership_lost_total", "function" => self.name.to_string()).increment(1);
                     tracing::warn!(function = %self.name, epoch, "lost ownership of the function to another host: its batch in hand is dropped uncommitted; standing by");

@@ -234,6 +234,8 @@ struct Db {
     epoch: u64,
     owner: usize,
     lease_until: u64,
+    /// The last owner released the function (a clean hand-over).
+    released: bool,
 }
 
 /// One host's memory: lost when it crashes.
@@ -346,14 +348,22 @@ impl World {
         if self.db.lease_until > self.now && self.db.owner != host && self.db.epoch > 0 {
             return false;
         }
+        let clean = self.db.released || self.db.epoch == 0;
         self.db.epoch += 1;
         self.db.owner = host;
         self.db.lease_until = self.now + LEASE;
+        self.db.released = false;
         let mut state = Host {
             epoch: self.db.epoch,
             highest: self.db.highest,
             ..Host::default()
         };
+        // After an unclean stop the new owner takes the events back: the
+        // consumer is made again above the ack floor.
+        if !clean {
+            let floor = self.broker.ack_floor();
+            self.broker.recreate_above(floor, self.now);
+        }
         // Events out between the ack floor and the last delivery hold their
         // keys, unless already applied.
         let floor = self.broker.ack_floor();
@@ -579,6 +589,7 @@ impl World {
                         self.tidy(host);
                         self.hosts[host] = None;
                         self.db.lease_until = self.now;
+                        self.db.released = true;
                         return Step::Done;
                     }
                 }
@@ -620,6 +631,14 @@ impl World {
     }
 
     fn ack_all(&mut self, host: usize, batch: &Batch, acks: &[(usize, AckDecision)]) -> Step {
+        // The driver renews its lease before the acks when it is due: an
+        // owner paused past its lease finds out it was fenced.
+        if self.hosts[host]
+            .as_ref()
+            .is_some_and(|h| h.epoch != self.db.epoch)
+        {
+            return Step::Fenced;
+        }
         let changes: Vec<(u64, DeferralChange)> = acks
             .iter()
             .map(|&(i, d)| {
@@ -756,6 +775,7 @@ impl World {
                     self.tidy(active);
                     self.hosts[active] = None;
                     self.db.lease_until = self.now;
+                    self.db.released = true;
                 }
                 _ => self.run_host(active),
             }

@@ -24,7 +24,9 @@ impl FunctionWorker {
                 .claim(&self.name, &self.owner_id, self.owner_lease)
                 .await
             {
-                Ok(Some(epoch)) => {
+                Ok(Some(claim)) => {
+                    self.clean_claim = claim.clean;
+                    let epoch = claim.epoch;
                     if told {
                         // Worth a warning: the owner before stopped renewing.
                         tracing::warn!(function = %self.name, epoch, "took over the function");
@@ -180,8 +182,25 @@ impl FunctionWorker {
         // An ack floor read from an earlier consumer says nothing about this
         // one.
         self.prune_floor = None;
-        self.guard = self.inherit_waits(&mut ingest).await;
-        Ok(ingest)
+        if self.clean_claim {
+            self.guard = self.inherit_waits(&mut ingest).await;
+            return Ok(ingest);
+        }
+        // The previous owner stopped with events in hand: take them back
+        // now, in stream order (no key then needs to wait for them).
+        self.guard = KeyGuard::default();
+        match ingest.reopen_above_floor(&self.js, &self.spec).await {
+            Ok((ingest, 0)) => Ok(ingest),
+            Ok((ingest, again)) => {
+                tracing::warn!(function = %self.name, events = again, "the previous owner stopped with events in hand; reading them again in stream order");
+                metrics::counter!("weir_takeover_redeliveries_total", "function" => self.name.to_string()).increment(again);
+                Ok(ingest)
+            }
+            Err(error) => {
+                tracing::warn!(function = %self.name, %error, "cannot take back the previous owner's events; opening again");
+                Err(Stop::Reopen)
+            }
+        }
     }
 
     pub(super) fn ack_wait(&self) -> Duration {

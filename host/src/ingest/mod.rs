@@ -408,6 +408,36 @@ impl Ingest {
         }
     }
 
+    /// Takes back the events a previous owner left out (it stopped renewing
+    /// with events in hand: killed, paused or cut off): the consumer is made
+    /// again just above its ack floor, so everything not acked is delivered
+    /// again at once and in stream order, instead of after the ack wait and
+    /// after later events. Returns the consumer and how many sequences lay
+    /// between the floor and the last delivery.
+    pub async fn reopen_above_floor(
+        mut self,
+        js: &jetstream::Context,
+        spec: &FunctionSpec,
+    ) -> Result<(Self, u64), IngestError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| consumer_error(spec, &e))?;
+        let (floor, delivered) = (
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        );
+        if delivered <= floor {
+            return Ok((self, 0));
+        }
+        Self::remove_consumer(js, spec).await?;
+        let start = DeliverPolicy::ByStartSequence {
+            start_sequence: floor + 1,
+        };
+        Ok((Self::bind_at(js, spec, start).await?, delivered - floor))
+    }
+
     /// The events another host may still hold: (sequence, key) of each
     /// message between the consumer's ack floor and its last delivery, at
     /// most `limit` of them, read from the stream. A new owner keeps their

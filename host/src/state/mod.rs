@@ -18,6 +18,7 @@ use std::sync::Arc;
 use moka::future::Cache;
 use sqlx::PgPool;
 
+pub use owner::Claim;
 pub use view::{BatchView, EntryChange, KeyDelta, KeyEntries};
 
 use crate::output::OutputRecord;
@@ -244,7 +245,7 @@ impl StateStore {
         function: &str,
         owner: &str,
         lease: std::time::Duration,
-    ) -> Result<Option<u64>, StateError> {
+    ) -> Result<Option<Claim>, StateError> {
         owner::claim(&self.pool, function, owner, millis(lease)).await
     }
 

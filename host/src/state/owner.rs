@@ -14,22 +14,39 @@ use super::StateError;
 /// The only partition until functions are partitioned across hosts.
 pub const PARTITION: i32 = 0;
 
-/// Claims `function` for `owner` for `lease_ms`; the new epoch, or `None`
-/// while another owner's lease is live.
+/// A claim that succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: u64,
+    /// The previous owner released the function (a graceful stop: it handed
+    /// its events back), or there was none. Otherwise it stopped renewing
+    /// with events in hand (killed, paused, cut off).
+    pub clean: bool,
+}
+
+/// A released lease: lapsed, and marks a clean hand-over.
+const RELEASED: &str = "-infinity";
+
+/// Claims `function` for `owner` for `lease_ms`; `None` while another
+/// owner's lease is live.
 pub(super) async fn claim(
     pool: &PgPool,
     function: &str,
     owner: &str,
     lease_ms: i64,
-) -> Result<Option<u64>, StateError> {
-    let epoch: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO weir_owners (function_name, partition, epoch, owner, lease_until)
+) -> Result<Option<Claim>, StateError> {
+    // The CTE reads the row as it was before this statement changed it.
+    let claimed: Option<(i64, bool)> = sqlx::query_as(
+        "WITH previous AS (
+             SELECT lease_until = '-infinity'::timestamptz AS released FROM weir_owners
+             WHERE function_name = $1 AND partition = $2)
+         INSERT INTO weir_owners (function_name, partition, epoch, owner, lease_until)
          VALUES ($1, $2, 1, $3, now() + $4 * interval '1 millisecond')
          ON CONFLICT (function_name, partition) DO UPDATE
          SET epoch = weir_owners.epoch + 1, owner = EXCLUDED.owner,
              lease_until = EXCLUDED.lease_until
          WHERE weir_owners.lease_until < now() OR weir_owners.owner = EXCLUDED.owner
-         RETURNING epoch",
+         RETURNING epoch, COALESCE((SELECT released FROM previous), true)",
     )
     .bind(function)
     .bind(PARTITION)
@@ -37,7 +54,10 @@ pub(super) async fn claim(
     .bind(lease_ms)
     .fetch_optional(pool)
     .await?;
-    Ok(epoch.map(|e| e.max(0) as u64))
+    Ok(claimed.map(|(epoch, clean)| Claim {
+        epoch: epoch.max(0) as u64,
+        clean,
+    }))
 }
 
 /// Extends the lease of `epoch`; false if another owner has claimed since.
@@ -61,15 +81,16 @@ pub(super) async fn renew(
 }
 
 /// Gives the function up at a graceful stop, so a standby takes over at
-/// once instead of after the lease.
+/// once instead of after the lease, and knows the events were handed back.
 pub(super) async fn release(pool: &PgPool, function: &str, epoch: u64) -> Result<(), StateError> {
     sqlx::query(
-        "UPDATE weir_owners SET lease_until = now() - interval '1 millisecond'
+        "UPDATE weir_owners SET lease_until = $4::timestamptz
          WHERE function_name = $1 AND partition = $2 AND epoch = $3",
     )
     .bind(function)
     .bind(PARTITION)
     .bind(super::postgres::to_i64(epoch))
+    .bind(RELEASED)
     .execute(pool)
     .await?;
     Ok(())
