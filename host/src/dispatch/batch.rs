@@ -492,16 +492,22 @@ impl Batch {
                 guard.inherited.remove(&record.sequence);
             }
             let Some(key) = &record.key else { continue };
-            let out = guard.waiting.entry(key.clone()).or_default();
             match decision {
                 AckDecision::Nak { delay } => {
                     let due = now + delay;
+                    let out = guard.waiting.entry(key.clone()).or_default();
                     out.insert(record.sequence, (due, due + self.wait_grace));
                 }
+                // The common case touches nothing unless the key waits.
                 AckDecision::Ack | AckDecision::DeadLetter => {
-                    out.remove(&record.sequence);
+                    if let Some(out) = guard.waiting.get_mut(key) {
+                        out.remove(&record.sequence);
+                    }
                 }
             }
+        }
+        if guard.waiting.is_empty() && guard.inherited.is_empty() {
+            return;
         }
         for out in guard.waiting.values_mut() {
             out.retain(|_, (_, lapse)| *lapse > now);

@@ -54,7 +54,7 @@ impl FunctionWorker {
         let Ran {
             mut batch,
             view,
-            invocations,
+            mut invocations,
             ..
         } = ran;
         self.observe_run(&batch, &hand, &invocations).await;
@@ -64,7 +64,7 @@ impl FunctionWorker {
                 &mut batch,
                 settlement,
                 view,
-                &invocations,
+                &mut invocations,
                 &mut hand,
                 cancel,
             )
@@ -299,7 +299,7 @@ impl FunctionWorker {
         batch: &mut Batch,
         settlement: Settlement,
         view: BatchView,
-        invocations: &[Option<Invocation>],
+        invocations: &mut [Option<Invocation>],
         hand: &mut InHand,
         cancel: &CancellationToken,
     ) -> Result<(), Stop> {
@@ -315,7 +315,7 @@ impl FunctionWorker {
                     through_seq,
                     applied,
                 } => {
-                    let outbox = self.gather(batch, &effects, invocations, hand).0;
+                    let outbox = self.gather(batch, &effects, invocations, hand, false).0;
                     let commit = BatchCommit {
                         epoch: self.epoch,
                         batch_id,
@@ -338,7 +338,8 @@ impl FunctionWorker {
                     }
                 }
                 Effect::Publish { .. } => {
-                    let (mut records, parents) = self.gather(batch, &effects, invocations, hand);
+                    let (mut records, parents) =
+                        self.gather(batch, &effects, invocations, hand, true);
                     let dead = self.dead_letters(batch, &effects, hand);
                     records.extend(dead.0);
                     let parents = parents.into_iter().chain(dead.1).collect();
@@ -393,13 +394,16 @@ impl FunctionWorker {
         Ok(None)
     }
 
-    /// The output records of the settlement's publish, in record order.
+    /// The output records of the settlement's publish, in record order:
+    /// copies for the outbox, or (`take`, for the publish itself) the
+    /// outputs themselves.
     fn gather(
         &self,
         batch: &Batch,
         effects: &[Effect],
-        invocations: &[Option<Invocation>],
+        invocations: &mut [Option<Invocation>],
         hand: &InHand,
+        take: bool,
     ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
         let mut gathered = (Vec::new(), Vec::new());
         let Some(Effect::Publish { outputs, .. }) =
@@ -411,15 +415,20 @@ impl FunctionWorker {
             let Some(Invocation {
                 result: Ok(handled),
                 ..
-            }) = &invocations[index]
+            }) = &mut invocations[index]
             else {
                 continue;
+            };
+            let outputs = if take {
+                std::mem::take(&mut handled.outputs)
+            } else {
+                handled.outputs.clone()
             };
             self.event_outputs(
                 &batch.records()[index],
                 &hand.messages[index],
                 hand.traces[index].as_ref(),
-                handled.outputs.clone(),
+                outputs,
                 &mut gathered,
             );
         }
