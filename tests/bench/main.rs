@@ -470,6 +470,9 @@ async fn isolation_run(
     fresh_stream(js, "BENCH_OUT", "bench.out").await?;
     fresh_stream(js, "NEIGH_IN", "neigh.in").await?;
     fresh_stream(js, "FIXTURE_OUT", "fixture.out").await?;
+    // The streams are new: so are the functions reading them (a progress
+    // row of the old stream would be refused).
+    forget_functions(url, &["iso", "neighbour"]).await?;
     let mut config = host_config(nats, url, artifacts);
     config.functions = vec![passthrough_function("iso", "ISO_IN", "iso.in")?];
     if let Some(action) = neighbour.action() {
@@ -650,6 +653,21 @@ fn process_cpu() -> Duration {
         .collect();
     let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
     Duration::from_millis(ticks * 10)
+}
+
+/// Deletes the state and progress of `functions`, as deleting the
+/// functions would; nothing to do before the first host made the tables.
+async fn forget_functions(url: &str, functions: &[&str]) -> Result<()> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    let names: Vec<String> = functions.iter().map(|f| f.to_string()).collect();
+    for table in ["weir_state", "weir_applied", "weir_progress", "weir_outbox"] {
+        let sql = format!("DELETE FROM {table} WHERE function_name = ANY($1)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&names)
+            .execute(&pool)
+            .await;
+    }
+    Ok(())
 }
 
 async fn fresh_stream(js: &jetstream::Context, name: &str, subject: &str) -> Result<()> {
