@@ -174,17 +174,18 @@ async fn a_consumer_deleted_after_pruning_is_recreated_where_the_function_was(
     let good = inputs.iter().filter(|i| !i.poison()).count() as u64;
     // Pruned: fewer applied rows than events applied.
     let pruned = || async {
-        let rows: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM weir_applied WHERE function_name = 'counter'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap_or(i64::MAX);
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM weir_applied WHERE function_name = 'counter'")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(i64::MAX);
         anyhow::Ok(counted(&pool).await? > 0 && (rows as u64) < counted(&pool).await?)
     };
-    eventually(Duration::from_secs(120), "applied sequences to be pruned", || async {
-        pruned().await
-    })
+    eventually(
+        Duration::from_secs(120),
+        "applied sequences to be pruned",
+        || async { pruned().await },
+    )
     .await?;
     eventually(Duration::from_secs(120), "every event", || async {
         Ok(counted(&pool).await? >= good)
