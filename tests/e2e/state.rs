@@ -29,7 +29,11 @@ async fn commit_dedup_prune_and_outbox(_pool: PgPoolOptions, db: PgConnectOption
     let pool = sqlx::PgPool::connect_with(db).await?;
     let store = StateStore::open(pool.clone(), 1 << 20).await?;
     let function: Arc<str> = Arc::from("f");
-    let epoch = store.claim(&function, "a", LEASE).await?.expect("free");
+    let epoch = store
+        .claim(&function, "a", LEASE)
+        .await?
+        .expect("free")
+        .epoch;
     let (progress, created) = store.progress(&function, "inc1").await?;
     assert!(created && progress.incarnation == "inc1" && progress.highest_applied == 0);
 
@@ -113,6 +117,8 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
     let function: Arc<str> = Arc::from("f");
     let short = Duration::from_millis(200);
     let first = store.claim(&function, "a", short).await?.expect("free");
+    assert!(first.clean, "no owner before");
+    let first = first.epoch;
     assert_eq!(
         store.claim(&function, "b", short).await?,
         None,
@@ -123,6 +129,8 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
         .claim(&function, "b", LEASE)
         .await?
         .expect("a's lease lapsed");
+    assert!(!second.clean, "a stopped renewing without releasing");
+    let second = second.epoch;
     assert!(second > first);
 
     // The first owner wakes and commits: refused, nothing written.
@@ -151,9 +159,11 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
     let view = store.view(&function, second, &["k"]).await?;
     assert!(view.into_deltas().is_empty());
 
-    // A graceful stop releases at once: the next claim needs no wait.
+    // A graceful stop releases at once: the next claim needs no wait, and
+    // knows the hand-over was clean.
     store.release(&function, second).await?;
-    assert!(store.claim(&function, "c", LEASE).await?.is_some());
+    let third = store.claim(&function, "c", LEASE).await?.expect("released");
+    assert!(third.clean);
     Ok(())
 }
 
@@ -165,7 +175,11 @@ async fn data_postgres_refuses_is_permanent(
     let pool = sqlx::PgPool::connect_with(db).await?;
     let store = StateStore::open(pool, 1 << 20).await?;
     let function: Arc<str> = Arc::from("f");
-    let epoch = store.claim(&function, "a", LEASE).await?.expect("free");
+    let epoch = store
+        .claim(&function, "a", LEASE)
+        .await?
+        .expect("free")
+        .epoch;
     let mut view = store
         .view(&function, epoch, &["bad\u{0}key"])
         .await
