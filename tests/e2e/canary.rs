@@ -27,25 +27,7 @@ async fn call(
     path: &str,
     body: serde_json::Value,
 ) -> Result<serde_json::Value> {
-    let auth = format!("Bearer {ADMIN}");
-    let body = if body.is_null() {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    let response = http_request(
-        address,
-        method,
-        path,
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        &body,
-    )
-    .await?;
-    anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
-    response.json()
+    api_call(address, ADMIN, method, path, body).await
 }
 
 /// A host with the API, and `tally` deployed: version 1 is `counter`

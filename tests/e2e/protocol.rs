@@ -225,27 +225,7 @@ async fn call(
     path: &str,
     body: serde_json::Value,
 ) -> Result<serde_json::Value> {
-    let auth = format!("Bearer {ADMIN}");
-    let content = if body.is_null() {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    let content_type = if path == "/v1/modules" {
-        "application/wasm"
-    } else {
-        "application/json"
-    };
-    let response = http_request(
-        address,
-        method,
-        path,
-        &[("Authorization", &auth), ("Content-Type", content_type)],
-        &content,
-    )
-    .await?;
-    anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
-    response.json()
+    api_call(address, ADMIN, method, path, body).await
 }
 
 #[sqlx::test(migrations = false)]

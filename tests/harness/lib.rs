@@ -445,6 +445,36 @@ impl HttpResponse {
     }
 }
 
+/// Calls the control-plane API as `token` with a JSON body (none when
+/// null); the JSON answer, or an error naming the call if it is not a 2xx.
+pub async fn api_call(
+    address: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let auth = format!("Bearer {token}");
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let response = http_request(
+        address,
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    )
+    .await?;
+    anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
+    response.json()
+}
+
 /// One HTTP/1.1 request on a fresh connection (closed after the response).
 pub async fn http_request(
     address: std::net::SocketAddr,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Effect, Intake, Outcome, PlanSettings, REDELIVER_DELAY, Settlement};
 use super::lanes::{self, LaneRun, Ran, lane_for};
-use super::support::{DeferralChange, extend_deadlines, note_deferrals, pause};
+use super::support::{DeferralChange, deferral_changes, extend_deadlines, note_deferrals, pause};
 use super::{BATCH_BYTE_BUDGET, FunctionWorker, InHand, Stop, hold, observe};
 use crate::ack::AckDecision;
 use crate::breaker::{Breaker, SystemClock};
@@ -550,17 +550,7 @@ impl FunctionWorker {
         hand: &mut InHand,
     ) {
         self.count_outcomes(batch);
-        let changes: Vec<(u64, DeferralChange)> = acks
-            .iter()
-            .map(|&(index, decision)| {
-                let change = match decision {
-                    _ if batch.is_deferral(index) => DeferralChange::Deferred,
-                    AckDecision::Nak { .. } => DeferralChange::Retried,
-                    _ => DeferralChange::Done,
-                };
-                (batch.records()[index].sequence, change)
-            })
-            .collect();
+        let changes = deferral_changes(batch, acks);
         for (sequence, change) in &changes {
             if *change == DeferralChange::Done {
                 self.isolating.remove(sequence);

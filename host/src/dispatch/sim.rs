@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::batch::{Batch, Effect, Intake, KeyGuard, Outcome, PlanSettings, RunResult};
-use super::support::{DeferralChange, note_deferrals, prune_bound};
+use super::support::{deferral_changes, note_deferrals, prune_bound};
 use crate::ack::AckDecision;
 use crate::config::RetryPolicy;
 use crate::outcome::{Failure, FailureKind};
@@ -639,17 +639,7 @@ impl World {
         {
             return Step::Fenced;
         }
-        let changes: Vec<(u64, DeferralChange)> = acks
-            .iter()
-            .map(|&(i, d)| {
-                let change = match d {
-                    _ if batch.is_deferral(i) => DeferralChange::Deferred,
-                    AckDecision::Nak { .. } => DeferralChange::Retried,
-                    _ => DeferralChange::Done,
-                };
-                (batch.records()[i].sequence, change)
-            })
-            .collect();
+        let changes = deferral_changes(batch, acks);
         let now = self.instant();
         if let Some(h) = self.hosts[host].as_mut() {
             note_deferrals(&mut h.deferrals, changes);

@@ -118,6 +118,24 @@ pub(super) enum DeferralChange {
     Done,
 }
 
+/// What each ack of a batch does to its event's deferral count.
+pub(super) fn deferral_changes(
+    batch: &super::batch::Batch,
+    acks: &[(usize, crate::ack::AckDecision)],
+) -> Vec<(u64, DeferralChange)> {
+    use crate::ack::AckDecision;
+    acks.iter()
+        .map(|&(index, decision)| {
+            let change = match decision {
+                _ if batch.is_deferral(index) => DeferralChange::Deferred,
+                AckDecision::Nak { .. } => DeferralChange::Retried,
+                _ => DeferralChange::Done,
+            };
+            (batch.records()[index].sequence, change)
+        })
+        .collect()
+}
+
 /// Applies one batch's changes to the deferral counts, keeping at most
 /// [`MAX_TRACKED_DEFERRALS`] (the oldest sequences go first).
 pub(super) fn note_deferrals(

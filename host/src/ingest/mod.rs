@@ -419,15 +419,7 @@ impl Ingest {
         js: &jetstream::Context,
         spec: &FunctionSpec,
     ) -> Result<(Self, u64), IngestError> {
-        let info = self
-            .consumer
-            .info()
-            .await
-            .map_err(|e| consumer_error(spec, &e))?;
-        let (floor, delivered) = (
-            info.ack_floor.stream_sequence,
-            info.delivered.stream_sequence,
-        );
+        let (floor, delivered) = self.floor_and_delivered().await?;
         if delivered <= floor {
             return Ok((self, 0));
         }
@@ -438,11 +430,8 @@ impl Ingest {
         Ok((Self::bind_at(js, spec, start).await?, delivered - floor))
     }
 
-    /// The events another host may still hold: (sequence, key) of each
-    /// message between the consumer's ack floor and its last delivery, at
-    /// most `limit` of them, read from the stream. A new owner keeps their
-    /// keys' later events waiting until they are decided.
-    pub async fn outstanding(&mut self, limit: usize) -> Result<Vec<(u64, String)>, IngestError> {
+    /// The consumer's ack floor and the last sequence it delivered.
+    async fn floor_and_delivered(&mut self) -> Result<(u64, u64), IngestError> {
         let info = self
             .consumer
             .info()
@@ -451,10 +440,18 @@ impl Ingest {
                 function: self.function.clone(),
                 reason: e.to_string(),
             })?;
-        let (floor, delivered) = (
+        Ok((
             info.ack_floor.stream_sequence,
             info.delivered.stream_sequence,
-        );
+        ))
+    }
+
+    /// The events another host may still hold: (sequence, key) of each
+    /// message between the consumer's ack floor and its last delivery, at
+    /// most `limit` of them, read from the stream. A new owner keeps their
+    /// keys' later events waiting until they are decided.
+    pub async fn outstanding(&mut self, limit: usize) -> Result<Vec<(u64, String)>, IngestError> {
+        let (floor, delivered) = self.floor_and_delivered().await?;
         if delivered.saturating_sub(floor) > limit as u64 {
             tracing::warn!(function = %self.function, floor, delivered, limit, "more events are out than a new owner reads back; order per key is kept for the first ones only");
         }
