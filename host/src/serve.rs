@@ -119,11 +119,18 @@ async fn run<S: FunctionSource>(
         return Ok(());
     };
     readiness.nats_connected(&client);
-    let connect = || {
+    // A transaction left open by a paused or cut-off host (its commit holds
+    // the function's owner row) is ended by the server after one lease, so
+    // a standby's claim is not blocked by it for longer than that.
+    let idle_limit = format!("{}ms", config.owner_lease_ms.max(1_000));
+    let connect = || async {
+        let options: sqlx::postgres::PgConnectOptions = config.database_url.parse()?;
+        let options = options.options([("idle_in_transaction_session_timeout", &idle_limit)]);
         PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&config.database_url)
+            .connect_with(options)
+            .await
     };
     let Some(pool) = wait_for("Postgres", &config.database_url, &shutdown, || async {
         match connect().await {

@@ -229,21 +229,13 @@ impl Batch {
         settings: &PlanSettings,
         now: Instant,
     ) -> (Self, Vec<u64>) {
-        let mut first_of: HashMap<u64, usize> = HashMap::new();
-        let mut records = Vec::with_capacity(intake.len());
         let mut lookup = Vec::new();
-        for (index, delivery) in intake.into_iter().enumerate() {
+        let mut records = Vec::with_capacity(intake.len());
+        for delivery in intake {
             let attempt = delivery.delivered.saturating_sub(delivery.deferred).max(1);
             let (key, outcome) = match delivery.key {
                 Err(failure) => (None, Outcome::Failed(failure)),
                 Ok(key) => (Some(key), Outcome::ToRun),
-            };
-            let outcome = match first_of.get(&delivery.sequence) {
-                Some(&of) => Outcome::Duplicate { of },
-                None => {
-                    first_of.insert(delivery.sequence, index);
-                    outcome
-                }
             };
             // A redelivery may be of an event whose batch committed but was
             // not acked. The delivery count alone cannot tell: a server that
@@ -262,10 +254,21 @@ impl Batch {
                 waits_for: None,
             });
         }
-        let mut order: Vec<usize> = (0..records.len())
-            .filter(|&i| records[i].outcome == Outcome::ToRun)
-            .collect();
+        // Stream order (a stable sort keeps delivery order among copies of
+        // one sequence): the first copy runs, later ones follow it.
+        let mut order: Vec<usize> = (0..records.len()).collect();
         order.sort_by_key(|&i| records[i].sequence);
+        for pair in 1..order.len() {
+            let (first, copy) = (order[pair - 1], order[pair]);
+            if records[first].sequence == records[copy].sequence {
+                let of = match records[first].outcome {
+                    Outcome::Duplicate { of } => of,
+                    _ => first,
+                };
+                records[copy].outcome = Outcome::Duplicate { of };
+            }
+        }
+        order.retain(|&i| records[i].outcome == Outcome::ToRun);
         let mut batch = Self {
             records,
             order,

@@ -393,18 +393,11 @@ impl Ingest {
         let stream = js
             .get_stream(&spec.stream)
             .await
-            .map_err(|e| IngestError::Stream {
-                function: spec.name.clone(),
-                stream: spec.stream.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| stream_error(spec, e.to_string()))?;
         match stream.delete_consumer(&consumer_name(&spec.name)).await {
             Ok(_) => Ok(()),
             Err(error) if error.to_string().contains("not found") => Ok(()),
-            Err(error) => Err(IngestError::Consumer {
-                function: spec.name.clone(),
-                reason: error.to_string(),
-            }),
+            Err(error) => Err(consumer_error(spec, &error)),
         }
     }
 
@@ -490,14 +483,6 @@ impl Ingest {
     /// The highest stream sequence at or below which every message of this
     /// consumer is acknowledged.
     pub async fn ack_floor(&mut self) -> Result<u64, IngestError> {
-        let info = self
-            .consumer
-            .info()
-            .await
-            .map_err(|e| IngestError::Consumer {
-                function: self.function.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(info.ack_floor.stream_sequence)
+        Ok(self.floor_and_delivered().await?.0)
     }
 }
