@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use async_nats::HeaderMap;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use weir_e2e::process::{HostProcess, signal};
+use weir_e2e::process::{HostProcess, log_tail, signal};
 use weir_e2e::proxy::{Fault, FaultProxy};
 use weir_e2e::*;
 use weir_host::config::{FunctionSpec, HostConfig, KeySource};
@@ -301,7 +301,9 @@ async fn host_killed_at_random_and_at_every_crash_point(
     }
     host = HostProcess::start(&config, dir.path(), &[])?;
     producer.await??;
-    verify(&stack, &inputs).await?;
+    verify(&stack, &inputs)
+        .await
+        .map_err(|e| e.context(log_tail(dir.path(), 60)))?;
     host.kill();
     Ok(())
 }
@@ -328,7 +330,9 @@ async fn nats_killed_and_paused(_pool: PgPoolOptions, db: PgConnectOptions) -> R
     producer.await??;
     // Read the results on a connection that did not live through the faults.
     stack.js = stack.nats.jetstream().await?;
-    verify(&stack, &inputs).await?;
+    verify(&stack, &inputs)
+        .await
+        .map_err(|e| e.context(log_tail(dir.path(), 60)))?;
     drop(host);
     Ok(())
 }
@@ -356,7 +360,9 @@ async fn postgres_connections_terminated(_pool: PgPoolOptions, db: PgConnectOpti
         .await?;
     }
     producer.await??;
-    verify(&stack, &inputs).await?;
+    verify(&stack, &inputs)
+        .await
+        .map_err(|e| e.context(log_tail(dir.path(), 60)))?;
     drop(host);
     Ok(())
 }
@@ -398,7 +404,9 @@ async fn latency_blackholes_and_resets_between_host_and_services(
         }
     }
     producer.await??;
-    verify(&stack, &inputs).await?;
+    verify(&stack, &inputs)
+        .await
+        .map_err(|e| e.context(log_tail(dir.path(), 60)))?;
     drop(host);
     Ok(())
 }

@@ -357,3 +357,39 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
     drop(host);
     Ok(())
 }
+
+/// The stream identity a function's progress records (name and creation
+/// time) must survive the broker restarting from its store, or every
+/// restart of nats-server would make the owner refuse the stream as a new
+/// one.
+#[tokio::test]
+async fn a_streams_identity_survives_a_broker_restart() -> Result<()> {
+    let mut nats = NatsServer::start()?;
+    let js = nats.jetstream().await?;
+    create_stream_named(&js, "IDENTITY", "identity.in").await?;
+    let before = js.get_stream("IDENTITY").await?.cached_info().created;
+    for _ in 0..3 {
+        nats.restart()?;
+        let js = nats.jetstream().await?;
+        let after = js.get_stream("IDENTITY").await?.cached_info().created;
+        assert_eq!(
+            before, after,
+            "the stream's creation time changed on restart"
+        );
+    }
+    Ok(())
+}
+
+async fn create_stream_named(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    subject: &str,
+) -> Result<()> {
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}

@@ -154,3 +154,47 @@ async fn a_database_that_does_not_exist_is_created_not_waited_for(
     assert!(exists, "the host made its database");
     Ok(())
 }
+
+/// What start-up waits out and what it refuses: a broker that does not
+/// answer (here paused past a request's timeout) is an outage; an output no
+/// stream captures, or a stream that is not there, is refused at once.
+#[tokio::test]
+async fn start_up_tells_an_unanswering_broker_from_a_misconfiguration() -> Result<()> {
+    use weir_host::serve::{StepFailure, check_bindings};
+    let nats = NatsServer::start()?;
+    let js = nats.jetstream().await?;
+    for (name, subject) in [("IN", "in"), ("OUT", "out")] {
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
+        .await?;
+    }
+    let passthrough = component("passthrough")?;
+    let good = function(passthrough.clone(), &["out"]);
+    assert!(check_bindings(&js, &good).await.is_ok());
+
+    let uncaptured = function(passthrough.clone(), &["nowhere"]);
+    let missing_stream = FunctionSpec {
+        stream: "NO_SUCH_STREAM".into(),
+        ..function(passthrough.clone(), &["out"])
+    };
+    for spec in [&uncaptured, &missing_stream] {
+        match check_bindings(&js, spec).await {
+            Err(StepFailure::Refused(_)) => {}
+            other => anyhow::bail!("{:?}: expected a refusal, got {other:?}", spec.outputs),
+        }
+    }
+
+    let pid = nats.pid().expect("nats-server runs");
+    weir_e2e::process::signal(pid, "STOP")?;
+    let paused = check_bindings(&js, &good).await;
+    weir_e2e::process::signal(pid, "CONT")?;
+    assert!(
+        matches!(paused, Err(StepFailure::Outage(_))),
+        "a paused broker is an outage, not a misconfiguration: {paused:?}"
+    );
+    assert!(check_bindings(&js, &good).await.is_ok());
+    Ok(())
+}

@@ -22,6 +22,8 @@ use weir_host::control::StaticFunctions;
 /// A nats-server with JetStream, owned by one test.
 pub struct NatsServer {
     port: u16,
+    /// Keeps the port this server's alone (see [`reserve_port`]).
+    _port_lock: std::fs::File,
     store: tempdir::TempDir,
     child: Option<Child>,
 }
@@ -64,9 +66,10 @@ impl NatsServer {
     /// Starts nats-server (from `NATS_SERVER` or the PATH) on a free port.
     pub fn start() -> Result<Self> {
         let store = tempdir::TempDir::new("weir-nats")?;
-        let port = free_port()?;
+        let (port, lock) = reserve_port()?;
         let mut server = Self {
             port,
+            _port_lock: lock,
             store,
             child: None,
         };
@@ -103,6 +106,16 @@ impl NatsServer {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // Something answering the port is not proof that it is this server.
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            bail!(
+                "nats-server on port {} exited at start ({status}): is the port taken?",
+                self.port
+            );
         }
         Ok(())
     }
@@ -149,6 +162,32 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A loopback port for a nats-server that a test kills and starts again on
+/// the same port: taken from below the kernel's ephemeral range (so no
+/// `bind(0)` and no outgoing connection can take it while the server is
+/// down) and locked, across test processes, for as long as the returned
+/// file is held.
+fn reserve_port() -> Result<(u16, std::fs::File)> {
+    let dir = std::env::temp_dir().join("weir-test-ports");
+    std::fs::create_dir_all(&dir)?;
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    for offset in 0..10_000u16 {
+        let port = 20_000 + (start - 20_000 + offset) % 10_000;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))?;
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok((port, lock));
+        }
+    }
+    bail!("no free port between 20000 and 30000 for nats-server")
 }
 
 /// A loopback port nothing listens on right now.

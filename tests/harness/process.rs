@@ -98,6 +98,19 @@ pub(crate) fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// The last `lines` lines of the host log in `dir` (see [`HostProcess::start`]),
+/// for a failing test to show what the host said.
+pub fn log_tail(dir: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(dir.join("weir.log")).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    format!(
+        "host log (last {} lines):\n{}",
+        all.len() - start,
+        all[start..].join("\n")
+    )
+}
+
 /// Sends `signal` (e.g. `STOP`, `CONT`, `TERM`) to `pid` with kill(1).
 pub fn signal(pid: u32, signal: &str) -> Result<()> {
     let status = Command::new("kill")

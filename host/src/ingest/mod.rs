@@ -44,6 +44,22 @@ pub enum IngestError {
     },
     #[error("consumer of function `{function}`: {reason}")]
     Consumer { function: String, reason: String },
+    #[error(
+        "stream `{stream}` of function `{function}` cannot be looked up now (NATS unreachable or restarting): {reason}"
+    )]
+    Unreachable {
+        function: String,
+        stream: String,
+        reason: String,
+    },
+}
+
+impl IngestError {
+    /// Whether waiting could help: the broker did not answer, as opposed to
+    /// answering no.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, IngestError::Unreachable { .. })
+    }
 }
 
 /// One delivered message and what extraction made of it.
@@ -121,10 +137,26 @@ impl Ingest {
         js: &jetstream::Context,
         spec: &FunctionSpec,
     ) -> Result<(), IngestError> {
-        js.get_stream(&spec.stream)
-            .await
-            .map(|_| ())
-            .map_err(|e| stream_error(spec, e.to_string()))
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let Err(error) = js.get_stream(&spec.stream).await else {
+            return Ok(());
+        };
+        let outage = match error.kind() {
+            GetStreamErrorKind::Request => true,
+            GetStreamErrorKind::JetStream(api) => {
+                api.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+            }
+            _ => false,
+        };
+        if outage {
+            Err(IngestError::Unreachable {
+                function: spec.name.clone(),
+                stream: spec.stream.clone(),
+                reason: error.to_string(),
+            })
+        } else {
+            Err(stream_error(spec, error.to_string()))
+        }
     }
 
     /// Opens the function's durable consumer for a worker that owns the
