@@ -229,7 +229,7 @@ async fn call(
 }
 
 #[sqlx::test(migrations = false)]
-async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_output_once(
+async fn promotes_and_rollbacks_under_host_kills_publish_each_output_once(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
@@ -243,9 +243,22 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
         ],
         vec![],
     );
-    config.api.listen = Some(address);
     config.api.bootstrap_token = Some(weir_host::config::Secret(ADMIN.into()));
     config.api.requests_per_second = 100_000;
+    // The rollout is changed through a second host that only serves the
+    // API, while the host running the function is down: its batch in hand
+    // then runs again on the other version when it comes back.
+    let api_dir = tempdir::TempDir::new("weir-switch-api")?;
+    let api_config = weir_host::config::HostConfig {
+        artifact_dir: api_dir.path().join("artifacts"),
+        api: weir_host::config::ApiConfig {
+            listen: Some(address),
+            run_deployed: false,
+            ..config.api.clone()
+        },
+        ..config.clone()
+    };
+    let _api_host = HostProcess::start(&api_config, api_dir.path(), &[])?;
     let start = |crash: Option<u32>| {
         let env: Vec<(&str, String)> = match crash {
             Some(after) => vec![
@@ -256,17 +269,14 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
         };
         HostProcess::start(&config, dir.path(), &env)
     };
-    let api_up = || async {
-        eventually(Duration::from_secs(60), "the API", || async {
-            Ok(http_get(address, "/v1/").await.is_ok())
-        })
-        .await
-    };
+    eventually(Duration::from_secs(60), "the API", || async {
+        Ok(http_get(address, "/v1/").await.is_ok())
+    })
+    .await?;
 
     // `passthrough` writes no state: nothing but the message id keeps a
-    // re-run's outputs from being stored twice. Two versions of it.
+    // re-run's outputs from being stored twice. Three versions of it.
     let mut host = start(None)?;
-    api_up().await?;
     let bytes = std::fs::read(component("passthrough")?)?;
     let auth = format!("Bearer {ADMIN}");
     let uploaded = http_request(
@@ -287,7 +297,7 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
         "outputs": ["bench.out"], "batch_size": 10, "ack_wait_ms": 5000,
     });
     call(address, "PUT", PASS, binding).await?;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let versions = format!("{PASS}/versions");
         call(
             address,
@@ -299,17 +309,42 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
     }
 
     // Each round: the host aborts right after a publish, before its acks;
-    // the serving version is switched before the unacked batch comes back
-    // (after the 5 s ack wait), so the batch runs again on the other version.
+    // the rollout changes (a canary starts, is promoted, rolled back, ...)
+    // while it is down, so the restarted host runs the batch again on
+    // another version.
+    let rollout = format!("{PASS}/rollout");
+    let changes: [(&str, String, serde_json::Value); 6] = [
+        (
+            "PUT",
+            rollout.clone(),
+            serde_json::json!({"stable": 1, "canary": 2, "weight": 50}),
+        ),
+        ("POST", format!("{rollout}/promote"), serde_json::json!({})),
+        (
+            "PUT",
+            rollout.clone(),
+            serde_json::json!({"stable": 2, "canary": 3, "weight": 50}),
+        ),
+        ("POST", format!("{rollout}/rollback"), serde_json::json!({})),
+        (
+            "PUT",
+            rollout.clone(),
+            serde_json::json!({"stable": 2, "canary": 3, "weight": 50}),
+        ),
+        ("POST", format!("{rollout}/promote"), serde_json::json!({})),
+    ];
     let mut next_id = 0u64;
-    let mut stable = 1;
-    for round in 0..5u32 {
+    let mut per_key = std::collections::BTreeMap::<String, u64>::new();
+    for (round, (method, path, body)) in changes.into_iter().enumerate() {
         host.kill();
-        host = start(Some(1 + round % 3))?;
+        host = start(Some(1 + round as u32 % 3))?;
         let events: Vec<Vec<u8>> = (0..50)
             .map(|i| {
                 next_id += 1;
-                serde_json::json!({"key": format!("k{}", i % 7), "id": next_id})
+                let key = format!("k{}", i % 7);
+                let n = per_key.entry(key.clone()).or_default();
+                *n += 1;
+                serde_json::json!({"key": key, "n": *n, "id": next_id})
                     .to_string()
                     .into_bytes()
             })
@@ -324,16 +359,8 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
             },
         )
         .await?;
+        call(address, method, &path, body).await?;
         host = start(None)?;
-        api_up().await?;
-        stable = 3 - stable;
-        call(
-            address,
-            "PUT",
-            &format!("{PASS}/rollout"),
-            serde_json::json!({"stable": stable}),
-        )
-        .await?;
         eventually(Duration::from_secs(60), "the round's outputs", || async {
             Ok(stream_len(&stack.js, "PASS_OUT").await? >= next_id)
         })
@@ -341,20 +368,71 @@ async fn a_batch_rerun_after_a_crash_across_a_version_switch_publishes_each_outp
     }
     // Let any late repeat arrive before counting.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut copies = std::collections::BTreeMap::<u64, usize>::new();
+    // Per key, the outputs are exactly 1..n: none lost, none twice.
+    let mut seen = std::collections::BTreeMap::<String, Vec<u64>>::new();
     for message in read_stream(&stack.js, "PASS_OUT").await? {
         let payload: serde_json::Value = serde_json::from_slice(&message.payload)?;
-        *copies
-            .entry(payload["id"].as_u64().context("id")?)
-            .or_default() += 1;
+        let key = payload["key"].as_str().context("key")?.to_string();
+        seen.entry(key)
+            .or_default()
+            .push(payload["n"].as_u64().context("n")?);
     }
-    let repeated: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(
-        repeated.is_empty(),
-        "outputs stored more than once: {repeated:?}"
-    );
-    assert_eq!(copies.len() as u64, next_id, "every output stored");
+    for (key, count) in &per_key {
+        let mut got = seen.remove(key).unwrap_or_default();
+        got.sort_unstable();
+        let want: Vec<u64> = (1..=*count).collect();
+        assert_eq!(
+            got, want,
+            "outputs of key {key}: each of 1..{count} exactly once"
+        );
+    }
+    assert!(seen.is_empty(), "outputs of keys never sent: {seen:?}");
     drop(host);
+    Ok(())
+}
+
+/// A stream deleted and made again under the same name (sequences start
+/// over at 1) is not the stream the function's applied sequences count in:
+/// the owner refuses it, saying what to do, instead of skipping the new
+/// stream's events as already applied.
+#[sqlx::test(migrations = false)]
+async fn a_recreated_stream_is_refused_not_skipped(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let pool = stack.pool().await?;
+    let dir = tempdir::TempDir::new("weir-identity")?;
+    let config = counter_config(&stack, stack.nats.url(), stack.database_url.clone())?;
+    create_streams(&stack).await?;
+    let first = inputs(10, 5);
+    let mut host = HostProcess::start(&config, dir.path(), &[])?;
+    produce(stack.nats.url(), first.clone()).await?;
+    eventually(Duration::from_secs(60), "the first events", || async {
+        Ok(counted(&pool).await? > 0)
+    })
+    .await?;
+    verify(&stack, &first).await?;
+    host.kill();
+
+    stack.js.delete_stream("COUNTER_IN").await?;
+    create_streams(&stack).await?;
+    let again = inputs(10, 5);
+    produce(stack.nats.url(), again).await?;
+    let before = counted(&pool).await?;
+    let _host = HostProcess::start(&config, dir.path(), &[])?;
+    logged(
+        dir.path(),
+        "sequences of one stream mean nothing in another",
+        Duration::from_secs(60),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        counted(&pool).await?,
+        before,
+        "nothing of the new stream is applied on the old one's progress"
+    );
     Ok(())
 }
 
