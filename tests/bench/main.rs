@@ -39,7 +39,8 @@ struct Options {
     rounds: usize,
     rate: u64,
     latency_secs: u64,
-    /// `all`, or one part: `tracing`, `isolation`, `epoch` or `deploy`.
+    /// `all`, or one part: `throughput` (the a/b/c rounds only), `tracing`,
+    /// `isolation`, `epoch` or `deploy`.
     only: String,
 }
 
@@ -62,7 +63,7 @@ fn options() -> Result<Options> {
             "--latency-secs" => options.latency_secs = value.parse()?,
             "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|tracing|isolation|epoch|deploy"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|throughput|tracing|isolation|epoch|deploy"
             ),
         }
         i += 2;
@@ -114,7 +115,7 @@ async fn run(
     );
     let passthrough_payload = vec![b'x'; 100];
     match options.only.as_str() {
-        "all" => {}
+        "all" | "throughput" => {}
         "tracing" => {
             return tracing_overhead(options, nats, js, url, artifacts, &passthrough_payload).await;
         }
@@ -184,6 +185,9 @@ async fn run(
         median(&pass_cpu),
         median(&fraud_cpu)
     );
+    if options.only == "throughput" {
+        return Ok(());
+    }
     let recoveries = recovery(nats, js, url, artifacts).await?;
     let mut sorted = recoveries.clone();
     sorted.sort();
