@@ -428,7 +428,33 @@ async fn bad_calls_get_4xx_json_and_fuzzed_bodies_never_a_5xx(
     let json = "application/json";
     // (method, path, content type, body, status, error code)
     type Case<'a> = (&'a str, &'a str, &'a str, &'a [u8], u16, &'a str);
-    let cases: [Case; 10] = [
+    let cases: [Case; 13] = [
+        // Strings Postgres or NATS cannot hold, numbers the host cannot run:
+        // 422 naming the field, never a 503 from the database.
+        (
+            "PUT",
+            "/v1/namespaces/shop/functions/f",
+            json,
+            br#"{"stream":"S\u0000","subject":"s","key":{"subject_token":0}}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "PUT",
+            "/v1/namespaces/shop/functions/f",
+            json,
+            br#"{"stream":"S","subject":"s","key":{"json_pointer":"/k\u0000"}}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "PUT",
+            "/v1/namespaces/shop/functions/f",
+            json,
+            br#"{"stream":"S","subject":"s","key":{"subject_token":0},"ack_wait_ms":18446744073709551615}"#,
+            422,
+            "invalid_body",
+        ),
         (
             "POST",
             "/v1/tokens",
@@ -595,4 +621,141 @@ async fn the_openapi_document_lists_every_route_the_api_serves(
         serde_json::json!(["stream", "subject", "key"])
     );
     host.stop().await
+}
+
+/// Sends request `head` (no body follows, whatever it declares) and returns
+/// the first response line and whatever else the server sent within 10 s.
+async fn send_head_only(address: SocketAddr, head: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .context("no answer before the body was sent")??;
+    Ok(String::from_utf8_lossy(&answer[..read]).to_string())
+}
+
+/// An upload is judged on its headers before its body is read: without a
+/// valid token, or declaring more than the module limit, it is refused at
+/// once — no `100 Continue`, no waiting for (or buffering of) the body.
+#[sqlx::test(migrations = false)]
+async fn uploads_are_refused_before_their_body_is_read(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (_host, address) = api_host(&stack, 1 << 20, 1_000).await?;
+    let upload = |authorization: &str, length: u64| {
+        format!(
+            "POST /v1/modules HTTP/1.1\r\nHost: weir\r\n{authorization}Content-Type: application/wasm\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        )
+    };
+    let terabyte = 1u64 << 40;
+    let anonymous = send_head_only(address, &upload("", terabyte)).await?;
+    assert!(
+        anonymous.starts_with("HTTP/1.1 401"),
+        "no token: {anonymous}"
+    );
+    let wrong = send_head_only(address, &upload("Authorization: Bearer nope\r\n", 10)).await?;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "bad token: {wrong}");
+    let reader = new_token(address, "shop", "read").await?;
+    let read_only = send_head_only(
+        address,
+        &upload(&format!("Authorization: Bearer {reader}\r\n"), 10),
+    )
+    .await?;
+    assert!(
+        read_only.starts_with("HTTP/1.1 403"),
+        "read role: {read_only}"
+    );
+    let oversized = send_head_only(
+        address,
+        &upload(&format!("authorization: bearer {ADMIN}\r\n"), terabyte),
+    )
+    .await?;
+    assert!(
+        oversized.starts_with("HTTP/1.1 413") && oversized.contains("too_large"),
+        "declared past the limit: {oversized}"
+    );
+
+    // A body past the limit without a declared length is cut off too.
+    let chunked = format!(
+        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(chunked.as_bytes()).await?;
+    let chunk = vec![b'a'; 64 << 10];
+    for _ in 0..20 {
+        let head = format!("{:x}\r\n", chunk.len());
+        if stream.write_all(head.as_bytes()).await.is_err()
+            || stream.write_all(&chunk).await.is_err()
+            || stream.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "chunked past the limit: {answer}"
+    );
+    Ok(())
+}
+
+/// The API has a Postgres pool of its own: a flood of calls that each need
+/// the database (unknown tokens, looked up one by one) never holds more
+/// than `api.database_connections`, whatever the concurrency.
+#[sqlx::test(migrations = false)]
+async fn a_flood_of_api_calls_holds_only_the_apis_own_connections(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (_host, address) = api_host(&stack, 1 << 20, 100_000).await?;
+    let pool = stack.pool().await?;
+    let api_connections = || async {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(weir_host::serve::API_APPLICATION_NAME)
+        .fetch_one(&pool)
+        .await?;
+        anyhow::Ok(count)
+    };
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            tokio::spawn(async move {
+                http_request(
+                    address,
+                    "GET",
+                    "/v1/namespaces/shop/functions",
+                    &[("Authorization", &bearer(&format!("weir_unknown_{i}")))],
+                    b"",
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while flood.iter().any(|call| !call.is_finished()) {
+        most = most.max(api_connections().await?);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for call in flood {
+        let response = call.await??;
+        assert_eq!(response.status, 401, "{response:?}");
+    }
+    assert!(
+        most >= 1,
+        "the calls went to the database through the API's pool"
+    );
+    assert!(
+        most <= i64::from(weir_host::config::ApiConfig::default().database_connections),
+        "the API held {most} connections"
+    );
+    Ok(())
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -184,24 +183,12 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
-        let code = match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-            _ => "malformed_body",
-        };
-        Self::new(rejection.status(), code, rejection.body_text())
-    }
-}
-
 /// The `/v1` routes.
 pub fn router(state: ApiState) -> Router {
-    let upload_limit = state.max_module_bytes;
     Router::new()
-        .route(
-            "/v1/modules",
-            post(upload_module).layer(DefaultBodyLimit::max(upload_limit)),
-        )
+        // The upload reads its body itself, after the caller's token and
+        // within the module size limit.
+        .route("/v1/modules", post(upload_module))
         .route("/v1/modules/{digest}", get(get_module))
         .route(
             "/v1/openapi.json",
@@ -273,14 +260,45 @@ struct UploadedModule {
     created: bool,
 }
 
+/// A module upload. The body is not read until the caller is known to be
+/// allowed to upload and its declared length fits: an unauthenticated or
+/// oversized upload costs the host no memory (and a client that sent
+/// `Expect: 100-continue` is answered before it sends anything).
 async fn upload_module(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<UploadedModule>), ApiError> {
     let principal = caller(&state, &headers).await?;
     principal.require_role(Role::Deploy)?;
-    let body = body?;
+    let limit = state.max_module_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a module is at most {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let over_limit = std::error::Error::source(&error)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                format!("reading the module failed: {error}"),
+            )
+        }
+    })?;
     let (module, created) = state.modules.upload(body).await?;
     let status = if created {
         tracing::info!(digest = %module.digest, size = module.size, token = %principal.token_id, "module uploaded");

@@ -115,6 +115,15 @@ impl std::fmt::Debug for Authenticator {
 /// Buckets kept per token before idle ones are forgotten.
 const MAX_BUCKETS: usize = 10_000;
 
+/// The token of an `Authorization` header value of the Bearer scheme. The
+/// scheme name is case-insensitive and may be followed by several spaces
+/// (RFC 7235, section 2.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 impl Authenticator {
     pub fn new(pool: PgPool, bootstrap_token: Option<&str>, requests_per_second: u32) -> Self {
         Self {
@@ -129,9 +138,7 @@ impl Authenticator {
     /// its token is known and within its rate.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let token = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty())
+            .and_then(bearer_token)
             .ok_or(AuthError::Missing)?;
         let hash = hash_token(token);
         let principal = if self.bootstrap_hash.as_deref() == Some(hash.as_str()) {
@@ -241,6 +248,16 @@ mod tests {
                 .require("any", Role::Deploy)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
     }
 
     #[test]
