@@ -170,6 +170,9 @@ pub struct ApiConfig {
     /// Whether this host runs the functions deployed through the API. Turn
     /// it off for a host that only serves the API while others run them.
     pub run_deployed: bool,
+    /// Postgres connections the API may hold, in a pool of its own: however
+    /// many requests arrive, the data path's connections stay its own.
+    pub database_connections: u32,
 }
 
 impl Default for ApiConfig {
@@ -182,6 +185,7 @@ impl Default for ApiConfig {
             concurrent_compiles: 2,
             compile_timeout_secs: 60,
             run_deployed: true,
+            database_connections: 2,
         }
     }
 }
@@ -237,6 +241,15 @@ pub enum TimeSource {
     /// A JSON pointer to an integer of milliseconds since the Unix epoch.
     JsonPointer(String),
 }
+
+/// Longest JetStream stream name.
+const MAX_STREAM_NAME_BYTES: usize = 255;
+/// Longest subject (and key or time source) a binding may name.
+const MAX_SUBJECT_BYTES: usize = 1024;
+/// Longest ack wait, backoff or deadline: a day.
+const MAX_WAIT_MS: u64 = 86_400_000;
+/// What a 32-bit Wasm memory can address.
+const MAX_WASM_MEMORY_BYTES: u64 = 1 << 32;
 
 /// One function binding: which component runs over which subjects.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -334,6 +347,56 @@ impl FunctionSpec {
             && p.is_empty()
         {
             return Some("key source must not be empty");
+        }
+        self.text_problem().or_else(|| self.bound_problem())
+    }
+
+    /// Strings that Postgres or NATS could not hold, or that no stream or
+    /// subject could be named by: control characters (U+0000 among them)
+    /// and lengths past what a subject or stream name can be.
+    fn text_problem(&self) -> Option<&'static str> {
+        let unusable = |text: &str, longest: usize| {
+            text.len() > longest || text.chars().any(|c| c.is_control())
+        };
+        if unusable(&self.stream, MAX_STREAM_NAME_BYTES) {
+            return Some("stream must be at most 255 bytes, without control characters");
+        }
+        if unusable(&self.subject, MAX_SUBJECT_BYTES) {
+            return Some("subject must be at most 1024 bytes, without control characters");
+        }
+        if self.outputs.iter().any(|o| unusable(o, MAX_SUBJECT_BYTES)) {
+            return Some("outputs must be at most 1024 bytes each, without control characters");
+        }
+        if let KeySource::JsonPointer(p) | KeySource::Header(p) = &self.key
+            && unusable(p, MAX_SUBJECT_BYTES)
+        {
+            return Some("key source must be at most 1024 bytes, without control characters");
+        }
+        if let TimeSource::JsonPointer(p) | TimeSource::Header(p) = &self.event_time
+            && unusable(p, MAX_SUBJECT_BYTES)
+        {
+            return Some(
+                "event_time source must be at most 1024 bytes, without control characters",
+            );
+        }
+        None
+    }
+
+    /// Numbers past what the host can run: waits and deadlines longer than
+    /// a day (JetStream and the host's timers could not hold some of them,
+    /// and none is of use), more memory than a 32-bit Wasm memory has.
+    fn bound_problem(&self) -> Option<&'static str> {
+        if self.ack_wait_ms > MAX_WAIT_MS {
+            return Some("ack_wait_ms must be at most 86400000 (a day)");
+        }
+        if self.retry.initial_backoff_ms > MAX_WAIT_MS || self.retry.max_backoff_ms > MAX_WAIT_MS {
+            return Some("retry backoffs must be at most 86400000 ms (a day)");
+        }
+        if self.limits.deadline_ms > MAX_WAIT_MS {
+            return Some("limits.deadline_ms must be at most 86400000 (a day)");
+        }
+        if self.limits.memory_bytes as u64 > MAX_WASM_MEMORY_BYTES {
+            return Some("limits.memory_bytes must be at most 4 GiB (a 32-bit Wasm memory)");
         }
         None
     }
@@ -568,6 +631,24 @@ key = { subject_token = 0 }
             (
                 format!("{}{}", base.replace("NAME", "f"), base.replace("NAME", "f")),
                 "used by another function",
+            ),
+            (
+                format!(
+                    "{}ack_wait_ms = 9223372036854775807\n",
+                    base.replace("NAME", "f")
+                ),
+                "ack_wait_ms must be at most",
+            ),
+            (
+                format!("{}outputs = [\"out\\u0000\"]\n", base.replace("NAME", "f")),
+                "outputs must be at most 1024 bytes each, without control characters",
+            ),
+            (
+                format!(
+                    "{}limits = {{ memory_bytes = 8589934592 }}\n",
+                    base.replace("NAME", "f")
+                ),
+                "limits.memory_bytes",
             ),
         ];
         for (text, expected) in cases {

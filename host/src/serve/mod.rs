@@ -26,6 +26,10 @@ use crate::state::StateStore;
 use crate::traces::Tracing;
 use setup::retry_outages;
 
+/// The `application_name` of the API's Postgres connections (the data
+/// path's are `weir`), as `pg_stat_activity` shows them.
+pub const API_APPLICATION_NAME: &str = "weir-api";
+
 /// The stream that keeps every function's dead letters.
 pub const DEAD_LETTER_STREAM: &str = "WEIR_DEAD_LETTERS";
 
@@ -132,7 +136,9 @@ async fn run<S: FunctionSource>(
     let idle_limit = format!("{}ms", config.owner_lease_ms.max(1_000));
     let connect = || async {
         let options: sqlx::postgres::PgConnectOptions = config.database_url.parse()?;
-        let options = options.options([("idle_in_transaction_session_timeout", &idle_limit)]);
+        let options = options
+            .application_name("weir")
+            .options([("idle_in_transaction_session_timeout", &idle_limit)]);
         PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -202,7 +208,19 @@ async fn run<S: FunctionSource>(
     })?);
 
     let api = match config.api.listen {
-        Some(address) => Some(start_api(address, &config, &pool, &sandbox, &shutdown).await?),
+        Some(address) => {
+            // Its own few connections: a flood of API calls queues for
+            // these, never for the data path's.
+            let options: sqlx::postgres::PgConnectOptions = config
+                .database_url
+                .parse()
+                .map_err(crate::state::StateError::from)?;
+            let api_pool = PgPoolOptions::new()
+                .max_connections(config.api.database_connections.max(1))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options.application_name(API_APPLICATION_NAME));
+            Some(start_api(address, &config, &api_pool, &sandbox, &shutdown).await?)
+        }
         None => None,
     };
     // Held until the host stops: see `WorkerEnv::owner_identity`.
