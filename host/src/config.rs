@@ -163,6 +163,9 @@ pub struct ApiConfig {
     pub max_module_bytes: usize,
     /// Requests per second one token may make, with bursts of twice that.
     pub requests_per_second: u32,
+    /// Requests per second one client address may make, whatever its
+    /// tokens, with bursts of twice that: checked before any token lookup.
+    pub requests_per_second_per_client: u32,
     /// Uploads compiled at once; more wait.
     pub concurrent_compiles: usize,
     /// Longest an upload may take to compile before it is refused.
@@ -182,6 +185,7 @@ impl Default for ApiConfig {
             bootstrap_token: None,
             max_module_bytes: 50 * 1024 * 1024,
             requests_per_second: 50,
+            requests_per_second_per_client: 200,
             concurrent_compiles: 2,
             compile_timeout_secs: 60,
             run_deployed: true,

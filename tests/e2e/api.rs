@@ -759,3 +759,69 @@ async fn a_flood_of_api_calls_holds_only_the_apis_own_connections(
     );
     Ok(())
 }
+
+/// One client address gets `api.requests_per_second_per_client`, checked
+/// before its token is looked up: a flood of made-up tokens from one
+/// address is mostly answered 429 without touching the database.
+#[sqlx::test(migrations = false)]
+async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    let per_client = 20;
+    config.api.requests_per_second_per_client = per_client;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    // Let the bucket the readiness probes drew from fill up again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            tokio::spawn(async move {
+                http_request(
+                    address,
+                    "GET",
+                    "/v1/namespaces/shop/functions",
+                    &[("Authorization", &bearer(&format!("weir_made_up_{i}")))],
+                    b"",
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut unauthorized, mut limited) = (0u64, 0u64);
+    for call in calls {
+        let response = call.await??;
+        match response.status {
+            401 => unauthorized += 1,
+            429 => {
+                let (_, code, _) = refusal(&response)?;
+                assert_eq!(code, "rate_limited");
+                limited += 1;
+            }
+            other => anyhow::bail!("unexpected status {other}: {response:?}"),
+        }
+    }
+    // Looked up at most: the burst (twice the rate) plus what the rate let
+    // through while the flood lasted, plus one for rounding.
+    let allowed = 2 * u64::from(per_client)
+        + (started.elapsed().as_secs_f64() * f64::from(per_client)).ceil() as u64
+        + 1;
+    assert!(limited > 0, "nothing was limited");
+    assert!(
+        unauthorized <= allowed,
+        "{unauthorized} made-up tokens were looked up; at most {allowed} should have been"
+    );
+    Ok(())
+}

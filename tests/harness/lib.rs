@@ -248,6 +248,12 @@ pub fn host_config(nats: &NatsServer, database_url: &str, artifacts: &Path) -> H
         // A killed host's functions are taken over (or reclaimed by its
         // restart) within seconds.
         owner_lease_ms: 3_000,
+        // Tests of other things make calls in bursts; the per-client limit
+        // has a test of its own.
+        api: weir_host::config::ApiConfig {
+            requests_per_second_per_client: 100_000,
+            ..Default::default()
+        },
         ..HostConfig::default()
     }
 }

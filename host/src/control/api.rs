@@ -16,6 +16,7 @@ use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::ClientLimiter;
 use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
 use super::store::{
@@ -33,6 +34,8 @@ pub struct ApiState {
     pub store: ControlStore,
     /// Largest module upload, in bytes.
     pub max_module_bytes: usize,
+    /// The rate per client address, checked before anything else.
+    pub clients: Arc<ClientLimiter>,
 }
 
 /// A refused or failed call, as the client sees it.
@@ -226,7 +229,39 @@ pub fn router(state: ApiState) -> Router {
         )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admit_client,
+        ))
         .with_state(state)
+}
+
+/// Refuses a request past its client address's rate before any handler
+/// (and so any database query or body read) runs. Requests that did not
+/// come through [`start`] (no peer address) are not limited here.
+async fn admit_client(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(client) = client
+        && let Err(wait) = state.clients.admit(client, std::time::Instant::now())
+    {
+        return ApiError {
+            retry_after_secs: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests from {client}; slow down"),
+            )
+        }
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
@@ -643,7 +678,8 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(%address, "serving the API under /v1");
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router(state))
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(error) = served {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
+use super::admission::LookupCache;
 use crate::ratelimit::TokenBucket;
 
 /// What a token allows, each role including the ones before it.
@@ -104,6 +105,8 @@ pub struct Authenticator {
     bootstrap_hash: Option<String>,
     requests_per_second: f64,
     buckets: Mutex<HashMap<String, TokenBucket>>,
+    /// Recent lookups by token hash, unknown tokens included.
+    lookups: LookupCache<Principal>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -131,6 +134,7 @@ impl Authenticator {
             bootstrap_hash: bootstrap_token.map(hash_token),
             requests_per_second: f64::from(requests_per_second.max(1)),
             buckets: Mutex::new(HashMap::new()),
+            lookups: LookupCache::default(),
         }
     }
 
@@ -148,20 +152,37 @@ impl Authenticator {
                 role: Role::Admin,
             }
         } else {
-            let row = sqlx::query("SELECT id, namespace, role FROM weir_tokens WHERE hash = $1")
-                .bind(&hash)
-                .fetch_optional(&self.pool)
-                .await?
-                .ok_or(AuthError::Invalid)?;
-            let role: String = row.try_get(2)?;
-            Principal {
-                token_id: row.try_get(0)?,
-                namespace: row.try_get(1)?,
-                role: Role::parse(&role).ok_or(AuthError::Invalid)?,
-            }
+            let now = Instant::now();
+            let found = match self.lookups.get(&hash, now) {
+                Some(found) => found,
+                None => {
+                    let found = self.look_up(&hash).await?;
+                    self.lookups.put(&hash, found.clone(), now);
+                    found
+                }
+            };
+            found.ok_or(AuthError::Invalid)?
         };
         self.admit(&principal.token_id)?;
         Ok(principal)
+    }
+
+    /// The principal of the token with this hash, if there is one.
+    async fn look_up(&self, hash: &str) -> Result<Option<Principal>, AuthError> {
+        let row = sqlx::query("SELECT id, namespace, role FROM weir_tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (token_id, namespace, role): (String, String, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        Ok(Role::parse(&role).map(|role| Principal {
+            token_id,
+            namespace,
+            role,
+        }))
     }
 
     /// Takes one request from the token's bucket.

@@ -7,6 +7,7 @@
 //! ([`auth`]); functions, versions and rollouts will come through it as
 //! another [`FunctionSource`].
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod modules;

@@ -570,6 +570,9 @@ async fn start_api(
         ),
         store: crate::control::store::ControlStore::new(pool.clone()),
         max_module_bytes: settings.max_module_bytes,
+        clients: Arc::new(crate::control::admission::ClientLimiter::new(
+            settings.requests_per_second_per_client,
+        )),
     };
     api::start(address, api_state, shutdown.clone())
         .await

@@ -1,0 +1,126 @@
+//! What an API request costs before it reaches the database: a rate per
+//! client address, checked before anything else, and token lookups
+//! remembered for a few seconds — the unknown ones too, so that a flood of
+//! bad tokens costs one query per distinct token, not one per request.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::ratelimit::TokenBucket;
+
+/// Entries kept (per client, per token hash) before all are forgotten at
+/// once: a bound on memory, not a policy.
+const MAX_ENTRIES: usize = 10_000;
+
+/// How long a token lookup is believed: a token made meanwhile is refused
+/// for at most this long after a failed try, a role change takes this long.
+pub const LOOKUP_TTL: Duration = Duration::from_secs(10);
+
+/// A token bucket per client address.
+#[derive(Debug)]
+pub struct ClientLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+impl ClientLimiter {
+    /// `rate` requests per second per address, with bursts of twice that.
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one request from `client`'s bucket; `Err` with how long to wait.
+    pub fn admit(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_ENTRIES && !buckets.contains_key(&client) {
+            buckets.clear();
+        }
+        let rate = self.rate;
+        let bucket = buckets
+            .entry(client)
+            .or_insert_with(|| TokenBucket::new(rate, rate * 2.0, now));
+        if bucket.take(now) {
+            Ok(())
+        } else {
+            Err(bucket.wait())
+        }
+    }
+}
+
+/// Token lookups by token hash, each believed for [`LOOKUP_TTL`].
+#[derive(Debug)]
+pub struct LookupCache<T> {
+    entries: Mutex<HashMap<String, (Instant, Option<T>)>>,
+}
+
+impl<T: Clone> Default for LookupCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> LookupCache<T> {
+    /// What was found for `hash` (`Some(None)`: known not to exist), if it
+    /// was looked up less than [`LOOKUP_TTL`] before `now`.
+    pub fn get(&self, hash: &str, now: Instant) -> Option<Option<T>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, found) = entries.get(hash)?;
+        (now.duration_since(*at) < LOOKUP_TTL).then(|| found.clone())
+    }
+
+    /// Remembers what a lookup of `hash` found at `now`.
+    pub fn put(&self, hash: &str, found: Option<T>, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= MAX_ENTRIES && !entries.contains_key(hash) {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < LOOKUP_TTL);
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(hash.to_string(), (now, found));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_are_believed_for_their_ttl_unknown_tokens_too() {
+        let cache = LookupCache::<u32>::default();
+        let start = Instant::now();
+        assert_eq!(cache.get("a", start), None);
+        cache.put("a", Some(7), start);
+        cache.put("bad", None, start);
+        assert_eq!(
+            cache.get("a", start + Duration::from_secs(1)),
+            Some(Some(7))
+        );
+        assert_eq!(cache.get("bad", start + Duration::from_secs(1)), Some(None));
+        assert_eq!(cache.get("a", start + LOOKUP_TTL), None, "expired");
+        for i in 0..MAX_ENTRIES + 5 {
+            cache.put(&format!("t{i}"), None, start);
+        }
+        assert!(cache.entries.lock().expect("lock").len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn each_client_has_its_own_rate() {
+        let limiter = ClientLimiter::new(2);
+        let now = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [10, 0, 0, 1].into());
+        for _ in 0..4 {
+            assert!(limiter.admit(a, now).is_ok(), "a burst of twice the rate");
+        }
+        assert!(limiter.admit(a, now).is_err());
+        assert!(limiter.admit(b, now).is_ok(), "another client is not held");
+        assert!(limiter.admit(a, now + Duration::from_secs(1)).is_ok());
+    }
+}
