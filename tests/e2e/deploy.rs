@@ -232,6 +232,7 @@ async fn bad_function_calls_name_the_problem(
     })
     .await?;
     let function = "/v1/namespaces/shop/functions/f";
+    grant(address, ADMIN, "shop", &["S".into()], &["s.>".into()]).await?;
     let good = serde_json::json!({"stream": "S", "subject": "s.in", "key": {"header": "k"}});
     let cases = [
         (
@@ -350,6 +351,114 @@ async fn bad_function_calls_name_the_problem(
     )
     .await?;
     assert_eq!(missing.status, 404);
+
+    // A namespace reads and writes only what it owns: another tenant's
+    // stream or subjects, Weir's dead letters and logs, inboxes and `*`
+    // are refused with the field named.
+    let binding = |stream: &str, subject: &str, outputs: &[&str]| serde_json::json!({"stream": stream, "subject": subject, "key": {"header": "k"}, "outputs": outputs});
+    let outside = [
+        (binding("BILLING", "billing.>", &[]), "stream: `BILLING`"),
+        (
+            binding("WEIR_DEAD_LETTERS", "weir.dlq.>", &[]),
+            "stream: `WEIR_DEAD_LETTERS`",
+        ),
+        (
+            binding("WEIR_LOGS", "weir.logs.>", &[]),
+            "stream: `WEIR_LOGS`",
+        ),
+        (binding("S", "billing.>", &[]), "subject: `billing.>`"),
+        (binding("S", ">", &[]), "subject: `>`"),
+        (
+            binding("S", "s.in", &["billing.in"]),
+            "outputs: `billing.in`",
+        ),
+        (
+            binding("S", "s.in", &["weir.dlq.billing"]),
+            "outputs: `weir.dlq.billing`",
+        ),
+        (
+            binding("S", "s.in", &["weir.logs.billing"]),
+            "outputs: `weir.logs.billing`",
+        ),
+        (binding("S", "s.in", &["_INBOX.>"]), "outputs: `_INBOX.>`"),
+        (binding("S", "s.in", &["*"]), "outputs: `*`"),
+    ];
+    for (body, expected) in &outside {
+        let refused = call(
+            address,
+            "PUT",
+            "/v1/namespaces/shop/functions/g",
+            ADMIN,
+            body,
+        )
+        .await?;
+        let message = refused.json()?["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(refused.status, 403, "{body}: {message}");
+        assert!(message.starts_with(expected), "{body}: {message}");
+    }
+    // Only an admin of every namespace grants: a namespace's own admin
+    // cannot take another's streams.
+    let shop_admin = call(
+        address,
+        "POST",
+        "/v1/tokens",
+        ADMIN,
+        &serde_json::json!({"namespace": "shop", "role": "admin"}),
+    )
+    .await?;
+    let shop_admin = shop_admin.json()?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let taken = serde_json::json!({"streams": ["BILLING"], "subjects": ["billing.>"]});
+    let resources = "/v1/namespaces/shop/resources";
+    assert_eq!(
+        call(address, "PUT", resources, &shop_admin, &taken)
+            .await?
+            .status,
+        403
+    );
+    let owned = call(
+        address,
+        "GET",
+        resources,
+        &shop_admin,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    assert_eq!(owned.json()?["streams"], serde_json::json!(["S"]));
+    // Without a grant a namespace owns its own name: billing may bind to
+    // BILLING and billing.>, not to shop's S.
+    let billing_deployer = call(
+        address,
+        "POST",
+        "/v1/tokens",
+        ADMIN,
+        &serde_json::json!({"namespace": "billing", "role": "deploy"}),
+    )
+    .await?;
+    let billing_deployer = billing_deployer.json()?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let billing_fn = "/v1/namespaces/billing/functions/ledger";
+    let own = binding("BILLING", "billing.in", &["billing.out"]);
+    assert_eq!(
+        call(address, "PUT", billing_fn, &billing_deployer, &own)
+            .await?
+            .status,
+        201
+    );
+    let shops = binding("S", "s.in", &[]);
+    assert_eq!(
+        call(address, "PUT", billing_fn, &billing_deployer, &shops)
+            .await?
+            .status,
+        403
+    );
 
     // Another namespace's token sees nothing here.
     let token = call(
@@ -493,12 +602,16 @@ async fn another_host_follows_what_the_api_host_deploys(
 
     let v1 = upload(address, "counter").await?;
     let v2 = upload(address, "misbehave").await?;
+    let names = ["COUNTED", "COUNTER_OUT", "FIXTURE_OUT"].map(String::from);
+    let subjects = ["counted.in", "counter.out", "fixture.out"].map(String::from);
+    grant(address, ADMIN, "shop", &names, &subjects).await?;
     let function = "/v1/namespaces/shop/functions/tally";
     let binding = serde_json::json!({
         "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
         "outputs": ["counter.out", "fixture.out"],
     });
-    call(address, "PUT", function, ADMIN, &binding).await?;
+    let put = call(address, "PUT", function, ADMIN, &binding).await?;
+    anyhow::ensure!(put.status == 201, "{put:?}");
     let versions = format!("{function}/versions");
     call(
         address,
@@ -582,6 +695,16 @@ async fn a_deployed_function_keeps_its_stream_and_replays_only_from_the_past(
         &versions,
         ADMIN,
         &serde_json::json!({"module": module}),
+    )
+    .await?;
+    // Owned, so that what refuses the move is the function's history.
+    let streams = ["COUNTED", "COUNTER_OUT", "OTHER"].map(String::from);
+    grant(
+        address,
+        ADMIN,
+        "shop",
+        &streams,
+        &["counted.in".into(), "counter.out".into()],
     )
     .await?;
     let mut moved = binding.clone();

@@ -274,6 +274,14 @@ async fn promotes_and_rollbacks_under_host_kills_publish_each_output_once(
     })
     .await?;
 
+    grant(
+        address,
+        ADMIN,
+        "shop",
+        &["PASS_IN".into(), "PASS_OUT".into()],
+        &["pass.in".into(), "bench.out".into()],
+    )
+    .await?;
     // `passthrough` writes no state: nothing but the message id keeps a
     // re-run's outputs from being stored twice. Three versions of it.
     let mut host = start(None)?;

@@ -335,13 +335,16 @@ impl Stack {
 
 /// Starts a host serving the control-plane API (with `token` as its
 /// bootstrap admin token, no rate limit to speak of) over these streams,
-/// and waits until `/v1` answers.
+/// waits until `/v1` answers, and grants namespace `shop` these streams
+/// and their subjects.
 pub async fn api_host(
     stack: &Stack,
     streams: Vec<StreamSpec>,
     token: &str,
 ) -> Result<(RunningHost, std::net::SocketAddr)> {
     let address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let names: Vec<String> = streams.iter().map(|s| s.name.clone()).collect();
+    let subjects: Vec<String> = streams.iter().flat_map(|s| s.subjects.clone()).collect();
     let mut config = stack.config(streams, vec![]);
     config.api.listen = Some(address);
     config.api.bootstrap_token = Some(weir_host::config::Secret(token.into()));
@@ -352,7 +355,28 @@ pub async fn api_host(
         Ok(http_get(address, "/v1/").await.is_ok())
     })
     .await?;
+    grant(address, token, "shop", &names, &subjects).await?;
     Ok((host, address))
+}
+
+/// Grants `namespace` these streams and subject patterns, as a global admin
+/// (`token`) would.
+pub async fn grant(
+    address: std::net::SocketAddr,
+    token: &str,
+    namespace: &str,
+    streams: &[String],
+    subjects: &[String],
+) -> Result<()> {
+    api_call(
+        address,
+        token,
+        "PUT",
+        &format!("/v1/namespaces/{namespace}/resources"),
+        serde_json::json!({"streams": streams, "subjects": subjects}),
+    )
+    .await?;
+    Ok(())
 }
 
 /// A host running in this process until [`RunningHost::stop`].

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::ClientLimiter;
 use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
+use super::namespaces::Resources;
 use super::store::{
     Binding, ControlStore, FunctionRecord, Rollout, StoreError, VersionRecord, runtime_name,
 };
@@ -207,6 +208,12 @@ pub fn router(state: ApiState) -> Router {
             put(put_function)
                 .get(get_function)
                 .delete(delete_function)
+                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/resources",
+            put(grant_resources)
+                .get(get_resources)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .route(
@@ -425,6 +432,43 @@ fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a namespace owns: readable in the namespace.
+async fn get_resources(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(namespace): Path<String>,
+) -> Result<Json<Resources>, ApiError> {
+    caller(&state, &headers)
+        .await?
+        .require(&namespace, Role::Read)?;
+    names(&namespace, "resources")?;
+    Ok(Json(state.store.namespace_resources(&namespace).await?))
+}
+
+/// Replaces what a namespace owns: only an admin of every namespace may,
+/// or a namespace's admin could take another's streams.
+async fn grant_resources(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(namespace): Path<String>,
+    body: Result<Json<Resources>, JsonRejection>,
+) -> Result<Json<Resources>, ApiError> {
+    let principal = caller(&state, &headers).await?;
+    principal.require(ANY_NAMESPACE, Role::Admin)?;
+    names(&namespace, "resources")?;
+    let Json(resources) = body?;
+    if let Some(problem) = resources.problem() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            problem,
+        ));
+    }
+    state.store.grant_resources(&namespace, &resources).await?;
+    tracing::info!(%namespace, streams = ?resources.streams, subjects = ?resources.subjects, by = %principal.token_id, "namespace resources granted");
+    Ok(Json(resources))
+}
+
 fn no_function(namespace: &str, name: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -450,6 +494,16 @@ async fn put_function(
             "invalid_body",
             problem,
         ));
+    }
+    // A namespace reads and writes only what it owns.
+    let owned = state.store.namespace_resources(&namespace).await?;
+    if let Some(problem) = owned.binding_problem(
+        &namespace,
+        &binding.stream,
+        &binding.subject,
+        &binding.outputs,
+    ) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
     }
     // Its durable consumer, applied sequences and state belong to one
     // stream: a function with versions cannot move to another.

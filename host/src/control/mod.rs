@@ -11,6 +11,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod modules;
+pub mod namespaces;
 pub mod openapi;
 pub mod store;
 

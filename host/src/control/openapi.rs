@@ -86,6 +86,22 @@ pub const ROUTES: &[RouteDoc] = &[
         answers: &[204, 401, 403, 404, 422, 429],
     },
     RouteDoc {
+        method: "get",
+        path: "/v1/namespaces/{namespace}/resources",
+        summary: "The streams and subjects the namespace owns",
+        role: Some("read"),
+        body: None,
+        answers: &[200, 401, 403, 422, 429],
+    },
+    RouteDoc {
+        method: "put",
+        path: "/v1/namespaces/{namespace}/resources",
+        summary: "Replace the streams and subjects the namespace owns (an admin of every namespace only)",
+        role: Some("admin"),
+        body: Some("Resources"),
+        answers: &[200, 400, 401, 403, 415, 422, 429],
+    },
+    RouteDoc {
         method: "post",
         path: "/v1/namespaces/{namespace}/functions/{name}/versions",
         summary: "Make the next version from an uploaded module and the current binding",
@@ -148,6 +164,9 @@ fn schemas() -> Value {
     json!({
         "Error": {"type": "object", "required": ["error", "message"], "properties": {
             "error": {"type": "string"}, "message": {"type": "string"}}},
+        "Resources": {"type": "object", "required": ["streams", "subjects"], "additionalProperties": false, "properties": {
+            "streams": {"type": "array", "items": {"type": "string"}, "description": "stream names; one ending in `*` covers the names it prefixes"},
+            "subjects": {"type": "array", "items": {"type": "string"}, "description": "subject patterns inputs and outputs must stay within"}}},
         "NewToken": {"type": "object", "required": ["namespace", "role"], "additionalProperties": false, "properties": {
             "namespace": {"type": "string"}, "role": {"enum": ["read", "deploy", "admin"]}}},
         "NewVersion": {"type": "object", "required": ["module"], "additionalProperties": false, "properties": {

@@ -741,6 +741,23 @@ impl ControlStore {
     }
 
     /// The bytes of a stored module.
+    /// What namespace `namespace` owns (see [`super::namespaces`]).
+    pub async fn namespace_resources(
+        &self,
+        namespace: &str,
+    ) -> Result<super::namespaces::Resources, StoreError> {
+        Ok(super::namespaces::resources(&self.pool, namespace).await?)
+    }
+
+    /// Replaces what namespace `namespace` owns.
+    pub async fn grant_resources(
+        &self,
+        namespace: &str,
+        resources: &super::namespaces::Resources,
+    ) -> Result<(), StoreError> {
+        Ok(super::namespaces::grant(&self.pool, namespace, resources).await?)
+    }
+
     pub async fn module_bytes(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
         sqlx::query_scalar("SELECT bytes FROM weir_modules WHERE digest = $1")
             .bind(digest)
