@@ -28,9 +28,12 @@ pub struct Resources {
     pub subjects: Vec<String>,
 }
 
-/// The stream-name form of a namespace: `my-shop` → `MY_SHOP`.
+/// The stream-name form of a namespace: `my-shop` → `MY-SHOP`. The `-`
+/// stays: namespace names hold no `_`, so `SHOP_*` (namespace `shop`'s)
+/// can never cover another namespace's default streams, as it would cover
+/// `SHOP_X` if `shop-x` became `SHOP_X`.
 fn stream_stem(namespace: &str) -> String {
-    namespace.to_ascii_uppercase().replace('-', "_")
+    namespace.to_ascii_uppercase()
 }
 
 impl Resources {
@@ -262,11 +265,23 @@ mod tests {
     #[test]
     fn defaults_and_bindings() {
         let shop = Resources::default_for("my-shop");
-        assert_eq!(shop.streams, ["MY_SHOP", "MY_SHOP_*"]);
+        assert_eq!(shop.streams, ["MY-SHOP", "MY-SHOP_*"]);
+        // `shop`'s defaults never cover another namespace's.
+        let plain = Resources::default_for("shop");
+        for other in ["shop-x", "shopx", "shop-2"] {
+            let theirs = Resources::default_for(other);
+            for stream in theirs.streams.iter().map(|s| s.trim_end_matches('*')) {
+                assert!(!plain.owns_stream(stream), "{stream} of {other}");
+                assert!(
+                    !plain.owns_stream(&format!("{stream}_EVENTS")),
+                    "{stream}_EVENTS of {other}"
+                );
+            }
+        }
         assert!(
             shop.binding_problem(
                 "my-shop",
-                "MY_SHOP_ORDERS",
+                "MY-SHOP_ORDERS",
                 "my-shop.orders.>",
                 &["my-shop.out".into()]
             )
@@ -285,7 +300,7 @@ mod tests {
             "*",
         ] {
             let problem =
-                shop.binding_problem("my-shop", "MY_SHOP", "my-shop.in", &[output.into()]);
+                shop.binding_problem("my-shop", "MY-SHOP", "my-shop.in", &[output.into()]);
             assert!(
                 problem.is_some_and(|p| p.starts_with("outputs:")),
                 "{output}"
