@@ -402,6 +402,25 @@ impl FunctionSpec {
         if self.limits.memory_bytes as u64 > MAX_WASM_MEMORY_BYTES {
             return Some("limits.memory_bytes must be at most 4 GiB (a 32-bit Wasm memory)");
         }
+        // Per event: what one event may publish, store and log, so that one
+        // function cannot flood the shared log stream or grow state and
+        // batches without bound.
+        let limits = &self.limits;
+        if limits.output_count > 100_000 || limits.output_bytes > 64 << 20 {
+            return Some(
+                "limits.output_count must be at most 100000 and limits.output_bytes at most 64 MiB",
+            );
+        }
+        if limits.state_value_bytes > 64 << 20 || limits.state_entries_per_key > 100_000 {
+            return Some(
+                "limits.state_value_bytes must be at most 64 MiB and limits.state_entries_per_key at most 100000",
+            );
+        }
+        if limits.log_lines > 10_000 || limits.table_elements > 10_000_000 {
+            return Some(
+                "limits.log_lines must be at most 10000 and limits.table_elements at most 10000000",
+            );
+        }
         None
     }
 

@@ -35,6 +35,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (its client idle long
+    /// enough that forgetting it changes nothing).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// How long until a token is available.
     pub fn wait(&self) -> Duration {
         if self.tokens >= 1.0 {

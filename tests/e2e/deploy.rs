@@ -399,6 +399,21 @@ async fn bad_function_calls_name_the_problem(
         assert_eq!(refused.status, 403, "{body}: {message}");
         assert!(message.starts_with(expected), "{body}: {message}");
     }
+    // Namespace `weir` is named like Weir's own streams and subjects: no
+    // tenant may have it.
+    let weirs = call(
+        address,
+        "PUT",
+        "/v1/namespaces/weir/functions/x",
+        ADMIN,
+        &good,
+    )
+    .await?;
+    assert_eq!(weirs.status, 422, "{weirs:?}");
+    assert!(weirs.body.contains("reserved"), "{weirs:?}");
+    let weir_token = serde_json::json!({"namespace": "weir", "role": "admin"});
+    let weir_token = call(address, "POST", "/v1/tokens", ADMIN, &weir_token).await?;
+    assert_eq!(weir_token.status, 422, "{weir_token:?}");
     // Only an admin of every namespace grants: a namespace's own admin
     // cannot take another's streams.
     let shop_admin = call(
@@ -719,5 +734,85 @@ async fn a_deployed_function_keeps_its_stream_and_replays_only_from_the_past(
     let refused = call(address, "POST", &versions, ADMIN, &future).await?;
     assert_eq!(refused.status, 422, "{refused:?}");
     assert!(refused.body.contains("past time"), "{refused:?}");
+    host.stop().await
+}
+
+/// A grant narrowed after a function was deployed stops it on every host at
+/// once (its binding reaches outside the namespace now), refuses new
+/// versions of it, and loses nothing: granted again, it carries on from
+/// where it stopped.
+#[sqlx::test(migrations = false)]
+async fn a_narrowed_grant_stops_the_functions_outside_it(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(
+        &stack,
+        vec![
+            stream("COUNTED", &["counted.in"]),
+            stream("COUNTER_OUT", &["counter.out"]),
+        ],
+        ADMIN,
+    )
+    .await?;
+    let module = upload(address, "counter").await?;
+    let function = "/v1/namespaces/shop/functions/tally";
+    let binding = serde_json::json!({
+        "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
+        "outputs": ["counter.out"],
+    });
+    assert_eq!(
+        call(address, "PUT", function, ADMIN, &binding)
+            .await?
+            .status,
+        201
+    );
+    let versions = format!("{function}/versions");
+    let version = serde_json::json!({"module": module});
+    assert_eq!(
+        call(address, "POST", &versions, ADMIN, &version)
+            .await?
+            .status,
+        201
+    );
+    let event = |id: u64| {
+        serde_json::json!({"key": "k", "id": id, "value": 1})
+            .to_string()
+            .into_bytes()
+    };
+    publish_all(&stack.js, "counted.in", [event(1)]).await?;
+    eventually(Duration::from_secs(30), "the first output", || async {
+        Ok(stream_len(&stack.js, "COUNTER_OUT").await? == 1)
+    })
+    .await?;
+
+    let narrowed = ["COUNTER_OUT".to_string()];
+    grant(address, ADMIN, "shop", &narrowed, &["counter.out".into()]).await?;
+    let refused = call(address, "POST", &versions, ADMIN, &version).await?;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    publish_all(&stack.js, "counted.in", [event(2)]).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stream_len(&stack.js, "COUNTER_OUT").await?,
+        1,
+        "the function ran outside its namespace's grant"
+    );
+
+    let whole = ["COUNTED", "COUNTER_OUT"].map(String::from);
+    grant(
+        address,
+        ADMIN,
+        "shop",
+        &whole,
+        &["counted.in".into(), "counter.out".into()],
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(30),
+        "the held event, once granted again",
+        || async { Ok(stream_len(&stack.js, "COUNTER_OUT").await? == 2) },
+    )
+    .await?;
     host.stop().await
 }

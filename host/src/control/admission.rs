@@ -35,10 +35,21 @@ impl ClientLimiter {
     }
 
     /// Takes one request from `client`'s bucket; `Err` with how long to wait.
+    /// An IPv6 client is its /64, which one host usually holds whole.
     pub fn admit(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+        let client = match client {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            v4 => v4,
+        };
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_ENTRIES && !buckets.contains_key(&client) {
-            buckets.clear();
+            // Forget only the clients that have been quiet long enough to
+            // be full again: clearing all would hand a flood of new
+            // addresses a fresh burst for every busy client too.
+            buckets.retain(|_, bucket| !bucket.is_full(now));
+            if buckets.len() >= MAX_ENTRIES {
+                return Err(Duration::from_secs(1));
+            }
         }
         let rate = self.rate;
         let bucket = buckets
@@ -122,5 +133,26 @@ mod tests {
         assert!(limiter.admit(a, now).is_err());
         assert!(limiter.admit(b, now).is_ok(), "another client is not held");
         assert!(limiter.admit(a, now + Duration::from_secs(1)).is_ok());
+        // One /64 is one client.
+        let (v6a, v6b): (IpAddr, IpAddr) = (
+            "2001:db8::1".parse().expect("v6"),
+            "2001:db8::ffff:1".parse().expect("v6"),
+        );
+        for _ in 0..4 {
+            assert!(limiter.admit(v6a, now).is_ok());
+        }
+        assert!(limiter.admit(v6b, now).is_err(), "same /64");
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_does_not_reset_busy_ones() {
+        let limiter = ClientLimiter::new(1);
+        let now = Instant::now();
+        let busy: IpAddr = [10, 9, 9, 9].into();
+        while limiter.admit(busy, now).is_ok() {}
+        for i in 0..(MAX_ENTRIES as u32 + 10) {
+            let _ = limiter.admit(IpAddr::from(i.to_be_bytes()), now);
+        }
+        assert!(limiter.admit(busy, now).is_err(), "still out of tokens");
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::ClientLimiter;
 use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
-use super::namespaces::Resources;
+use super::namespaces::{RESERVED_NAMESPACE, Resources};
 use super::store::{
     Binding, ControlStore, FunctionRecord, Rollout, StoreError, VersionRecord, runtime_name,
 };
@@ -397,6 +397,9 @@ async fn create_token(
             "namespace: 1 to 63 lowercase letters, digits or `-`, or `*` for every namespace",
         ));
     }
+    if request.namespace == RESERVED_NAMESPACE {
+        return Err(reserved());
+    }
     principal.require(&request.namespace, Role::Admin)?;
     let (id, token) = state
         .auth
@@ -425,6 +428,9 @@ fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
     };
     if !is_namespace_name(namespace) {
         return Err(bad("namespace"));
+    }
+    if namespace == RESERVED_NAMESPACE {
+        return Err(reserved());
     }
     if !is_namespace_name(name) {
         return Err(bad("function name"));
@@ -467,6 +473,17 @@ async fn grant_resources(
     state.store.grant_resources(&namespace, &resources).await?;
     tracing::info!(%namespace, streams = ?resources.streams, subjects = ?resources.subjects, by = %principal.token_id, "namespace resources granted");
     Ok(Json(resources))
+}
+
+/// The refusal of namespace [`RESERVED_NAMESPACE`].
+fn reserved() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_name",
+        format!(
+            "namespace `{RESERVED_NAMESPACE}` is reserved: Weir's own streams and subjects (dead letters, guest logs) are named for it"
+        ),
+    )
 }
 
 fn no_function(namespace: &str, name: &str) -> ApiError {
@@ -629,6 +646,20 @@ async fn create_version(
                 "invalid_body",
                 "replay_from.time_ms must be a past time, in ms since the Unix epoch",
             ));
+        }
+    }
+    // The version takes the function's binding as it is stored, which may
+    // predate what the namespace owns now.
+    if let Some(existing) = state.store.get_function(&namespace, &name).await? {
+        let owned = state.store.namespace_resources(&namespace).await?;
+        let binding = &existing.binding;
+        if let Some(problem) = owned.binding_problem(
+            &namespace,
+            &binding.stream,
+            &binding.subject,
+            &binding.outputs,
+        ) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
         }
     }
     let version = state

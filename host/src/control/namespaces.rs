@@ -17,6 +17,11 @@ use sqlx::PgPool;
 
 use crate::output::subject_matches;
 
+/// The namespace named like Weir's own streams (`WEIR_DEAD_LETTERS`,
+/// `WEIR_LOGS`) and subjects (`weir.dlq.>`, `weir.logs.>`): no tenant may
+/// have it, or its defaults would be every tenant's dead letters and logs.
+pub const RESERVED_NAMESPACE: &str = "weir";
+
 /// The streams and subject patterns a namespace owns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,8 +42,15 @@ fn stream_stem(namespace: &str) -> String {
 }
 
 impl Resources {
-    /// What a namespace owns until an admin says otherwise.
+    /// What a namespace owns until an admin says otherwise (nothing, for
+    /// the reserved namespace).
     pub fn default_for(namespace: &str) -> Self {
+        if namespace == RESERVED_NAMESPACE {
+            return Self {
+                streams: Vec::new(),
+                subjects: Vec::new(),
+            };
+        }
         let stem = stream_stem(namespace);
         Self {
             streams: vec![stem.clone(), format!("{stem}_*")],
@@ -169,12 +181,15 @@ pub async fn resources(pool: &PgPool, namespace: &str) -> Result<Resources, sqlx
     })
 }
 
-/// Replaces what namespace `namespace` owns.
+/// Replaces what namespace `namespace` owns, and tells every host (on
+/// `channel`), which stop the namespace's functions that no longer fit.
 pub async fn grant(
     pool: &PgPool,
     namespace: &str,
     resources: &Resources,
+    channel: &str,
 ) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO weir_namespace_resources (namespace, streams, subjects) VALUES ($1, $2, $3)
          ON CONFLICT (namespace) DO UPDATE
@@ -183,9 +198,14 @@ pub async fn grant(
     .bind(namespace)
     .bind(&resources.streams)
     .bind(&resources.subjects)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(format!("{namespace}/"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
 #[cfg(test)]
@@ -306,6 +326,12 @@ mod tests {
                 "{output}"
             );
         }
+        let reserved = Resources::default_for(RESERVED_NAMESPACE);
+        assert!(
+            reserved
+                .binding_problem("weir", "WEIR_DEAD_LETTERS", "weir.dlq.>", &[])
+                .is_some()
+        );
         let bad_grant = Resources {
             streams: vec!["A.B".into()],
             subjects: vec!["x.>".into()],

@@ -755,7 +755,7 @@ impl ControlStore {
         namespace: &str,
         resources: &super::namespaces::Resources,
     ) -> Result<(), StoreError> {
-        Ok(super::namespaces::grant(&self.pool, namespace, resources).await?)
+        Ok(super::namespaces::grant(&self.pool, namespace, resources, CONTROL_CHANNEL).await?)
     }
 
     pub async fn module_bytes(&self, digest: &str) -> Result<Vec<u8>, StoreError> {

@@ -364,11 +364,29 @@ impl Deployed {
             }
         };
         let mut wanted = HashSet::new();
+        let mut owned = HashMap::new();
         for deployment in deployments {
             let name = deployment.stable.spec.name.clone();
             if self.static_names.contains(&name) {
                 tracing::warn!(function = %name, "a deployed function has the name of a configured one; not running it");
                 continue;
+            }
+            // Every version it would run stays within what its namespace
+            // owns now: a binding made before a grant was narrowed (or
+            // before namespaces owned anything) is not run, and stops.
+            match self.outside_namespace(&deployment, &mut owned).await {
+                Ok(None) => {}
+                Ok(Some(problem)) => {
+                    tracing::error!(function = %name, namespace = %deployment.namespace, %problem, "a deployed function reaches outside its namespace; not running it");
+                    continue;
+                }
+                // Unknown now: what runs keeps running, nothing new starts.
+                Err(()) => {
+                    if self.running.contains_key(&name) {
+                        wanted.insert(name);
+                    }
+                    continue;
+                }
             }
             wanted.insert(name.clone());
             // A replay that has started is the same deployment.
@@ -433,6 +451,37 @@ impl Deployed {
             }
             tracing::info!(function = %spec.name, "deployed function stopped");
         }
+    }
+
+    /// Why a version of `deployment` reaches outside its namespace, if one
+    /// does; `Err` when the namespace's resources cannot be read now.
+    /// `owned` caches each namespace's resources for one reconcile.
+    async fn outside_namespace(
+        &self,
+        deployment: &Deployment,
+        owned: &mut HashMap<String, crate::control::namespaces::Resources>,
+    ) -> Result<Option<String>, ()> {
+        let namespace = &deployment.namespace;
+        if !owned.contains_key(namespace) {
+            match self.control.namespace_resources(namespace).await {
+                Ok(resources) => {
+                    owned.insert(namespace.clone(), resources);
+                }
+                Err(error) => {
+                    tracing::warn!(%namespace, %error, "cannot read the namespace's resources; keeping what runs");
+                    return Err(());
+                }
+            }
+        }
+        let Some(resources) = owned.get(namespace) else {
+            return Err(());
+        };
+        Ok(std::iter::once(&deployment.stable)
+            .chain(deployment.canary.as_ref().map(|(version, _)| version))
+            .find_map(|version| {
+                let spec = &version.spec;
+                resources.binding_problem(namespace, &spec.stream, &spec.subject, &spec.outputs)
+            }))
     }
 
     /// Loads one deployed version from its stored module.
