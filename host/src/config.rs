@@ -168,6 +168,9 @@ pub struct ApiConfig {
     pub requests_per_second_per_client: u32,
     /// Uploads compiled at once; more wait.
     pub concurrent_compiles: usize,
+    /// Uploads read or compiled at once; more are refused with 429. Memory
+    /// held by uploads stays under this times `max_module_bytes`.
+    pub concurrent_uploads: usize,
     /// Longest an upload may take to compile before it is refused.
     pub compile_timeout_secs: u64,
     /// Whether this host runs the functions deployed through the API. Turn
@@ -187,6 +190,7 @@ impl Default for ApiConfig {
             requests_per_second: 50,
             requests_per_second_per_client: 200,
             concurrent_compiles: 2,
+            concurrent_uploads: 4,
             compile_timeout_secs: 60,
             run_deployed: true,
             database_connections: 2,

@@ -825,3 +825,57 @@ async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
     );
     Ok(())
 }
+
+/// Uploads in flight are bounded (`api.concurrent_uploads`): past it, an
+/// upload is refused at once with 429 instead of buffered; a slow upload
+/// holds its place only while it is being sent.
+#[sqlx::test(migrations = false)]
+async fn uploads_in_flight_are_bounded(_pool: PgPoolOptions, db: PgConnectOptions) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    config.api.concurrent_uploads = 1;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    // An upload that sends half its body and then waits.
+    let mut slow = tokio::net::TcpStream::connect(address).await?;
+    let head = format!(
+        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
+    );
+    slow.write_all(head.as_bytes()).await?;
+    slow.write_all(&[0u8; 500]).await?;
+    let bytes = std::fs::read(component("passthrough")?)?;
+    let busy = eventually(
+        Duration::from_secs(10),
+        "the slow upload to hold its place",
+        || async {
+            let response = post(address, "/v1/modules", ADMIN, "application/wasm", &bytes).await?;
+            Ok(response.status == 429)
+        },
+    )
+    .await;
+    busy?;
+    let refused = post(address, "/v1/modules", ADMIN, "application/wasm", &bytes).await?;
+    let (status, code, _) = refusal(&refused)?;
+    assert_eq!((status, code.as_str()), (429, "uploads_busy"));
+    // The slow client gives up: its place is free again.
+    drop(slow);
+    eventually(
+        Duration::from_secs(10),
+        "the upload to go through",
+        || async {
+            let response = post(address, "/v1/modules", ADMIN, "application/wasm", &bytes).await?;
+            Ok(response.status == 201)
+        },
+    )
+    .await?;
+    host.stop().await
+}

@@ -37,7 +37,13 @@ pub struct ApiState {
     pub max_module_bytes: usize,
     /// The rate per client address, checked before anything else.
     pub clients: Arc<ClientLimiter>,
+    /// Uploads being read or compiled at once: memory held by uploads is at
+    /// most this many times `max_module_bytes`.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Longest an upload's body may take to arrive once its headers are in.
+const UPLOAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A refused or failed call, as the client sees it.
 #[derive(Debug)]
@@ -328,7 +334,29 @@ async fn upload_module(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, limit).await.map_err(|error| {
+    // Held until the upload is stored or refused.
+    let Ok(_in_flight) = state.uploads.clone().try_acquire_owned() else {
+        return Err(ApiError {
+            retry_after_secs: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "uploads_busy",
+                "as many uploads as the host takes at once are in flight; retry",
+            )
+        });
+    };
+    let read = tokio::time::timeout(UPLOAD_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the module did not arrive within {} s",
+                UPLOAD_READ_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    let body = read.map_err(|error| {
         let over_limit = std::error::Error::source(&error)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if over_limit {

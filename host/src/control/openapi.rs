@@ -35,7 +35,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Upload a component: checked, compiled ahead, stored by sha256",
         role: Some("deploy"),
         body: Some("module"),
-        answers: &[201, 200, 401, 403, 413, 422, 429],
+        answers: &[201, 200, 400, 401, 403, 408, 413, 422, 429],
     },
     RouteDoc {
         method: "get",

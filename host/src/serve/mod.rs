@@ -622,6 +622,9 @@ async fn start_api(
         clients: Arc::new(crate::control::admission::ClientLimiter::new(
             settings.requests_per_second_per_client,
         )),
+        uploads: Arc::new(tokio::sync::Semaphore::new(
+            settings.concurrent_uploads.max(1),
+        )),
     };
     api::start(address, api_state, shutdown.clone())
         .await
