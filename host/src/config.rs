@@ -168,6 +168,8 @@ pub struct ApiConfig {
     pub requests_per_second_per_client: u32,
     /// Uploads compiled at once; more wait.
     pub concurrent_compiles: usize,
+    /// Live (unrevoked, unexpired) tokens a namespace may have.
+    pub max_tokens_per_namespace: u32,
     /// Uploads read or compiled at once; more are refused with 429. Memory
     /// held by uploads stays under this times `max_module_bytes`.
     pub concurrent_uploads: usize,
@@ -191,6 +193,7 @@ impl Default for ApiConfig {
             requests_per_second_per_client: 200,
             concurrent_compiles: 2,
             concurrent_uploads: 4,
+            max_tokens_per_namespace: 100,
             compile_timeout_secs: 60,
             run_deployed: true,
             database_connections: 2,

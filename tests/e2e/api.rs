@@ -598,7 +598,8 @@ async fn the_openapi_document_lists_every_route_the_api_serves(
         let concrete = path
             .replace("{namespace}", "shop")
             .replace("{name}", "f")
-            .replace("{digest}", "0");
+            .replace("{digest}", "0")
+            .replace("{id}", "tok_0");
         for (method, operation) in methods.as_object().context("methods")? {
             operations += 1;
             let response =
@@ -614,7 +615,7 @@ async fn the_openapi_document_lists_every_route_the_api_serves(
             );
         }
     }
-    assert_eq!(operations, 15);
+    assert_eq!(operations, 17);
     let binding = &document["components"]["schemas"]["Binding"];
     assert_eq!(
         binding["required"],
@@ -877,5 +878,107 @@ async fn uploads_in_flight_are_bounded(_pool: PgPoolOptions, db: PgConnectOption
         },
     )
     .await?;
+    host.stop().await
+}
+
+/// Tokens have a lifecycle: named, listed without the secret, revoked
+/// (refused at once), expiring (refused once expired, cached lookups
+/// included), and at most `api.max_tokens_per_namespace` live at a time.
+#[sqlx::test(migrations = false)]
+async fn tokens_are_named_listed_revoked_expire_and_are_bounded(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    config.api.max_tokens_per_namespace = 3;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    let make = |body: serde_json::Value| async move {
+        post(
+            address,
+            "/v1/tokens",
+            ADMIN,
+            "application/json",
+            body.to_string().as_bytes(),
+        )
+        .await
+    };
+    let get = |token: String, path: &'static str| async move {
+        http_request(
+            address,
+            "GET",
+            path,
+            &[("Authorization", &bearer(&token))],
+            b"",
+        )
+        .await
+    };
+    let ci = make(serde_json::json!({"namespace": "shop", "role": "admin", "name": "ci deploys"}))
+        .await?;
+    assert_eq!(ci.status, 201, "{ci:?}");
+    let ci = ci.json()?;
+    let ci_token = ci["token"].as_str().context("token")?.to_string();
+    let brief =
+        make(serde_json::json!({"namespace": "shop", "role": "read", "ttl_secs": 2})).await?;
+    assert_eq!(brief.status, 201, "{brief:?}");
+    let brief = brief.json()?;
+    assert!(brief["expires_ms"].as_i64().is_some());
+    let brief_token = brief["token"].as_str().context("token")?.to_string();
+    let doomed = make(serde_json::json!({"namespace": "shop", "role": "read"})).await?;
+    let doomed = doomed.json()?;
+    let doomed_token = doomed["token"].as_str().context("token")?.to_string();
+    let functions = "/v1/namespaces/shop/functions";
+    for token in [&ci_token, &brief_token, &doomed_token] {
+        assert_eq!(get(token.clone(), functions).await?.status, 200);
+    }
+
+    // Three live tokens: the most namespace shop may have.
+    let fourth = make(serde_json::json!({"namespace": "shop", "role": "read"})).await?;
+    assert_eq!(refusal(&fourth)?.0, 409, "{fourth:?}");
+
+    // Listed by the namespace's admin, without the secrets.
+    let listed = get(ci_token.clone(), "/v1/tokens").await?;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert!(!listed.body.contains(&ci_token) && !listed.body.contains(&doomed_token));
+    let listed = listed.json()?;
+    let names: Vec<&str> = listed["tokens"]
+        .as_array()
+        .context("tokens")?
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(names.contains(&"ci deploys"), "{listed}");
+    // A reader may not list, another namespace's admin sees none of them.
+    assert_eq!(get(doomed_token.clone(), "/v1/tokens").await?.status, 403);
+
+    // Revoked: refused at once.
+    let doomed_id = doomed["id"].as_str().context("id")?;
+    let revoke = http_request(
+        address,
+        "DELETE",
+        &format!("/v1/tokens/{doomed_id}"),
+        &[("Authorization", &bearer(&ci_token))],
+        b"",
+    )
+    .await?;
+    assert_eq!(revoke.status, 204, "{revoke:?}");
+    assert_eq!(get(doomed_token.clone(), functions).await?.status, 401);
+    // Expired: refused, although its lookup was cached a moment ago.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(get(brief_token.clone(), functions).await?.status, 401);
+    // Revoked and expired tokens are no longer live: room for new ones.
+    let again = make(serde_json::json!({"namespace": "shop", "role": "read"})).await?;
+    assert_eq!(again.status, 201, "{again:?}");
+    let bad = make(serde_json::json!({"namespace": "shop", "role": "read", "ttl_secs": 0})).await?;
+    assert_eq!(refusal(&bad)?.0, 422);
     host.stop().await
 }

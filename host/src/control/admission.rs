@@ -63,9 +63,10 @@ impl ClientLimiter {
     }
 }
 
-/// Token lookups by token hash, each believed for [`LOOKUP_TTL`].
+/// Token lookups by token hash, each believed for at most [`LOOKUP_TTL`].
 #[derive(Debug)]
 pub struct LookupCache<T> {
+    /// What was found, and until when it is believed.
     entries: Mutex<HashMap<String, (Instant, Option<T>)>>,
 }
 
@@ -79,23 +80,30 @@ impl<T: Clone> Default for LookupCache<T> {
 
 impl<T: Clone> LookupCache<T> {
     /// What was found for `hash` (`Some(None)`: known not to exist), if it
-    /// was looked up less than [`LOOKUP_TTL`] before `now`.
+    /// is still believed at `now`.
     pub fn get(&self, hash: &str, now: Instant) -> Option<Option<T>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, found) = entries.get(hash)?;
-        (now.duration_since(*at) < LOOKUP_TTL).then(|| found.clone())
+        let (until, found) = entries.get(hash)?;
+        (now < *until).then(|| found.clone())
     }
 
-    /// Remembers what a lookup of `hash` found at `now`.
-    pub fn put(&self, hash: &str, found: Option<T>, now: Instant) {
+    /// Forgets `hash` (its token was revoked here).
+    pub fn forget(&self, hash: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.remove(hash);
+    }
+
+    /// Remembers what a lookup of `hash` found at `now`, to be believed for
+    /// `believe` (at most [`LOOKUP_TTL`]; less for a token about to expire).
+    pub fn put(&self, hash: &str, found: Option<T>, now: Instant, believe: Duration) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(hash) {
-            entries.retain(|_, (at, _)| now.duration_since(*at) < LOOKUP_TTL);
+            entries.retain(|_, (until, _)| now < *until);
             if entries.len() >= MAX_ENTRIES {
                 entries.clear();
             }
         }
-        entries.insert(hash.to_string(), (now, found));
+        entries.insert(hash.to_string(), (now + believe.min(LOOKUP_TTL), found));
     }
 }
 
@@ -108,8 +116,14 @@ mod tests {
         let cache = LookupCache::<u32>::default();
         let start = Instant::now();
         assert_eq!(cache.get("a", start), None);
-        cache.put("a", Some(7), start);
-        cache.put("bad", None, start);
+        cache.put("a", Some(7), start, LOOKUP_TTL);
+        cache.put("bad", None, start, LOOKUP_TTL);
+        cache.put("soon", Some(1), start, Duration::from_millis(10));
+        assert_eq!(
+            cache.get("soon", start + Duration::from_secs(1)),
+            None,
+            "its token expired"
+        );
         assert_eq!(
             cache.get("a", start + Duration::from_secs(1)),
             Some(Some(7))
@@ -117,7 +131,7 @@ mod tests {
         assert_eq!(cache.get("bad", start + Duration::from_secs(1)), Some(None));
         assert_eq!(cache.get("a", start + LOOKUP_TTL), None, "expired");
         for i in 0..MAX_ENTRIES + 5 {
-            cache.put(&format!("t{i}"), None, start);
+            cache.put(&format!("t{i}"), None, start, LOOKUP_TTL);
         }
         assert!(cache.entries.lock().expect("lock").len() <= MAX_ENTRIES);
     }

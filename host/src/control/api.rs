@@ -23,6 +23,7 @@ use super::namespaces::{RESERVED_NAMESPACE, Resources};
 use super::store::{
     Binding, ControlStore, FunctionRecord, Rollout, StoreError, VersionRecord, runtime_name,
 };
+use super::tokens;
 
 /// Largest JSON body of any call but a module upload.
 const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub max_module_bytes: usize,
     /// The rate per client address, checked before anything else.
     pub clients: Arc<ClientLimiter>,
+    /// Live tokens a namespace may have.
+    pub max_tokens_per_namespace: u32,
     /// Uploads being read or compiled at once: memory held by uploads is at
     /// most this many times `max_module_bytes`.
     pub uploads: Arc<tokio::sync::Semaphore>,
@@ -61,7 +64,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -206,7 +209,13 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/tokens",
-            post(create_token).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+            post(tokens::create_token)
+                .get(tokens::list_tokens)
+                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(tokens::revoke_token),
         )
         .route("/v1/namespaces/{namespace}/functions", get(list_functions))
         .route(
@@ -293,7 +302,7 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(super) async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
@@ -395,56 +404,6 @@ async fn get_module(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    namespace: String,
-    role: Role,
-}
-
-#[derive(Serialize)]
-struct CreatedToken {
-    id: String,
-    /// Shown once; only its hash is stored.
-    token: String,
-    namespace: String,
-    role: Role,
-}
-
-async fn create_token(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Result<Json<NewToken>, JsonRejection>,
-) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    let principal = caller(&state, &headers).await?;
-    let Json(request) = body?;
-    if request.namespace != ANY_NAMESPACE && !is_namespace_name(&request.namespace) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            "namespace: 1 to 63 lowercase letters, digits or `-`, or `*` for every namespace",
-        ));
-    }
-    if request.namespace == RESERVED_NAMESPACE {
-        return Err(reserved());
-    }
-    principal.require(&request.namespace, Role::Admin)?;
-    let (id, token) = state
-        .auth
-        .create_token(&request.namespace, request.role)
-        .await?;
-    tracing::info!(%id, namespace = %request.namespace, role = request.role.as_str(), by = %principal.token_id, "API token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            id,
-            token,
-            namespace: request.namespace,
-            role: request.role,
-        }),
-    ))
-}
-
 /// Checks the namespace and function name of a URL.
 fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
     let bad = |what: &str| {
@@ -504,7 +463,7 @@ async fn grant_resources(
 }
 
 /// The refusal of namespace [`RESERVED_NAMESPACE`].
-fn reserved() -> ApiError {
+pub(super) fn reserved() -> ApiError {
     ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_name",

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
-use super::admission::LookupCache;
+use super::admission::{LOOKUP_TTL, LookupCache};
 use crate::ratelimit::TokenBucket;
 
 /// What a token allows, each role including the ones before it.
@@ -156,8 +156,9 @@ impl Authenticator {
             let found = match self.lookups.get(&hash, now) {
                 Some(found) => found,
                 None => {
-                    let found = self.look_up(&hash).await?;
-                    self.lookups.put(&hash, found.clone(), now);
+                    let (found, expires_in) = self.look_up(&hash).await?;
+                    let believe = expires_in.map_or(LOOKUP_TTL, |left| left.min(LOOKUP_TTL));
+                    self.lookups.put(&hash, found.clone(), now, believe);
                     found
                 }
             };
@@ -167,22 +168,46 @@ impl Authenticator {
         Ok(principal)
     }
 
-    /// The principal of the token with this hash, if there is one.
-    async fn look_up(&self, hash: &str) -> Result<Option<Principal>, AuthError> {
-        let row = sqlx::query("SELECT id, namespace, role FROM weir_tokens WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
+    /// The principal of the token with this hash, if there is one, and how
+    /// long until it expires, if it does.
+    async fn look_up(
+        &self,
+        hash: &str,
+    ) -> Result<(Option<Principal>, Option<Duration>), AuthError> {
+        // Revoked and expired tokens are not found.
+        let row = sqlx::query(
+            "SELECT id, namespace, role, extract(epoch FROM expires_at - now())::float8
+             FROM weir_tokens WHERE hash = $1
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(row) = row else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let (token_id, namespace, role): (String, String, String) =
             (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        Ok(Role::parse(&role).map(|role| Principal {
+        let expires_in: Option<f64> = row.try_get(3)?;
+        let principal = Role::parse(&role).map(|role| Principal {
             token_id,
             namespace,
             role,
-        }))
+        });
+        let expires_in = expires_in.map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+        Ok((principal, expires_in))
+    }
+
+    /// Forgets what was looked up for the token with this hash (revoked on
+    /// this host: refused here at once, on other hosts within
+    /// [`super::admission::LOOKUP_TTL`]).
+    pub fn forget(&self, hash: &str) {
+        self.lookups.forget(hash);
+    }
+
+    /// The pool tokens are stored in.
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Takes one request from the token's bucket.
@@ -204,29 +229,10 @@ impl Authenticator {
             })
         }
     }
-
-    /// Creates a token for `namespace` and `role`; returns its id and the
-    /// token, which is not stored and cannot be shown again.
-    pub async fn create_token(
-        &self,
-        namespace: &str,
-        role: Role,
-    ) -> Result<(String, String), AuthError> {
-        let token = format!("weir_{}", random_hex(24)?);
-        let id = format!("tok_{}", random_hex(8)?);
-        sqlx::query("INSERT INTO weir_tokens (id, hash, namespace, role) VALUES ($1, $2, $3, $4)")
-            .bind(&id)
-            .bind(hash_token(&token))
-            .bind(namespace)
-            .bind(role.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok((id, token))
-    }
 }
 
 /// `bytes` random bytes from the OS, hex-encoded.
-fn random_hex(bytes: usize) -> Result<String, AuthError> {
+pub(super) fn random_hex(bytes: usize) -> Result<String, AuthError> {
     let mut buffer = vec![0u8; bytes];
     getrandom::fill(&mut buffer).map_err(|e| AuthError::Entropy(e.to_string()))?;
     Ok(hex::encode(buffer))

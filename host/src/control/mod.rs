@@ -14,6 +14,7 @@ pub mod modules;
 pub mod namespaces;
 pub mod openapi;
 pub mod store;
+pub mod tokens;
 
 use std::future::Future;
 

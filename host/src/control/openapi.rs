@@ -51,7 +51,23 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Create a token for a namespace and role (shown once)",
         role: Some("admin"),
         body: Some("NewToken"),
-        answers: &[201, 400, 401, 403, 415, 422, 429],
+        answers: &[201, 400, 401, 403, 409, 415, 422, 429],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/v1/tokens",
+        summary: "A namespace's tokens (`?namespace=`; the caller's by default), without the tokens themselves",
+        role: Some("admin"),
+        body: None,
+        answers: &[200, 401, 403, 422, 429],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/v1/tokens/{id}",
+        summary: "Revoke a token",
+        role: Some("admin"),
+        body: None,
+        answers: &[204, 401, 404, 429],
     },
     RouteDoc {
         method: "get",
@@ -168,7 +184,9 @@ fn schemas() -> Value {
             "streams": {"type": "array", "items": {"type": "string"}, "description": "stream names; one ending in `*` covers the names it prefixes"},
             "subjects": {"type": "array", "items": {"type": "string"}, "description": "subject patterns inputs and outputs must stay within"}}},
         "NewToken": {"type": "object", "required": ["namespace", "role"], "additionalProperties": false, "properties": {
-            "namespace": {"type": "string"}, "role": {"enum": ["read", "deploy", "admin"]}}},
+            "namespace": {"type": "string"}, "role": {"enum": ["read", "deploy", "admin"]},
+            "name": {"type": "string", "maxLength": 200, "description": "what the token is for"},
+            "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 315360000, "description": "seconds until it expires; none: never"}}},
         "NewVersion": {"type": "object", "required": ["module"], "additionalProperties": false, "properties": {
             "module": {"type": "string", "description": "sha256 of an uploaded module"},
             "replay_from": {"oneOf": [

@@ -622,6 +622,7 @@ async fn start_api(
         clients: Arc::new(crate::control::admission::ClientLimiter::new(
             settings.requests_per_second_per_client,
         )),
+        max_tokens_per_namespace: settings.max_tokens_per_namespace,
         uploads: Arc::new(tokio::sync::Semaphore::new(
             settings.concurrent_uploads.max(1),
         )),

@@ -1,0 +1,245 @@
+//! The lifecycle of API tokens: made with a name and an optional expiry, at
+//! most `api.max_tokens_per_namespace` live per namespace; listed (never
+//! the token itself, which is shown once); revoked. A revoked or expired
+//! token is refused at once on the host that revoked it and within
+//! [`super::admission::LOOKUP_TTL`] on the others. The bootstrap token lives
+//! in the config, not here: it cannot be listed or revoked.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::api::{ApiError, ApiState, caller, is_namespace_name, reserved};
+use super::auth::{ANY_NAMESPACE, AuthError, Role, hash_token, random_hex};
+use super::namespaces::RESERVED_NAMESPACE;
+
+/// Longest a token may be made to last: ten years.
+const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Longest token name.
+const MAX_NAME_BYTES: usize = 200;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewToken {
+    namespace: String,
+    role: Role,
+    /// What the token is for, shown when tokens are listed.
+    #[serde(default)]
+    name: String,
+    /// Seconds until the token expires; none: it does not.
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub(super) struct CreatedToken {
+    id: String,
+    /// Shown once; only its hash is stored.
+    token: String,
+    namespace: String,
+    role: Role,
+    name: String,
+    expires_ms: Option<i64>,
+}
+
+/// A token as listed: everything but the token.
+#[derive(Serialize)]
+pub(super) struct TokenInfo {
+    id: String,
+    name: String,
+    namespace: String,
+    role: String,
+    created_ms: i64,
+    expires_ms: Option<i64>,
+    revoked: bool,
+}
+
+#[derive(Serialize)]
+pub(super) struct TokenList {
+    tokens: Vec<TokenInfo>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    namespace: Option<String>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", message)
+}
+
+fn database(error: sqlx::Error) -> ApiError {
+    AuthError::Database(error).into()
+}
+
+/// `POST /v1/tokens`: a token for a namespace and role.
+pub(super) async fn create_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<NewToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let principal = caller(&state, &headers).await?;
+    let Json(request) = body?;
+    if request.namespace != ANY_NAMESPACE && !is_namespace_name(&request.namespace) {
+        return Err(invalid(
+            "namespace: 1 to 63 lowercase letters, digits or `-`, or `*` for every namespace",
+        ));
+    }
+    if request.namespace == RESERVED_NAMESPACE {
+        return Err(reserved());
+    }
+    if request.name.len() > MAX_NAME_BYTES || request.name.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "name: at most {MAX_NAME_BYTES} bytes, without control characters"
+        )));
+    }
+    if request
+        .ttl_secs
+        .is_some_and(|ttl| ttl == 0 || ttl > MAX_TTL_SECS)
+    {
+        return Err(invalid(format!(
+            "ttl_secs: from 1 to {MAX_TTL_SECS} (ten years)"
+        )));
+    }
+    principal.require(&request.namespace, Role::Admin)?;
+    let pool = state.auth.pool();
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM weir_tokens WHERE namespace = $1
+         AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(&request.namespace)
+    .fetch_one(pool)
+    .await
+    .map_err(database)?;
+    if live >= i64::from(state.max_tokens_per_namespace) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_tokens",
+            format!(
+                "namespace `{}` has {live} live tokens, the most it may have; revoke some first (DELETE /v1/tokens/{{id}})",
+                request.namespace
+            ),
+        ));
+    }
+    let token = format!("weir_{}", random_hex(24)?);
+    let id = format!("tok_{}", random_hex(8)?);
+    let ttl = request
+        .ttl_secs
+        .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX));
+    let expires_ms: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO weir_tokens (id, hash, namespace, role, name, expires_at)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+         RETURNING (extract(epoch FROM expires_at) * 1000)::int8",
+    )
+    .bind(&id)
+    .bind(hash_token(&token))
+    .bind(&request.namespace)
+    .bind(request.role.as_str())
+    .bind(&request.name)
+    .bind(ttl.map(|secs| secs as f64))
+    .fetch_one(pool)
+    .await
+    .map_err(database)?;
+    tracing::info!(%id, namespace = %request.namespace, role = request.role.as_str(), name = %request.name, ?expires_ms, by = %principal.token_id, "API token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id,
+            token,
+            namespace: request.namespace,
+            role: request.role,
+            name: request.name,
+            expires_ms,
+        }),
+    ))
+}
+
+/// `GET /v1/tokens?namespace=ns`: the namespace's tokens (the caller's
+/// namespace without the parameter; every token for an admin of `*` asking
+/// for `*`). Needs the admin role there.
+pub(super) async fn list_tokens(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<TokenList>, ApiError> {
+    let principal = caller(&state, &headers).await?;
+    let Query(query) = query.map_err(|e| invalid(e.body_text()))?;
+    let namespace = query
+        .namespace
+        .unwrap_or_else(|| principal.namespace.clone());
+    principal.require(&namespace, Role::Admin)?;
+    let rows = sqlx::query(
+        "SELECT id, name, namespace, role,
+                (extract(epoch FROM created_at) * 1000)::int8,
+                (extract(epoch FROM expires_at) * 1000)::int8,
+                revoked_at IS NOT NULL
+         FROM weir_tokens WHERE namespace = $1 OR $1 = '*' ORDER BY created_at, id",
+    )
+    .bind(&namespace)
+    .fetch_all(state.auth.pool())
+    .await
+    .map_err(database)?;
+    let tokens = rows
+        .iter()
+        .map(|row| {
+            Ok(TokenInfo {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                namespace: row.try_get(2)?,
+                role: row.try_get(3)?,
+                created_ms: row.try_get(4)?,
+                expires_ms: row.try_get(5)?,
+                revoked: row.try_get(6)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(database)?;
+    Ok(Json(TokenList { tokens }))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes a token. Needs the admin role in the
+/// token's namespace.
+pub(super) async fn revoke_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let principal = caller(&state, &headers).await?;
+    let pool = state.auth.pool();
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no token `{id}`"),
+        )
+    };
+    let namespace: Option<String> =
+        sqlx::query_scalar("SELECT namespace FROM weir_tokens WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(pool)
+            .await
+            .map_err(database)?;
+    // Another namespace's token is as good as absent to this caller.
+    let Some(namespace) = namespace else {
+        return Err(not_found());
+    };
+    if principal.require(&namespace, Role::Admin).is_err() {
+        return Err(not_found());
+    }
+    let hash: Option<String> = sqlx::query_scalar(
+        "UPDATE weir_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING hash",
+    )
+    .bind(&id)
+    .fetch_optional(pool)
+    .await
+    .map_err(database)?;
+    if let Some(hash) = hash {
+        state.auth.forget(&hash);
+    }
+    tracing::info!(%id, %namespace, by = %principal.token_id, "API token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
