@@ -163,6 +163,9 @@ pub struct ApiConfig {
     pub max_module_bytes: usize,
     /// Requests per second one token may make, with bursts of twice that.
     pub requests_per_second: u32,
+    /// Requests per second all tokens of one namespace may make together,
+    /// with bursts of twice that.
+    pub requests_per_second_per_namespace: u32,
     /// Requests per second one client address may make, whatever its
     /// tokens, with bursts of twice that: checked before any token lookup.
     pub requests_per_second_per_client: u32,
@@ -191,6 +194,7 @@ impl Default for ApiConfig {
             max_module_bytes: 50 * 1024 * 1024,
             requests_per_second: 50,
             requests_per_second_per_client: 200,
+            requests_per_second_per_namespace: 200,
             concurrent_compiles: 2,
             concurrent_uploads: 4,
             max_tokens_per_namespace: 100,

@@ -982,3 +982,60 @@ async fn tokens_are_named_listed_revoked_expire_and_are_bounded(
     assert_eq!(refusal(&bad)?.0, 422);
     host.stop().await
 }
+
+/// All tokens of one namespace share `api.requests_per_second_per_namespace`:
+/// minting more tokens does not buy more rate.
+#[sqlx::test(migrations = false)]
+async fn a_namespaces_tokens_share_its_rate(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    config.api.requests_per_second_per_namespace = 5;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    let mut tokens = Vec::new();
+    for _ in 0..5 {
+        tokens.push(new_token(address, "shop", "read").await?);
+    }
+    let billing = new_token(address, "billing", "read").await?;
+    let mut statuses = Vec::new();
+    for round in 0..6 {
+        for token in &tokens {
+            let path = "/v1/namespaces/shop/functions";
+            let response = http_request(
+                address,
+                "GET",
+                path,
+                &[("Authorization", &bearer(token))],
+                b"",
+            )
+            .await?;
+            statuses.push((round, response.status));
+        }
+    }
+    let limited = statuses.iter().filter(|(_, s)| *s == 429).count();
+    // Five tokens × six calls, each token far below its own rate: only the
+    // namespace's (5/s, bursts of 10) can refuse them.
+    assert!(limited >= 10, "{statuses:?}");
+    // Another namespace is not held by shop's rate.
+    let response = http_request(
+        address,
+        "GET",
+        "/v1/namespaces/billing/functions",
+        &[("Authorization", &bearer(&billing))],
+        b"",
+    )
+    .await?;
+    assert_eq!(response.status, 200, "{response:?}");
+    host.stop().await
+}

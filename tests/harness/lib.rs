@@ -252,6 +252,7 @@ pub fn host_config(nats: &NatsServer, database_url: &str, artifacts: &Path) -> H
         // has a test of its own.
         api: weir_host::config::ApiConfig {
             requests_per_second_per_client: 100_000,
+            requests_per_second_per_namespace: 100_000,
             ..Default::default()
         },
         ..HostConfig::default()

@@ -104,6 +104,8 @@ pub struct Authenticator {
     pool: PgPool,
     bootstrap_hash: Option<String>,
     requests_per_second: f64,
+    requests_per_second_per_namespace: f64,
+    /// Token buckets, per token and per namespace.
     buckets: Mutex<HashMap<String, TokenBucket>>,
     /// Recent lookups by token hash, unknown tokens included.
     lookups: LookupCache<Principal>,
@@ -115,7 +117,7 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-/// Buckets kept per token before idle ones are forgotten.
+/// Buckets kept (tokens and namespaces) before idle ones are forgotten.
 const MAX_BUCKETS: usize = 10_000;
 
 /// The token of an `Authorization` header value of the Bearer scheme. The
@@ -128,11 +130,20 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 impl Authenticator {
-    pub fn new(pool: PgPool, bootstrap_token: Option<&str>, requests_per_second: u32) -> Self {
+    /// Tokens are looked up in `pool`; each may make `requests_per_second`,
+    /// all of a namespace's together `requests_per_second_per_namespace`
+    /// (bursts of twice either).
+    pub fn new(
+        pool: PgPool,
+        bootstrap_token: Option<&str>,
+        requests_per_second: u32,
+        requests_per_second_per_namespace: u32,
+    ) -> Self {
         Self {
             pool,
             bootstrap_hash: bootstrap_token.map(hash_token),
             requests_per_second: f64::from(requests_per_second.max(1)),
+            requests_per_second_per_namespace: f64::from(requests_per_second_per_namespace.max(1)),
             buckets: Mutex::new(HashMap::new()),
             lookups: LookupCache::default(),
         }
@@ -164,7 +175,7 @@ impl Authenticator {
             };
             found.ok_or(AuthError::Invalid)?
         };
-        self.admit(&principal.token_id)?;
+        self.admit(&principal)?;
         Ok(principal)
     }
 
@@ -210,24 +221,32 @@ impl Authenticator {
         &self.pool
     }
 
-    /// Takes one request from the token's bucket.
-    fn admit(&self, token_id: &str) -> Result<(), AuthError> {
+    /// Takes one request from the token's bucket, then from its
+    /// namespace's: many tokens of one namespace share its rate.
+    fn admit(&self, principal: &Principal) -> Result<(), AuthError> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(token_id) {
-            buckets.clear();
+        let token = format!("token:{}", principal.token_id);
+        let namespace = format!("namespace:{}", principal.namespace);
+        if buckets.len() >= MAX_BUCKETS
+            && !(buckets.contains_key(&token) && buckets.contains_key(&namespace))
+        {
+            buckets.retain(|_, bucket| !bucket.is_full(now));
         }
-        let rate = self.requests_per_second;
-        let bucket = buckets
-            .entry(token_id.to_string())
-            .or_insert_with(|| TokenBucket::new(rate, rate * 2.0, now));
-        if bucket.take(now) {
-            Ok(())
-        } else {
-            Err(AuthError::RateLimited {
-                retry_after: bucket.wait(),
-            })
+        for (key, rate) in [
+            (token, self.requests_per_second),
+            (namespace, self.requests_per_second_per_namespace),
+        ] {
+            let bucket = buckets
+                .entry(key)
+                .or_insert_with(|| TokenBucket::new(rate, rate * 2.0, now));
+            if !bucket.take(now) {
+                return Err(AuthError::RateLimited {
+                    retry_after: bucket.wait(),
+                });
+            }
         }
+        Ok(())
     }
 }
 

@@ -610,6 +610,7 @@ async fn start_api(
             pool.clone(),
             settings.bootstrap_token.as_ref().map(|t| t.0.as_str()),
             settings.requests_per_second,
+            settings.requests_per_second_per_namespace,
         )),
         modules: modules::ModuleRegistry::new(
             pool.clone(),
