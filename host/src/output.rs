@@ -208,6 +208,67 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// Whether `text` is a subject pattern: non-empty tokens, `>` only last.
+pub fn is_subject_pattern(text: &str) -> bool {
+    let tokens: Vec<&str> = text.split('.').collect();
+    !text.is_empty()
+        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
+        && tokens.iter().all(|t| !t.is_empty())
+        && tokens.iter().rev().skip(1).all(|t| *t != ">")
+}
+
+/// Whether every subject `pattern` matches is matched by `owned` (both may
+/// hold wildcards): the subject set of one within the other's.
+pub fn is_within(pattern: &str, owned: &str) -> bool {
+    if !is_subject_pattern(pattern) || !is_subject_pattern(owned) {
+        return false;
+    }
+    if !pattern.contains(['*', '>']) {
+        return subject_matches(owned, pattern);
+    }
+    let mut tokens = pattern.split('.');
+    for own in owned.split('.') {
+        let Some(token) = tokens.next() else {
+            // `owned` needs more tokens than `pattern` has.
+            return false;
+        };
+        match (own, token) {
+            // One or more tokens of anything: whatever is left of
+            // `pattern` (at least this token) is within.
+            (">", _) => return true,
+            // `>` in `pattern` reaches past any single-token position.
+            (_, ">") => return false,
+            ("*", _) => {}
+            (_, "*") => return false,
+            (own, token) if own == token => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+/// The first of `outputs` (patterns or subjects) that no single stream's
+/// subjects capture whole: what it publishes could never be stored.
+pub fn uncaptured<'a>(outputs: &'a [String], stream_subjects: &[String]) -> Option<&'a String> {
+    outputs
+        .iter()
+        .find(|output| !stream_subjects.iter().any(|s| is_within(output, s)))
+}
+
+/// Every subject pattern some stream on the server captures.
+pub async fn stream_subjects(js: &jetstream::Context) -> Result<Vec<String>, String> {
+    use futures::TryStreamExt;
+    let infos: Vec<jetstream::stream::Info> = js
+        .streams()
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(infos
+        .into_iter()
+        .flat_map(|info| info.config.subjects)
+        .collect())
+}
+
 /// Whether `subject` is a valid subject to publish to: non-empty tokens, no
 /// wildcards, no whitespace or control characters (U+0000 included: the
 /// outbox keeps subjects in a Postgres `TEXT` column), and not a `$` system
@@ -224,6 +285,17 @@ pub fn is_publishable_subject(subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_are_captured_whole_by_one_stream() {
+        let streams = vec!["orders.>".to_string(), "alerts.high".to_string()];
+        let fine: Vec<String> = ["orders.new", "orders.*.x", "alerts.high"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(uncaptured(&fine, &streams), None);
+        let partly: Vec<String> = vec!["alerts.*".into()];
+        assert_eq!(uncaptured(&partly, &streams), Some(&partly[0]));
+    }
 
     #[test]
     fn subject_patterns() {

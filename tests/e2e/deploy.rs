@@ -399,6 +399,23 @@ async fn bad_function_calls_name_the_problem(
         assert_eq!(refused.status, 403, "{body}: {message}");
         assert!(message.starts_with(expected), "{body}: {message}");
     }
+    // An output no stream captures (whole, wildcards included) is refused at
+    // bind time: its publishes would be retried forever.
+    for output in ["s.out", "s.out.>"] {
+        let uncaptured = call(
+            address,
+            "PUT",
+            "/v1/namespaces/shop/functions/g",
+            ADMIN,
+            &binding("S", "s.in", &[output]),
+        )
+        .await?;
+        assert_eq!(uncaptured.status, 422, "{uncaptured:?}");
+        assert!(
+            uncaptured.body.contains("no JetStream stream captures"),
+            "{uncaptured:?}"
+        );
+    }
     // Namespace `weir` is named like Weir's own streams and subjects: no
     // tenant may have it.
     let weirs = call(
@@ -460,7 +477,7 @@ async fn bad_function_calls_name_the_problem(
         .unwrap_or_default()
         .to_string();
     let billing_fn = "/v1/namespaces/billing/functions/ledger";
-    let own = binding("BILLING", "billing.in", &["billing.out"]);
+    let own = binding("BILLING", "billing.in", &[]);
     assert_eq!(
         call(address, "PUT", billing_fn, &billing_deployer, &own)
             .await?

@@ -67,6 +67,10 @@ async fn bad_modules_and_bindings_are_refused_with_a_clear_error(
             "no JetStream stream captures it",
         ),
         (
+            function(passthrough.clone(), &["out.>"]),
+            "no JetStream stream captures it",
+        ),
+        (
             FunctionSpec {
                 stream: "NO_SUCH_STREAM".into(),
                 ..function(passthrough.clone(), &["out"])

@@ -38,6 +38,8 @@ pub struct ApiState {
     pub max_module_bytes: usize,
     /// The rate per client address, checked before anything else.
     pub clients: Arc<ClientLimiter>,
+    /// The broker, to check that a binding's outputs can be stored.
+    pub js: async_nats::jetstream::Context,
     /// Live tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads being read or compiled at once: memory held by uploads is at
@@ -508,6 +510,20 @@ async fn put_function(
         &binding.outputs,
     ) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
+    }
+    // An output no stream captures would hold its function's events forever
+    // (the publish is retried as an outage): refused here instead.
+    let captured = crate::output::stream_subjects(&state.js)
+        .await
+        .map_err(|error| ApiError::unavailable("NATS", &error))?;
+    if let Some(output) = crate::output::uncaptured(&binding.outputs, &captured) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!(
+                "outputs: no JetStream stream captures all of `{output}`, so what the function publishes there could never be stored; make a stream that captures it first"
+            ),
+        ));
     }
     // Its durable consumer, applied sequences and state belong to one
     // stream: a function with versions cannot move to another.

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::output::subject_matches;
+use crate::output::{is_subject_pattern, is_within};
 
 /// The namespace named like Weir's own streams (`WEIR_DEAD_LETTERS`,
 /// `WEIR_LOGS`) and subjects (`weir.dlq.>`, `weir.logs.>`): no tenant may
@@ -128,45 +128,6 @@ impl Resources {
     }
 }
 
-/// Whether `text` is a subject pattern: non-empty tokens, `>` only last.
-fn is_subject_pattern(text: &str) -> bool {
-    let tokens: Vec<&str> = text.split('.').collect();
-    !text.is_empty()
-        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
-        && tokens.iter().all(|t| !t.is_empty())
-        && tokens.iter().rev().skip(1).all(|t| *t != ">")
-}
-
-/// Whether every subject `pattern` matches is matched by `owned` (both may
-/// hold wildcards): the subject set of one within the other's.
-pub fn is_within(pattern: &str, owned: &str) -> bool {
-    if !is_subject_pattern(pattern) || !is_subject_pattern(owned) {
-        return false;
-    }
-    if !pattern.contains(['*', '>']) {
-        return subject_matches(owned, pattern);
-    }
-    let mut tokens = pattern.split('.');
-    for own in owned.split('.') {
-        let Some(token) = tokens.next() else {
-            // `owned` needs more tokens than `pattern` has.
-            return false;
-        };
-        match (own, token) {
-            // One or more tokens of anything: whatever is left of
-            // `pattern` (at least this token) is within.
-            (">", _) => return true,
-            // `>` in `pattern` reaches past any single-token position.
-            (_, ">") => return false,
-            ("*", _) => {}
-            (_, "*") => return false,
-            (own, token) if own == token => {}
-            _ => return false,
-        }
-    }
-    tokens.next().is_none()
-}
-
 /// What namespace `namespace` owns: its grant, or the defaults.
 pub async fn resources(pool: &PgPool, namespace: &str) -> Result<Resources, sqlx::Error> {
     let row: Option<(Vec<String>, Vec<String>)> = sqlx::query_as(
@@ -211,6 +172,7 @@ pub async fn grant(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::subject_matches;
 
     #[test]
     fn subject_sets_within_subject_sets() {

@@ -219,7 +219,7 @@ async fn run<S: FunctionSource>(
                 .max_connections(config.api.database_connections.max(1))
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options.application_name(API_APPLICATION_NAME));
-            Some(start_api(address, &config, &api_pool, &sandbox, &shutdown).await?)
+            Some(start_api(address, &config, &api_pool, &js, &sandbox, &shutdown).await?)
         }
         None => None,
     };
@@ -600,6 +600,7 @@ async fn start_api(
     address: std::net::SocketAddr,
     config: &HostConfig,
     pool: &sqlx::PgPool,
+    js: &jetstream::Context,
     sandbox: &Arc<Sandbox>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
@@ -624,6 +625,7 @@ async fn start_api(
             settings.requests_per_second_per_client,
         )),
         max_tokens_per_namespace: settings.max_tokens_per_namespace,
+        js: js.clone(),
         uploads: Arc::new(tokio::sync::Semaphore::new(
             settings.concurrent_uploads.max(1),
         )),

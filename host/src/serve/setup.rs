@@ -129,9 +129,10 @@ pub(super) async fn ensure_log_stream(
     .map_err(|e| classify_create(name, e))
 }
 
-/// Checks that every literal output subject of `spec` is captured by a
-/// stream, and that the stream it reads exists: outputs that could never be
-/// stored, or a binding to a stream that is not there, are refused.
+/// Checks that every output of `spec` is captured by a stream (a wildcard
+/// one whole, by one stream), and that the stream it reads exists: outputs
+/// that could never be stored, or a binding to a stream that is not there,
+/// are refused.
 pub async fn check_bindings(
     js: &jetstream::Context,
     spec: &FunctionSpec,
@@ -153,6 +154,24 @@ pub async fn check_bindings(
                 }
                 _ => StepFailure::Outage(format!("output `{subject}`: {error}")),
             });
+        }
+    }
+    // Wildcard outputs: captured whole by one stream's subjects.
+    let wildcards: Vec<String> = spec
+        .outputs
+        .iter()
+        .filter(|s| s.contains(['*', '>']))
+        .cloned()
+        .collect();
+    if !wildcards.is_empty() {
+        let captured = crate::output::stream_subjects(js)
+            .await
+            .map_err(|reason| StepFailure::Outage(format!("listing streams: {reason}")))?;
+        if let Some(output) = crate::output::uncaptured(&wildcards, &captured) {
+            return Err(StepFailure::Refused(ServeError::OutputNotCaptured {
+                function: spec.name.clone(),
+                subject: output.clone(),
+            }));
         }
     }
     Ingest::check_stream(js, spec).await.map_err(|error| {
