@@ -615,7 +615,7 @@ async fn the_openapi_document_lists_every_route_the_api_serves(
             );
         }
     }
-    assert_eq!(operations, 17);
+    assert_eq!(operations, 19);
     let binding = &document["components"]["schemas"]["Binding"];
     assert_eq!(
         binding["required"],

@@ -119,6 +119,19 @@ async fn the_cli_deploys_lists_switches_and_removes(
     })
     .await?;
 
+    // Its dead letters, through the API with the namespace's token.
+    let rejected = serde_json::json!({"key": "k", "id": 999, "do": "reject"}).to_string();
+    publish_all(&stack.js, "counted.in", [rejected.into_bytes()]).await?;
+    eventually(
+        Duration::from_secs(30),
+        "the dead letter in `weir fn logs --dead-letters`",
+        || async {
+            let shown = weir(address, &["fn", "logs", "tally", "--dead-letters"]).await?;
+            Ok(shown.contains("asked to reject") && shown.contains("\"id\":999"))
+        },
+    )
+    .await?;
+
     let back = weir(address, &["rollout", "set", "tally", "--stable", "1"]).await?;
     assert_eq!(back, "shop/tally now serves version 1\n");
     let status = weir(address, &["rollout", "status", "tally"]).await?;

@@ -833,3 +833,120 @@ async fn a_narrowed_grant_stops_the_functions_outside_it(
     .await?;
     host.stop().await
 }
+
+/// A deployed function's guest log lines and dead letters are read through
+/// the API with a token for its namespace (the host reads NATS for the
+/// caller), and followed by asking again after the last sequence; another
+/// namespace's token gets nothing.
+#[sqlx::test(migrations = false)]
+async fn logs_and_dead_letters_are_read_through_the_api_per_namespace(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host(
+        &stack,
+        vec![
+            stream("COUNTED", &["counted.in"]),
+            stream("FIXTURE_OUT", &["fixture.out"]),
+        ],
+        ADMIN,
+    )
+    .await?;
+    let module = upload(address, "misbehave").await?;
+    let function = "/v1/namespaces/shop/functions/noisy";
+    let binding = serde_json::json!({
+        "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
+        "outputs": ["fixture.out"], "retry": {"max_attempts": 1},
+    });
+    assert_eq!(
+        call(address, "PUT", function, ADMIN, &binding)
+            .await?
+            .status,
+        201
+    );
+    let version = serde_json::json!({"module": module});
+    let made = call(
+        address,
+        "POST",
+        &format!("{function}/versions"),
+        ADMIN,
+        &version,
+    )
+    .await?;
+    assert_eq!(made.status, 201, "{made:?}");
+    let event = |id: u64, action: &str| {
+        serde_json::json!({"key": "k", "id": id, "do": action})
+            .to_string()
+            .into_bytes()
+    };
+    publish_all(
+        &stack.js,
+        "counted.in",
+        [event(1, "chatty"), event(2, "reject")],
+    )
+    .await?;
+
+    let token = |namespace: &'static str| async move {
+        let made = call(
+            address,
+            "POST",
+            "/v1/tokens",
+            ADMIN,
+            &serde_json::json!({"namespace": namespace, "role": "read"}),
+        )
+        .await?;
+        anyhow::Ok(
+            made.json()?["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    let reader = token("shop").await?;
+    let dead_letters = format!("{function}/dead-letters");
+    let read = |path: String, token: String| async move {
+        call(address, "GET", &path, &token, &serde_json::Value::Null).await
+    };
+    let dead = eventually(Duration::from_secs(30), "the dead letter", || async {
+        let response = read(dead_letters.clone(), reader.clone()).await?;
+        Ok(response.json()?["records"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1))
+    });
+    dead.await?;
+    let dead = read(dead_letters.clone(), reader.clone()).await?.json()?;
+    let letter = &dead["records"][0];
+    assert!(
+        letter["payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("\"reject\"")),
+        "{dead}"
+    );
+    assert!(
+        dead.to_string().contains("asked to reject"),
+        "the reason is in its headers: {dead}"
+    );
+
+    let logs = format!("{function}/logs");
+    eventually(Duration::from_secs(30), "the log lines", || async {
+        let response = read(logs.clone(), reader.clone()).await?;
+        Ok(response.body.contains("chatty event"))
+    })
+    .await?;
+    // Following: nothing new after the last sequence read.
+    let all = read(logs.clone(), reader.clone()).await?.json()?;
+    let last = all["last_seq"].as_u64().context("last_seq")?;
+    let after = read(format!("{logs}?after_seq={last}"), reader.clone())
+        .await?
+        .json()?;
+    assert_eq!(after["records"], serde_json::json!([]), "{after}");
+    assert_eq!(after["last_seq"].as_u64(), Some(last));
+
+    // Another namespace's reader is refused both.
+    let outsider = token("billing").await?;
+    for path in [logs, dead_letters] {
+        assert_eq!(read(path, outsider.clone()).await?.status, 403);
+    }
+    host.stop().await
+}

@@ -38,8 +38,13 @@ pub struct ApiState {
     pub max_module_bytes: usize,
     /// The rate per client address, checked before anything else.
     pub clients: Arc<ClientLimiter>,
-    /// The broker, to check that a binding's outputs can be stored.
+    /// The broker, to check that a binding's outputs can be stored and to
+    /// read functions' logs and dead letters for their namespace.
     pub js: async_nats::jetstream::Context,
+    /// `guest_logs.subject_prefix`.
+    pub log_prefix: String,
+    /// `dead_letter_prefix`.
+    pub dead_letter_prefix: String,
     /// Live tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads being read or compiled at once: memory held by uploads is at
@@ -75,7 +80,7 @@ impl ApiError {
         }
     }
 
-    fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
+    pub(super) fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::warn!(%error, "API: {what} failed");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -232,6 +237,14 @@ pub fn router(state: ApiState) -> Router {
             put(grant_resources)
                 .get(get_resources)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/logs",
+            get(super::records::logs),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/functions/{name}/dead-letters",
+            get(super::records::dead_letters),
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/versions",
@@ -407,7 +420,7 @@ async fn get_module(
 }
 
 /// Checks the namespace and function name of a URL.
-fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
+pub(super) fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
     let bad = |what: &str| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod modules;
 pub mod namespaces;
 pub mod openapi;
+pub mod records;
 pub mod store;
 pub mod tokens;
 

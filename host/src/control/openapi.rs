@@ -118,6 +118,22 @@ pub const ROUTES: &[RouteDoc] = &[
         answers: &[200, 400, 401, 403, 415, 422, 429],
     },
     RouteDoc {
+        method: "get",
+        path: "/v1/namespaces/{namespace}/functions/{name}/logs",
+        summary: "The function's guest log lines kept (`?after_seq=`, `?since_ms=`, `?limit=`); ask again from `last_seq` to follow",
+        role: Some("read"),
+        body: None,
+        answers: &[200, 401, 403, 422, 429, 503],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/v1/namespaces/{namespace}/functions/{name}/dead-letters",
+        summary: "The function's dead letters kept, with the headers saying why (`?after_seq=`, `?since_ms=`, `?limit=`)",
+        role: Some("read"),
+        body: None,
+        answers: &[200, 401, 403, 422, 429, 503],
+    },
+    RouteDoc {
         method: "post",
         path: "/v1/namespaces/{namespace}/functions/{name}/versions",
         summary: "Make the next version from an uploaded module and the current binding",

@@ -626,6 +626,8 @@ async fn start_api(
         )),
         max_tokens_per_namespace: settings.max_tokens_per_namespace,
         js: js.clone(),
+        log_prefix: config.guest_logs.subject_prefix.clone(),
+        dead_letter_prefix: config.dead_letter_prefix.clone(),
         uploads: Arc::new(tokio::sync::Semaphore::new(
             settings.concurrent_uploads.max(1),
         )),

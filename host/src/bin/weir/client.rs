@@ -9,6 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+/// Records asked for per call by `fn logs` through the API.
+pub const RECORDS_PAGE: usize = 1_000;
+
 /// Where and as whom the client calls.
 #[derive(Debug, Args, Clone)]
 pub struct Api {
@@ -133,6 +136,29 @@ impl Api {
 
     async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.client()?.get(self.url(path))).await
+    }
+
+    /// Whether calls carry a token: `fn logs` then reads through the API.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// One page of a function's `kind` (`logs` or `dead-letters`) records:
+    /// after `after_seq`, or from `since_ms`, or all that is kept.
+    pub async fn records(
+        &self,
+        name: &str,
+        kind: &str,
+        after_seq: Option<u64>,
+        since_ms: Option<i64>,
+    ) -> Result<Value> {
+        let mut path = format!("{}/{kind}?limit={RECORDS_PAGE}", self.function_path(name));
+        match (after_seq, since_ms) {
+            (Some(after), _) => path.push_str(&format!("&after_seq={after}")),
+            (None, Some(since)) => path.push_str(&format!("&since_ms={since}")),
+            (None, None) => {}
+        }
+        self.get(&path).await
     }
 
     fn print(&self, body: &Value, table: impl FnOnce(&Value) -> String) {

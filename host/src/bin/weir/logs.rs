@@ -1,6 +1,9 @@
-//! `weir fn logs <name>`: a function's guest log lines from the `WEIR_LOGS`
-//! stream: what is kept (or the last `--since`), then, with `--follow`, new
-//! lines as hosts publish them.
+//! `weir fn logs <name>`: a function's guest log lines: what is kept (or the
+//! last `--since`), then, with `--follow`, new lines as hosts publish them.
+//! With a token (`WEIR_TOKEN`) they are read through a host's API, for the
+//! namespace the token is for (and `--dead-letters` shows the function's
+//! dead letters instead); without one, straight from the `WEIR_LOGS` stream
+//! with NATS credentials (functions of a config file, the dev stack).
 
 use std::time::Duration;
 
@@ -23,6 +26,9 @@ pub struct LogsArgs {
     /// Print each line as its JSON record.
     #[arg(long)]
     json: bool,
+    /// Show the function's dead letters instead (through the API).
+    #[arg(long)]
+    dead_letters: bool,
     /// NATS server the hosts publish to.
     #[arg(long, env = "WEIR_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
@@ -35,7 +41,15 @@ pub struct LogsArgs {
 /// everything kept (without `--follow`).
 const CAUGHT_UP_WAIT: Duration = Duration::from_secs(1);
 
-pub async fn run(args: LogsArgs) -> Result<()> {
+pub async fn run(api: &crate::client::Api, args: LogsArgs) -> Result<()> {
+    if api.has_token() {
+        return through_api(api, &args).await;
+    }
+    if args.dead_letters {
+        bail!(
+            "dead letters are read through the API: set WEIR_TOKEN (and WEIR_API_URL, WEIR_NAMESPACE)"
+        );
+    }
     let client = async_nats::connect(args.nats_url.as_str())
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
@@ -89,6 +103,73 @@ pub async fn run(args: LogsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pages of records from the API; with `--follow`, asks again after the
+/// last sequence once a second.
+async fn through_api(api: &crate::client::Api, args: &LogsArgs) -> Result<()> {
+    let kind = if args.dead_letters {
+        "dead-letters"
+    } else {
+        "logs"
+    };
+    let since_ms = args.since.map(|since| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(now.saturating_sub(since).as_millis()).unwrap_or(i64::MAX)
+    });
+    let mut after: Option<u64> = None;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let page = api.records(&args.name, kind, after, since_ms).await?;
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        for record in &records {
+            let payload = record["payload"].as_str().unwrap_or_default();
+            if args.dead_letters {
+                print_dead_letter(&mut stdout, record, args.json)?;
+            } else {
+                print_line(&mut stdout, payload.as_bytes(), args.json)?;
+            }
+        }
+        after = page["last_seq"].as_u64().or(after);
+        if records.len() >= crate::client::RECORDS_PAGE {
+            continue;
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `seq=7 reason="…" payload`, or the API's JSON record.
+fn print_dead_letter(
+    out: &mut impl std::io::Write,
+    record: &serde_json::Value,
+    json: bool,
+) -> Result<()> {
+    if json {
+        writeln!(out, "{record}")?;
+        return Ok(out.flush()?);
+    }
+    let headers = record["headers"].as_object().cloned().unwrap_or_default();
+    let weir: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| name.starts_with("Weir-"))
+        .map(|(name, value)| format!("{name}={}", value.as_str().unwrap_or_default()))
+        .collect();
+    let payload = record["payload"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            record["payload_hex"]
+                .as_str()
+                .map(|hex| format!("hex:{hex}"))
+        })
+        .unwrap_or_default();
+    writeln!(out, "seq={} {} {payload}", record["seq"], weir.join(" "))?;
+    Ok(out.flush()?)
 }
 
 fn print_line(out: &mut impl std::io::Write, payload: &[u8], json: bool) -> Result<()> {

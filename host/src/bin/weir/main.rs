@@ -67,7 +67,8 @@ enum FunctionCommand {
     Show { name: String },
     /// Remove a function and its versions.
     Rm { name: String },
-    /// Show a function's guest log lines (`log` calls, stdout, stderr).
+    /// Show a function's guest log lines (`log` calls, stdout, stderr), or
+    /// its dead letters; through the API when a token is set.
     Logs(logs::LogsArgs),
 }
 
@@ -88,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
             FunctionCommand::Ls => client::list(&api).await?,
             FunctionCommand::Show { name } => client::show(&api, &name).await?,
             FunctionCommand::Rm { name } => client::remove(&api, &name).await?,
-            FunctionCommand::Logs(args) => logs::run(args).await?,
+            FunctionCommand::Logs(args) => logs::run(&api, args).await?,
         },
         Command::Rollout { api, command } => client::rollout(&api, command).await?,
         Command::CheckConfig { config } => {
