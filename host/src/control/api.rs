@@ -1,5 +1,7 @@
-//! The HTTP API under `/v1` (axum): module uploads, API tokens, and
-//! functions with their versions and the version that serves.
+//! The HTTP API under `/v1` (axum): its state, its errors, the router,
+//! admission per client address, and module uploads. Functions and
+//! resources are in `function_routes`, tokens in `tokens`, logs and dead
+//! letters in `records`.
 //! Every error is JSON `{error, message}` with a 4xx status for what the
 //! caller can fix, and never carries the host's internals.
 
@@ -13,17 +15,15 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::ClientLimiter;
-use super::auth::{ANY_NAMESPACE, AuthError, Authenticator, Principal, Role};
+use super::auth::{AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
-use super::namespaces::{RESERVED_NAMESPACE, Resources};
-use super::store::{
-    Binding, ControlStore, FunctionRecord, Rollout, StoreError, VersionRecord, runtime_name,
-};
-use super::tokens;
+use super::namespaces::RESERVED_NAMESPACE;
+use super::store::{ControlStore, StoreError};
+use super::{function_routes, tokens};
 
 /// Largest JSON body of any call but a module upload.
 const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -224,18 +224,21 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tokens/{id}",
             axum::routing::delete(tokens::revoke_token),
         )
-        .route("/v1/namespaces/{namespace}/functions", get(list_functions))
+        .route(
+            "/v1/namespaces/{namespace}/functions",
+            get(function_routes::list_functions),
+        )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}",
-            put(put_function)
-                .get(get_function)
-                .delete(delete_function)
+            put(function_routes::put_function)
+                .get(function_routes::get_function)
+                .delete(function_routes::delete_function)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .route(
             "/v1/namespaces/{namespace}/resources",
-            put(grant_resources)
-                .get(get_resources)
+            put(function_routes::grant_resources)
+                .get(function_routes::get_resources)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .route(
@@ -248,21 +251,21 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/versions",
-            post(create_version).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
+            post(function_routes::create_version).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/rollout",
-            put(set_rollout)
-                .get(get_function)
+            put(function_routes::set_rollout)
+                .get(function_routes::get_function)
                 .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/rollout/promote",
-            post(promote),
+            post(function_routes::promote),
         )
         .route(
             "/v1/namespaces/{namespace}/functions/{name}/rollout/rollback",
-            post(rollback),
+            post(function_routes::rollback),
         )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -440,43 +443,6 @@ pub(super) fn names(namespace: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// What a namespace owns: readable in the namespace.
-async fn get_resources(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(namespace): Path<String>,
-) -> Result<Json<Resources>, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Read)?;
-    names(&namespace, "resources")?;
-    Ok(Json(state.store.namespace_resources(&namespace).await?))
-}
-
-/// Replaces what a namespace owns: only an admin of every namespace may,
-/// or a namespace's admin could take another's streams.
-async fn grant_resources(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(namespace): Path<String>,
-    body: Result<Json<Resources>, JsonRejection>,
-) -> Result<Json<Resources>, ApiError> {
-    let principal = caller(&state, &headers).await?;
-    principal.require(ANY_NAMESPACE, Role::Admin)?;
-    names(&namespace, "resources")?;
-    let Json(resources) = body?;
-    if let Some(problem) = resources.problem() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            problem,
-        ));
-    }
-    state.store.grant_resources(&namespace, &resources).await?;
-    tracing::info!(%namespace, streams = ?resources.streams, subjects = ?resources.subjects, by = %principal.token_id, "namespace resources granted");
-    Ok(Json(resources))
-}
-
 /// The refusal of namespace [`RESERVED_NAMESPACE`].
 pub(super) fn reserved() -> ApiError {
     ApiError::new(
@@ -486,279 +452,6 @@ pub(super) fn reserved() -> ApiError {
             "namespace `{RESERVED_NAMESPACE}` is reserved: Weir's own streams and subjects (dead letters, guest logs) are named for it"
         ),
     )
-}
-
-fn no_function(namespace: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no function `{name}` in namespace `{namespace}`"),
-    )
-}
-
-async fn put_function(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
-    body: Result<Json<Binding>, JsonRejection>,
-) -> Result<(StatusCode, Json<FunctionRecord>), ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    let Json(binding) = body?;
-    if let Some(problem) = binding.to_spec(&runtime_name(&namespace, &name)).problem() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            problem,
-        ));
-    }
-    // A namespace reads and writes only what it owns.
-    let owned = state.store.namespace_resources(&namespace).await?;
-    if let Some(problem) = owned.binding_problem(
-        &namespace,
-        &binding.stream,
-        &binding.subject,
-        &binding.outputs,
-    ) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
-    }
-    // An output no stream captures would hold its function's events forever
-    // (the publish is retried as an outage): refused here instead.
-    let captured = crate::output::stream_subjects(&state.js)
-        .await
-        .map_err(|error| ApiError::unavailable("NATS", &error))?;
-    if let Some(output) = crate::output::uncaptured(&binding.outputs, &captured) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            format!(
-                "outputs: no JetStream stream captures all of `{output}`, so what the function publishes there could never be stored; make a stream that captures it first"
-            ),
-        ));
-    }
-    // Its durable consumer, applied sequences and state belong to one
-    // stream: a function with versions cannot move to another.
-    if let Some(existing) = state.store.get_function(&namespace, &name).await?
-        && !existing.versions.is_empty()
-        && existing.binding.stream != binding.stream
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "function `{name}` reads stream `{}`; deploy a new function to read `{}`",
-                existing.binding.stream, binding.stream
-            ),
-        ));
-    }
-    let created = state
-        .store
-        .put_function(&namespace, &name, &binding)
-        .await?;
-    let record = state
-        .store
-        .get_function(&namespace, &name)
-        .await?
-        .ok_or_else(|| no_function(&namespace, &name))?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(record)))
-}
-
-async fn get_function(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Read)?;
-    names(&namespace, &name)?;
-    state
-        .store
-        .get_function(&namespace, &name)
-        .await?
-        .map(Json)
-        .ok_or_else(|| no_function(&namespace, &name))
-}
-
-#[derive(Serialize)]
-struct FunctionSummary {
-    name: String,
-    stable: Option<i32>,
-}
-
-#[derive(Serialize)]
-struct FunctionList {
-    functions: Vec<FunctionSummary>,
-}
-
-async fn list_functions(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(namespace): Path<String>,
-) -> Result<Json<FunctionList>, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Read)?;
-    let functions = state
-        .store
-        .list_functions(&namespace)
-        .await?
-        .into_iter()
-        .map(|(name, stable)| FunctionSummary { name, stable })
-        .collect();
-    Ok(Json(FunctionList { functions }))
-}
-
-async fn delete_function(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    match state.store.delete_function(&namespace, &name).await? {
-        true => Ok(StatusCode::NO_CONTENT),
-        false => Err(no_function(&namespace, &name)),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewVersion {
-    /// The digest of an uploaded module.
-    module: String,
-    /// Reprocess the stream from here when this version becomes stable,
-    /// with the function's state cleared.
-    #[serde(default)]
-    replay_from: Option<super::store::ReplayFrom>,
-}
-
-async fn create_version(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
-    body: Result<Json<NewVersion>, JsonRejection>,
-) -> Result<(StatusCode, Json<VersionRecord>), ApiError> {
-    let principal = caller(&state, &headers).await?;
-    principal.require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    let Json(request) = body?;
-    if let Some(super::store::ReplayFrom::TimeMs(ms)) = request.replay_from {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        if !(0..=now_ms).contains(&ms) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-                "replay_from.time_ms must be a past time, in ms since the Unix epoch",
-            ));
-        }
-    }
-    // The version takes the function's binding as it is stored, which may
-    // predate what the namespace owns now.
-    if let Some(existing) = state.store.get_function(&namespace, &name).await? {
-        let owned = state.store.namespace_resources(&namespace).await?;
-        let binding = &existing.binding;
-        if let Some(problem) = owned.binding_problem(
-            &namespace,
-            &binding.stream,
-            &binding.subject,
-            &binding.outputs,
-        ) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
-        }
-    }
-    let version = state
-        .store
-        .create_version(&namespace, &name, &request.module, request.replay_from)
-        .await?;
-    tracing::info!(%namespace, function = %name, version = version.version, module = %version.module, by = %principal.token_id, "version created");
-    Ok((StatusCode::CREATED, Json(version)))
-}
-
-async fn set_rollout(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
-    body: Result<Json<Rollout>, JsonRejection>,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    caller(&state, &headers)
-        .await?
-        .require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    let Json(rollout) = body?;
-    if let Some(problem) = rollout.problem() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            problem,
-        ));
-    }
-    if state.store.get_function(&namespace, &name).await?.is_none() {
-        return Err(no_function(&namespace, &name));
-    }
-    state.store.set_rollout(&namespace, &name, &rollout).await?;
-    current(&state, &namespace, &name).await
-}
-
-async fn current(
-    state: &ApiState,
-    namespace: &str,
-    name: &str,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    state
-        .store
-        .get_function(namespace, name)
-        .await?
-        .map(Json)
-        .ok_or_else(|| no_function(namespace, name))
-}
-
-async fn promote(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(function): Path<(String, String)>,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    end_canary(&state, &headers, function, true).await
-}
-
-async fn rollback(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(function): Path<(String, String)>,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    end_canary(&state, &headers, function, false).await
-}
-
-/// Promotes the canary, or rolls it back.
-async fn end_canary(
-    state: &ApiState,
-    headers: &HeaderMap,
-    (namespace, name): (String, String),
-    promote: bool,
-) -> Result<Json<FunctionRecord>, ApiError> {
-    caller(state, headers)
-        .await?
-        .require(&namespace, Role::Deploy)?;
-    names(&namespace, &name)?;
-    if state.store.get_function(&namespace, &name).await?.is_none() {
-        return Err(no_function(&namespace, &name));
-    }
-    match promote {
-        true => state.store.promote(&namespace, &name).await?,
-        false => state.store.rollback(&namespace, &name, None).await?,
-    };
-    current(state, &namespace, &name).await
 }
 
 /// A namespace name: what is safe in URLs, subjects and consumer names.
