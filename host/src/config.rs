@@ -171,6 +171,9 @@ pub struct ApiConfig {
     pub requests_per_second_per_client: u32,
     /// Uploads compiled at once; more wait.
     pub concurrent_compiles: usize,
+    /// Seconds a client has to send a request's headers; a slower one is
+    /// disconnected.
+    pub header_read_timeout_secs: u64,
     /// Live (unrevoked, unexpired) tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads read or compiled at once; more are refused with 429. Memory
@@ -198,6 +201,7 @@ impl Default for ApiConfig {
             concurrent_compiles: 2,
             concurrent_uploads: 4,
             max_tokens_per_namespace: 100,
+            header_read_timeout_secs: 10,
             compile_timeout_secs: 60,
             run_deployed: true,
             database_connections: 2,

@@ -1039,3 +1039,51 @@ async fn a_namespaces_tokens_share_its_rate(
     assert_eq!(response.status, 200, "{response:?}");
     host.stop().await
 }
+
+/// A client has `api.header_read_timeout_secs` to send its request headers:
+/// one that trickles them (a byte a second) is disconnected, not kept open
+/// forever; a prompt one is served on the same server meanwhile.
+#[sqlx::test(migrations = false)]
+async fn a_client_trickling_its_headers_is_disconnected(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.header_read_timeout_secs = 1;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    let mut slow = tokio::net::TcpStream::connect(address).await?;
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for byte in b"GET /v1/openapi.json HTTP/1.1\r\nHost: weir\r\nX-Slow: " {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut answer = [0u8; 512];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(500), slow.read(&mut answer)).await
+        {
+            // The server answered (408) or closed: either way it let go.
+            let _ = read;
+            closed = true;
+            break;
+        }
+        assert_eq!(http_get(address, "/v1/openapi.json").await?.0, 200);
+    }
+    assert!(
+        closed,
+        "the trickling client was kept for {:?}",
+        started.elapsed()
+    );
+    host.stop().await
+}

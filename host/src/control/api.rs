@@ -45,6 +45,8 @@ pub struct ApiState {
     pub log_prefix: String,
     /// `dead_letter_prefix`.
     pub dead_letter_prefix: String,
+    /// How long a client has to send its request headers.
+    pub header_read_timeout: std::time::Duration,
     /// Live tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads being read or compiled at once: memory held by uploads is at
@@ -471,15 +473,13 @@ pub async fn start(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(%address, "serving the API under /v1");
-    Ok(tokio::spawn(async move {
-        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "API server failed");
-        }
-    }))
+    let header_read_timeout = state.header_read_timeout;
+    Ok(tokio::spawn(super::server::serve(
+        listener,
+        router(state),
+        header_read_timeout,
+        shutdown,
+    )))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod modules;
 pub mod namespaces;
 pub mod openapi;
 pub mod records;
+mod server;
 pub mod store;
 pub mod tokens;
 

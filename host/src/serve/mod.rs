@@ -625,6 +625,7 @@ async fn start_api(
             settings.requests_per_second_per_client,
         )),
         max_tokens_per_namespace: settings.max_tokens_per_namespace,
+        header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs.max(1)),
         js: js.clone(),
         log_prefix: config.guest_logs.subject_prefix.clone(),
         dead_letter_prefix: config.dead_letter_prefix.clone(),
