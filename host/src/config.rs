@@ -174,6 +174,10 @@ pub struct ApiConfig {
     /// Seconds a client has to send a request's headers; a slower one is
     /// disconnected.
     pub header_read_timeout_secs: u64,
+    /// Modules a namespace may hold (uploaded and not deleted).
+    pub module_quota_count: u32,
+    /// Bytes of modules a namespace may hold.
+    pub module_quota_bytes: u64,
     /// Live (unrevoked, unexpired) tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads read or compiled at once; more are refused with 429. Memory
@@ -202,6 +206,8 @@ impl Default for ApiConfig {
             concurrent_uploads: 4,
             max_tokens_per_namespace: 100,
             header_read_timeout_secs: 10,
+            module_quota_count: 100,
+            module_quota_bytes: 1 << 30,
             compile_timeout_secs: 60,
             run_deployed: true,
             database_connections: 2,

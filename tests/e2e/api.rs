@@ -615,7 +615,7 @@ async fn the_openapi_document_lists_every_route_the_api_serves(
             );
         }
     }
-    assert_eq!(operations, 19);
+    assert_eq!(operations, 20);
     let binding = &document["components"]["schemas"]["Binding"];
     assert_eq!(
         binding["required"],
@@ -1085,5 +1085,111 @@ async fn a_client_trickling_its_headers_is_disconnected(
         "the trickling client was kept for {:?}",
         started.elapsed()
     );
+    host.stop().await
+}
+
+/// A namespace holds the modules it uploads, within a quota of count and
+/// bytes; it can let go of one no version uses (which is then deleted, with
+/// its compiled artifact, once nothing else holds it), not of one in use,
+/// and not of another namespace's.
+#[sqlx::test(migrations = false)]
+async fn modules_are_held_within_a_quota_and_deleted_when_unused(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(vec![stream("SHOP", &["shop.in"])], vec![]);
+    config.api.listen = Some(address);
+    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    config.api.requests_per_second = 100_000;
+    config.api.module_quota_count = 2;
+    let host = RunningHost::start(config);
+    eventually(Duration::from_secs(60), "the API", || async {
+        host.check()?;
+        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    })
+    .await?;
+    let shop = new_token(address, "shop", "deploy").await?;
+    let billing = new_token(address, "billing", "deploy").await?;
+    let upload = |token: String, name: &'static str| async move {
+        let bytes = std::fs::read(component(name)?)?;
+        post(address, "/v1/modules", &token, "application/wasm", &bytes).await
+    };
+    let digest = |response: &HttpResponse| -> Result<String> {
+        Ok(response.json()?["digest"]
+            .as_str()
+            .context("digest")?
+            .to_string())
+    };
+    let delete = |token: String, digest: String| async move {
+        http_request(
+            address,
+            "DELETE",
+            &format!("/v1/modules/{digest}"),
+            &[("Authorization", &bearer(&token))],
+            b"",
+        )
+        .await
+    };
+    let passthrough = upload(shop.clone(), "passthrough").await?;
+    assert_eq!(passthrough.status, 201, "{passthrough:?}");
+    let passthrough = digest(&passthrough)?;
+    let counter = upload(shop.clone(), "counter").await?;
+    assert_eq!(counter.status, 201, "{counter:?}");
+    let counter = digest(&counter)?;
+    let third = upload(shop.clone(), "misbehave").await?;
+    let (status, code, message) = refusal(&third)?;
+    assert_eq!(
+        (status, code.as_str()),
+        (409, "quota_exceeded"),
+        "{message}"
+    );
+
+    // Another namespace cannot let go of shop's module.
+    assert_eq!(
+        delete(billing.clone(), passthrough.clone()).await?.status,
+        404
+    );
+    // In use by a version: kept.
+    let function = "/v1/namespaces/shop/functions/f";
+    let binding =
+        serde_json::json!({"stream": "SHOP", "subject": "shop.in", "key": {"subject_token": 1}});
+    let put = http_request(
+        address,
+        "PUT",
+        function,
+        &[
+            ("Authorization", &bearer(&shop)),
+            ("Content-Type", "application/json"),
+        ],
+        binding.to_string().as_bytes(),
+    )
+    .await?;
+    assert_eq!(put.status, 201, "{put:?}");
+    let version = serde_json::json!({"module": counter}).to_string();
+    let made = post(
+        address,
+        &format!("{function}/versions"),
+        &shop,
+        "application/json",
+        version.as_bytes(),
+    )
+    .await?;
+    assert_eq!(made.status, 201, "{made:?}");
+    let in_use = delete(shop.clone(), counter.clone()).await?;
+    assert_eq!(refusal(&in_use)?.1, "in_use", "{in_use:?}");
+    // Unused: deleted, and the quota has room again.
+    assert_eq!(delete(shop.clone(), passthrough.clone()).await?.status, 204);
+    let gone = http_request(
+        address,
+        "GET",
+        &format!("/v1/modules/{passthrough}"),
+        &[("Authorization", &bearer(&shop))],
+        b"",
+    )
+    .await?;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    assert_eq!(upload(shop.clone(), "misbehave").await?.status, 201);
     host.stop().await
 }

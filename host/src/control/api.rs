@@ -45,6 +45,8 @@ pub struct ApiState {
     pub log_prefix: String,
     /// `dead_letter_prefix`.
     pub dead_letter_prefix: String,
+    /// What each namespace may hold in modules.
+    pub module_quota: super::modules::Quota,
     /// How long a client has to send its request headers.
     pub header_read_timeout: std::time::Duration,
     /// Live tokens a namespace may have.
@@ -148,6 +150,15 @@ impl From<ModuleError> for ApiError {
                     "compiling the component failed inside the host; see the host log",
                 )
             }
+            ModuleError::QuotaExceeded(_) => {
+                Self::new(StatusCode::CONFLICT, "quota_exceeded", error.to_string())
+            }
+            ModuleError::InUse { .. } => {
+                Self::new(StatusCode::CONFLICT, "in_use", error.to_string())
+            }
+            ModuleError::NotHeld(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
+            }
             invalid => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_module",
@@ -211,7 +222,10 @@ pub fn router(state: ApiState) -> Router {
         // The upload reads its body itself, after the caller's token and
         // within the module size limit.
         .route("/v1/modules", post(upload_module))
-        .route("/v1/modules/{digest}", get(get_module))
+        .route(
+            "/v1/modules/{digest}",
+            get(get_module).delete(delete_module),
+        )
         .route(
             "/v1/openapi.json",
             get(|| async { Json(super::openapi::document()) }),
@@ -398,7 +412,10 @@ async fn upload_module(
             )
         }
     })?;
-    let (module, created) = state.modules.upload(body).await?;
+    let (module, created) = state
+        .modules
+        .upload(body, &principal.namespace, state.module_quota)
+        .await?;
     let status = if created {
         tracing::info!(digest = %module.digest, size = module.size, token = %principal.token_id, "module uploaded");
         StatusCode::CREATED
@@ -406,6 +423,20 @@ async fn upload_module(
         StatusCode::OK
     };
     Ok((status, Json(UploadedModule { module, created })))
+}
+
+/// Lets go of the caller's namespace's hold on a module; a module nothing
+/// holds or uses is deleted, with its compiled artifact.
+async fn delete_module(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let principal = caller(&state, &headers).await?;
+    principal.require_role(Role::Deploy)?;
+    state.modules.release(&principal.namespace, &digest).await?;
+    tracing::info!(%digest, namespace = %principal.namespace, token = %principal.token_id, "module released");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_module(

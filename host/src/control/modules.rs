@@ -52,6 +52,19 @@ pub enum ModuleError {
     Database(#[from] sqlx::Error),
     #[error("compiling the component failed inside the host: {0}")]
     Host(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("module `{0}` is not held by this namespace")]
+    NotHeld(String),
+    #[error("module `{digest}` is in use by {users}; remove or replace those versions first")]
+    InUse { digest: String, users: String },
+}
+
+/// How much a namespace may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub modules: i64,
+    pub bytes: i64,
 }
 
 /// Compiles and stores modules.
@@ -86,12 +99,24 @@ impl ModuleRegistry {
         }
     }
 
-    /// Checks, compiles and stores `bytes`. Returns the module and whether
-    /// it is new; uploading the same bytes again finds the stored one.
-    pub async fn upload(&self, bytes: Bytes) -> Result<(ModuleInfo, bool), ModuleError> {
+    /// Checks, compiles and stores `bytes` for `namespace`, within its
+    /// `quota`. Returns the module and whether it is new; uploading the same
+    /// bytes again finds the stored one (and the namespace then holds it
+    /// too).
+    pub async fn upload(
+        &self,
+        bytes: Bytes,
+        namespace: &str,
+        quota: Quota,
+    ) -> Result<(ModuleInfo, bool), ModuleError> {
         check_header(&bytes)?;
         let digest = hex::encode(Sha256::digest(&bytes));
+        let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        if !self.holds(namespace, &digest).await? {
+            self.check_quota(namespace, size, quota).await?;
+        }
         if let Some(existing) = self.get(&digest).await? {
+            self.hold(namespace, &digest).await?;
             return Ok((existing, false));
         }
         let compiled = {
@@ -116,7 +141,6 @@ impl ModuleRegistry {
             SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
             other => ModuleError::Host(other.to_string()),
         })?;
-        let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
         let inserted = sqlx::query(
             "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
              ON CONFLICT (digest) DO NOTHING",
@@ -127,12 +151,97 @@ impl ModuleRegistry {
         .bind(EVENT_HANDLER_WORLD)
         .execute(&self.pool)
         .await?;
+        self.hold(namespace, &digest).await?;
         let info = ModuleInfo {
             digest,
             size,
             world: EVENT_HANDLER_WORLD.to_string(),
         };
         Ok((info, inserted.rows_affected() == 1))
+    }
+
+    async fn holds(&self, namespace: &str, digest: &str) -> Result<bool, ModuleError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
+        )
+        .bind(namespace)
+        .bind(digest)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn hold(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
+        sqlx::query(
+            "INSERT INTO weir_module_owners (namespace, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(namespace)
+        .bind(digest)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Refuses a module of `size` bytes that would take `namespace` past
+    /// its quota, before anything is compiled.
+    async fn check_quota(
+        &self,
+        namespace: &str,
+        size: i64,
+        quota: Quota,
+    ) -> Result<(), ModuleError> {
+        let (count, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(m.size), 0)::int8 FROM weir_module_owners o
+             JOIN weir_modules m USING (digest) WHERE o.namespace = $1",
+        )
+        .bind(namespace)
+        .fetch_one(&self.pool)
+        .await?;
+        if count + 1 > quota.modules || bytes.saturating_add(size) > quota.bytes {
+            return Err(ModuleError::QuotaExceeded(format!(
+                "namespace `{namespace}` holds {count} modules of {bytes} bytes; one more of {size} bytes would pass its quota of {} modules, {} bytes: delete unused ones (DELETE /v1/modules/{{digest}})",
+                quota.modules, quota.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Lets go of `namespace`'s hold on a module; once nothing holds it and
+    /// no version uses it, the module and its compiled artifact are deleted.
+    pub async fn release(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
+        let users: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT namespace || '/' || name || ' v' || version FROM weir_versions
+             WHERE module_digest = $1 ORDER BY 1 LIMIT 5",
+        )
+        .bind(digest)
+        .fetch_all(&self.pool)
+        .await?;
+        if !users.is_empty() {
+            return Err(ModuleError::InUse {
+                digest: digest.to_string(),
+                users: users.join(", "),
+            });
+        }
+        let released =
+            sqlx::query("DELETE FROM weir_module_owners WHERE namespace = $1 AND digest = $2")
+                .bind(namespace)
+                .bind(digest)
+                .execute(&self.pool)
+                .await?;
+        if released.rows_affected() == 0 {
+            return Err(ModuleError::NotHeld(digest.to_string()));
+        }
+        let deleted = sqlx::query(
+            "DELETE FROM weir_modules m WHERE digest = $1
+             AND NOT EXISTS (SELECT 1 FROM weir_module_owners o WHERE o.digest = m.digest)
+             AND NOT EXISTS (SELECT 1 FROM weir_versions v WHERE v.module_digest = m.digest)",
+        )
+        .bind(digest)
+        .execute(&self.pool)
+        .await?;
+        if deleted.rows_affected() == 1 {
+            self.sandbox.forget_artifact(digest);
+        }
+        Ok(())
     }
 
     /// The stored module with this digest, if any.

@@ -35,7 +35,7 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Upload a component: checked, compiled ahead, stored by sha256",
         role: Some("deploy"),
         body: Some("module"),
-        answers: &[201, 200, 400, 401, 403, 408, 413, 422, 429],
+        answers: &[201, 200, 400, 401, 403, 408, 409, 413, 422, 429],
     },
     RouteDoc {
         method: "get",
@@ -44,6 +44,14 @@ pub const ROUTES: &[RouteDoc] = &[
         role: Some("read"),
         body: None,
         answers: &[200, 401, 403, 404, 429],
+    },
+    RouteDoc {
+        method: "delete",
+        path: "/v1/modules/{digest}",
+        summary: "Let go of the namespace's hold on a module; one nothing holds or uses is deleted",
+        role: Some("deploy"),
+        body: None,
+        answers: &[204, 401, 403, 404, 409, 429],
     },
     RouteDoc {
         method: "post",

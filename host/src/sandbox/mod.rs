@@ -234,6 +234,17 @@ impl Sandbox {
         })
     }
 
+    /// Deletes the compiled artifact of `digest` from the cache (its module
+    /// was deleted); a missing one is fine.
+    pub fn forget_artifact(&self, digest: &str) {
+        let path = self.artifact_path(digest);
+        if let Err(error) = std::fs::remove_file(&path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), %error, "could not delete a compiled artifact");
+        }
+    }
+
     fn artifact_path(&self, digest: &str) -> PathBuf {
         self.artifact_dir
             .join(format!("{digest}-{}.cwasm", self.engine_tag))

@@ -625,6 +625,10 @@ async fn start_api(
             settings.requests_per_second_per_client,
         )),
         max_tokens_per_namespace: settings.max_tokens_per_namespace,
+        module_quota: modules::Quota {
+            modules: i64::from(settings.module_quota_count),
+            bytes: i64::try_from(settings.module_quota_bytes).unwrap_or(i64::MAX),
+        },
         header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs.max(1)),
         js: js.clone(),
         log_prefix: config.guest_logs.subject_prefix.clone(),
