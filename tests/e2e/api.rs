@@ -928,7 +928,7 @@ async fn tokens_are_named_listed_revoked_expire_and_are_bounded(
     let ci = ci.json()?;
     let ci_token = ci["token"].as_str().context("token")?.to_string();
     let brief =
-        make(serde_json::json!({"namespace": "shop", "role": "read", "ttl_secs": 2})).await?;
+        make(serde_json::json!({"namespace": "shop", "role": "read", "ttl_secs": 3})).await?;
     assert_eq!(brief.status, 201, "{brief:?}");
     let brief = brief.json()?;
     assert!(brief["expires_ms"].as_i64().is_some());
@@ -973,7 +973,7 @@ async fn tokens_are_named_listed_revoked_expire_and_are_bounded(
     assert_eq!(revoke.status, 204, "{revoke:?}");
     assert_eq!(get(doomed_token.clone(), functions).await?.status, 401);
     // Expired: refused, although its lookup was cached a moment ago.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     assert_eq!(get(brief_token.clone(), functions).await?.status, 401);
     // Revoked and expired tokens are no longer live: room for new ones.
     let again = make(serde_json::json!({"namespace": "shop", "role": "read"})).await?;
@@ -1146,7 +1146,19 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
         "{message}"
     );
 
-    // Another namespace cannot let go of shop's module.
+    // Another namespace can neither make versions of shop's module (and so
+    // pin it) nor let go of it.
+    let pinned = serde_json::json!({"module": counter}).to_string();
+    let pinned = post(
+        address,
+        "/v1/namespaces/billing/functions/g/versions",
+        &billing,
+        "application/json",
+        pinned.as_bytes(),
+    )
+    .await?;
+    assert_eq!(refusal(&pinned)?.0, 422, "{pinned:?}");
+    assert!(pinned.body.contains("another namespace"), "{pinned:?}");
     assert_eq!(
         delete(billing.clone(), passthrough.clone()).await?.status,
         404

@@ -240,6 +240,16 @@ pub(super) async fn create_version(
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
         }
     }
+    if !state.modules.usable_by(&namespace, &request.module).await? {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!(
+                "module `{}` was uploaded by another namespace; upload it with a token of `{namespace}` first",
+                request.module
+            ),
+        ));
+    }
     let version = state
         .store
         .create_version(&namespace, &name, &request.module, request.replay_from)

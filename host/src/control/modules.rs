@@ -160,6 +160,21 @@ impl ModuleRegistry {
         Ok((info, inserted.rows_affected() == 1))
     }
 
+    /// Whether a version of a function in `namespace` may use the module:
+    /// the namespace holds it, a global admin uploaded it, or it predates
+    /// holding (no holder at all). So no namespace can pin another's module
+    /// (and its quota) by making versions of it.
+    pub async fn usable_by(&self, namespace: &str, digest: &str) -> Result<bool, ModuleError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1 AND namespace IN ($2, '*'))
+                 OR NOT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1)",
+        )
+        .bind(digest)
+        .bind(namespace)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn holds(&self, namespace: &str, digest: &str) -> Result<bool, ModuleError> {
         Ok(sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
@@ -208,11 +223,18 @@ impl ModuleRegistry {
     /// Lets go of `namespace`'s hold on a module; once nothing holds it and
     /// no version uses it, the module and its compiled artifact are deleted.
     pub async fn release(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
+        if !self.holds(namespace, digest).await? {
+            return Err(ModuleError::NotHeld(digest.to_string()));
+        }
+        // Named only when they are the caller's own: another namespace's
+        // functions are none of its business.
         let users: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT namespace || '/' || name || ' v' || version FROM weir_versions
-             WHERE module_digest = $1 ORDER BY 1 LIMIT 5",
+            "SELECT CASE WHEN namespace = $2 THEN namespace || '/' || name || ' v' || version
+                         ELSE 'a version of another namespace' END
+             FROM weir_versions WHERE module_digest = $1 ORDER BY 1 LIMIT 5",
         )
         .bind(digest)
+        .bind(namespace)
         .fetch_all(&self.pool)
         .await?;
         if !users.is_empty() {
@@ -221,15 +243,11 @@ impl ModuleRegistry {
                 users: users.join(", "),
             });
         }
-        let released =
-            sqlx::query("DELETE FROM weir_module_owners WHERE namespace = $1 AND digest = $2")
-                .bind(namespace)
-                .bind(digest)
-                .execute(&self.pool)
-                .await?;
-        if released.rows_affected() == 0 {
-            return Err(ModuleError::NotHeld(digest.to_string()));
-        }
+        sqlx::query("DELETE FROM weir_module_owners WHERE namespace = $1 AND digest = $2")
+            .bind(namespace)
+            .bind(digest)
+            .execute(&self.pool)
+            .await?;
         let deleted = sqlx::query(
             "DELETE FROM weir_modules m WHERE digest = $1
              AND NOT EXISTS (SELECT 1 FROM weir_module_owners o WHERE o.digest = m.digest)

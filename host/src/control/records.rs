@@ -115,6 +115,16 @@ async fn read(
             e.body_text(),
         )
     })?;
+    // Only deployed functions of the namespace: a configured function
+    // whose name happens to read `<namespace>_<name>` is not the
+    // namespace's.
+    if state.store.get_function(&namespace, &name).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no function `{name}` in namespace `{namespace}`"),
+        ));
+    }
     let limit = query.limit.unwrap_or(1_000).clamp(1, MAX_LIMIT);
     let subject = format!("{prefix}.{}", runtime_name(&namespace, &name));
     let deliver_policy = match (query.after_seq, query.since_ms) {
@@ -123,7 +133,13 @@ async fn read(
         },
         (None, Some(ms)) => consumer::DeliverPolicy::ByStartTime {
             start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_query",
+                        "since_ms is out of range",
+                    )
+                })?,
         },
         (None, None) => consumer::DeliverPolicy::All,
     };

@@ -3,7 +3,7 @@
 //! send its request headers (a connection trickling a byte a second is
 //! closed, not kept forever), and the peer address reaches the handlers for
 //! the per-client limit. On shutdown, connections finish the request in
-//! hand and close.
+//! hand (within 10 s) and close.
 
 use std::time::Duration;
 
@@ -53,7 +53,12 @@ pub async fn serve(
                 served = connection.as_mut() => served,
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    // A request in hand may finish; a client sending its
+                    // body a byte a minute may not hold the host's stop.
+                    match tokio::time::timeout(DRAIN_GRACE, connection).await {
+                        Ok(served) => served,
+                        Err(_) => return,
+                    }
                 }
             };
             if let Err(error) = served {
@@ -61,6 +66,12 @@ pub async fn serve(
             }
         });
     }
+    // New clients are refused at once rather than left in the backlog.
+    drop(listener);
     connections.close();
     connections.wait().await;
 }
+
+/// How long a connection may take to finish its request once the API
+/// stops.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);

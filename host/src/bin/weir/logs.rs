@@ -132,7 +132,11 @@ async fn through_api(api: &crate::client::Api, args: &LogsArgs) -> Result<()> {
                 print_line(&mut stdout, payload.as_bytes(), args.json)?;
             }
         }
-        after = page["last_seq"].as_u64().or(after);
+        // An empty first page says nothing of where to follow from: keep
+        // asking by time until something arrives.
+        if !records.is_empty() {
+            after = page["last_seq"].as_u64().or(after);
+        }
         if records.len() >= crate::client::RECORDS_PAGE {
             continue;
         }
