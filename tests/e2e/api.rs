@@ -20,12 +20,25 @@ async fn api_host(
     max_module_bytes: usize,
     requests_per_second: u32,
 ) -> Result<(RunningHost, SocketAddr)> {
+    api_host_with(stack, vec![], |api| {
+        api.max_module_bytes = max_module_bytes;
+        api.requests_per_second = requests_per_second;
+    })
+    .await
+}
+
+/// Starts a host serving the API over `streams` (and no functions), its
+/// API settings adjusted by `adjust`, and waits until it answers.
+async fn api_host_with(
+    stack: &Stack,
+    streams: Vec<weir_host::config::StreamSpec>,
+    adjust: impl FnOnce(&mut weir_host::config::ApiConfig),
+) -> Result<(RunningHost, SocketAddr)> {
     let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
+    let mut config = stack.config(streams, vec![]);
     config.api.listen = Some(address);
     config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.max_module_bytes = max_module_bytes;
-    config.api.requests_per_second = requests_per_second;
+    adjust(&mut config.api);
     let host = RunningHost::start(config);
     eventually(Duration::from_secs(60), "the API", || async {
         host.check()?;
@@ -770,17 +783,10 @@ async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 100_000;
     let per_client = 20;
-    config.api.requests_per_second_per_client = per_client;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second = 100_000;
+        api.requests_per_second_per_client = per_client;
     })
     .await?;
     // Let the bucket the readiness probes drew from fill up again.
@@ -834,16 +840,9 @@ async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
 async fn uploads_in_flight_are_bounded(_pool: PgPoolOptions, db: PgConnectOptions) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 100_000;
-    config.api.concurrent_uploads = 1;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second = 100_000;
+        api.concurrent_uploads = 1;
     })
     .await?;
     // An upload that sends half its body and then waits.
@@ -890,16 +889,9 @@ async fn tokens_are_named_listed_revoked_expire_and_are_bounded(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 100_000;
-    config.api.max_tokens_per_namespace = 3;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second = 100_000;
+        api.max_tokens_per_namespace = 3;
     })
     .await?;
     let make = |body: serde_json::Value| async move {
@@ -991,16 +983,9 @@ async fn a_namespaces_tokens_share_its_rate(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 100_000;
-    config.api.requests_per_second_per_namespace = 5;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second = 100_000;
+        api.requests_per_second_per_namespace = 5;
     })
     .await?;
     let mut tokens = Vec::new();
@@ -1050,15 +1035,8 @@ async fn a_client_trickling_its_headers_is_disconnected(
 ) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.header_read_timeout_secs = 1;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.header_read_timeout_secs = 1;
     })
     .await?;
     let mut slow = tokio::net::TcpStream::connect(address).await?;
@@ -1098,16 +1076,9 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut config = stack.config(vec![stream("SHOP", &["shop.in"])], vec![]);
-    config.api.listen = Some(address);
-    config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    config.api.requests_per_second = 100_000;
-    config.api.module_quota_count = 2;
-    let host = RunningHost::start(config);
-    eventually(Duration::from_secs(60), "the API", || async {
-        host.check()?;
-        Ok(http_get(address, "/v1/nothing").await.is_ok())
+    let (host, address) = api_host_with(&stack, vec![stream("SHOP", &["shop.in"])], |api| {
+        api.requests_per_second = 100_000;
+        api.module_quota_count = 2;
     })
     .await?;
     let shop = new_token(address, "shop", "deploy").await?;

@@ -43,6 +43,20 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 pub(super) async fn retry_outages<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
+    step: F,
+) -> Result<Option<T>, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StepFailure>>,
+{
+    retry(&format!("NATS to {what}"), shutdown, step).await
+}
+
+/// The one backoff loop of start-up: `step` until it succeeds or is
+/// refused, saying while it waits what for (`waiting for {waits_for}`).
+async fn retry<T, F, Fut>(
+    waits_for: &str,
+    shutdown: &CancellationToken,
     mut step: F,
 ) -> Result<Option<T>, ServeError>
 where
@@ -55,7 +69,7 @@ where
             Ok(done) => return Ok(Some(done)),
             Err(StepFailure::Refused(error)) => return Err(error),
             Err(StepFailure::Outage(reason)) => {
-                tracing::warn!(%reason, "waiting for NATS to {what}");
+                tracing::warn!(error = %reason, "waiting for {waits_for}");
             }
         }
         tokio::select! {
@@ -184,7 +198,7 @@ pub async fn check_bindings(
 }
 
 /// Calls `connect` until it succeeds, saying what it waits for; `None` if
-/// shut down first.
+/// shut down first. Every failure to connect is an outage here.
 pub(super) async fn wait_for<T, E, F, Fut>(
     what: &str,
     url: &str,
@@ -196,20 +210,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut delay = FIRST_RETRY_DELAY;
-    loop {
-        match connect().await {
-            Ok(connected) => return Some(connected),
-            Err(error) => {
-                tracing::warn!(%error, "waiting for {what} at {}", redact(url));
-            }
+    let waits_for = format!("{what} at {}", redact(url));
+    let connected = retry(&waits_for, shutdown, || {
+        let attempt = connect();
+        async move {
+            attempt
+                .await
+                .map_err(|e| StepFailure::Outage(e.to_string()))
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
-    }
+    });
+    connected.await.ok().flatten()
 }
 
 /// Whether connecting failed because the database does not exist.
