@@ -784,7 +784,7 @@ async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
     let per_client = 20;
-    let (host, address) = api_host_with(&stack, vec![], |api| {
+    let (_host, address) = api_host_with(&stack, vec![], |api| {
         api.requests_per_second = 100_000;
         api.requests_per_second_per_client = per_client;
     })
