@@ -133,7 +133,19 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
     let second = second.epoch;
     assert!(second > first);
 
-    // The first owner wakes and commits: refused, nothing written.
+    // The new owner has a batch in its outbox, not yet published.
+    let pending = BatchCommit {
+        epoch: second,
+        batch_id: 4,
+        through_seq: 4,
+        applied: vec![4],
+        outbox: vec![output("weir:f:4:0")],
+        ..BatchCommit::default()
+    };
+    store.commit(&function, &pending, LEASE).await?;
+
+    // The first owner wakes and commits, claiming batch 4 published:
+    // refused, nothing written, nothing deleted.
     let mut view = store.view(&function, first, &["k"]).await?;
     view.begin_event("k");
     view.set("n".into(), Bytes::from_static(b"stale"));
@@ -143,6 +155,7 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
         batch_id: 5,
         through_seq: 5,
         deltas: view.into_deltas(),
+        published: vec![4],
         applied: vec![5],
         outbox: vec![output("weir:f:5:0")],
         ..BatchCommit::default()
@@ -155,7 +168,9 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
     assert!(!store.renew(&function, first, LEASE).await?);
     assert!(store.renew(&function, second, LEASE).await?);
     assert!(store.already_applied(&function, &[5]).await?.is_empty());
-    assert!(store.outbox(&function).await?.is_empty());
+    let outbox = store.outbox(&function).await?;
+    assert_eq!(outbox.len(), 1, "only the new owner's batch");
+    assert_eq!(outbox[0].records, vec![output("weir:f:4:0")]);
     let view = store.view(&function, second, &["k"]).await?;
     assert!(view.into_deltas().is_empty());
 

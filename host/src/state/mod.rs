@@ -195,7 +195,7 @@ impl StateStore {
         Ok(BatchView::new(committed))
     }
 
-    /// Commits a batch in one transaction if `commit.epoch` still owns the
+    /// Commits a batch in one statement (one transaction) if `commit.epoch` still owns the
     /// function (extending its lease to `lease`); the cache follows the
     /// outcome.
     pub async fn commit(

@@ -4,7 +4,7 @@
 //! A host claims the row when no live owner holds it (its lease has lapsed,
 //! or it is the same host) and gets a new epoch. Every commit updates the
 //! row only if the epoch is still its own ([`super::postgres::commit_batch`]),
-//! in the same transaction, so a paused or partitioned owner's commit fails
+//! in the same statement, so a paused or partitioned owner's commit fails
 //! once another host has claimed, and that owner stops.
 
 use sqlx::PgPool;
@@ -94,33 +94,4 @@ pub(super) async fn release(pool: &PgPool, function: &str, epoch: u64) -> Result
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// The epoch check of a commit: extends the lease if `epoch` still owns the
-/// function, inside the commit's transaction (its row lock orders the commit
-/// against a concurrent claim).
-pub(super) async fn fence(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    function: &str,
-    epoch: u64,
-    lease_ms: i64,
-) -> Result<(), StateError> {
-    let done = sqlx::query(
-        "UPDATE weir_owners SET lease_until = GREATEST(lease_until, now() + $4 * interval '1 millisecond')
-         WHERE function_name = $1 AND partition = $2 AND epoch = $3",
-    )
-    .bind(function)
-    .bind(PARTITION)
-    .bind(super::postgres::to_i64(epoch))
-    .bind(lease_ms)
-    .execute(&mut **tx)
-    .await?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(StateError::Fenced {
-            function: function.to_string(),
-            epoch,
-        })
-    }
 }

@@ -65,83 +65,32 @@ pub(super) async fn commit_batch(
     }
     let applied: Vec<i64> = commit.applied.iter().map(|s| to_i64(*s)).collect();
 
-    let mut tx = pool.begin().await?;
-    // First, so that nothing is written by an owner that lost the function.
-    super::owner::fence(&mut tx, function, commit.epoch, lease_ms).await?;
-    if !commit.published.is_empty() {
-        let published: Vec<i64> = commit.published.iter().map(|b| to_i64(*b)).collect();
-        sqlx::query("DELETE FROM weir_outbox WHERE function_name = $1 AND batch = ANY($2)")
-            .bind(function)
-            .bind(&published)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if !upsert_keys.is_empty() {
-        sqlx::query(
-            "INSERT INTO weir_state (function_name, key, name, value, updated_seq)
-             SELECT $1, k, n, v, $5 FROM UNNEST($2::text[], $3::text[], $4::bytea[]) AS t(k, n, v)
-             ON CONFLICT (function_name, key, name)
-             DO UPDATE SET value = EXCLUDED.value, updated_seq = EXCLUDED.updated_seq",
-        )
+    let positions: Vec<i32> = (0..commit.outbox.len())
+        .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect();
+    let subjects: Vec<&str> = commit.outbox.iter().map(|o| o.subject.as_str()).collect();
+    let payloads: Vec<&[u8]> = commit.outbox.iter().map(|o| o.payload.as_ref()).collect();
+    let headers: Vec<String> = commit
+        .outbox
+        .iter()
+        .map(|o| serde_json::to_string(&o.headers).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let msg_ids: Vec<&str> = commit.outbox.iter().map(|o| o.msg_id.as_str()).collect();
+    let published: Vec<i64> = commit.published.iter().map(|b| to_i64(*b)).collect();
+
+    let owned: i64 = sqlx::query_scalar(COMMIT_BATCH)
         .bind(function)
+        .bind(super::owner::PARTITION)
+        .bind(to_i64(commit.epoch))
+        .bind(lease_ms)
+        .bind(&published)
         .bind(&upsert_keys)
         .bind(&upsert_names)
         .bind(&upsert_values)
         .bind(highest)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !delete_keys.is_empty() {
-        sqlx::query(
-            "DELETE FROM weir_state WHERE function_name = $1
-             AND (key, name) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))",
-        )
-        .bind(function)
         .bind(&delete_keys)
         .bind(&delete_names)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !applied.is_empty() {
-        sqlx::query(
-            "INSERT INTO weir_applied (function_name, seq) SELECT $1, UNNEST($2::int8[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(function)
         .bind(&applied)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO weir_progress (function_name, applied_seq, batches) VALUES ($1, $2, 1)
-             ON CONFLICT (function_name) DO UPDATE
-             SET applied_seq = GREATEST(weir_progress.applied_seq, EXCLUDED.applied_seq),
-                 batches = weir_progress.batches + 1,
-                 updated_at = now()",
-        )
-        .bind(function)
-        .bind(highest)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !commit.outbox.is_empty() {
-        let positions: Vec<i32> = (0..commit.outbox.len())
-            .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
-            .collect();
-        let subjects: Vec<&str> = commit.outbox.iter().map(|o| o.subject.as_str()).collect();
-        let payloads: Vec<&[u8]> = commit.outbox.iter().map(|o| o.payload.as_ref()).collect();
-        let headers: Vec<String> = commit
-            .outbox
-            .iter()
-            .map(|o| serde_json::to_string(&o.headers).unwrap_or_else(|_| "[]".into()))
-            .collect();
-        let msg_ids: Vec<&str> = commit.outbox.iter().map(|o| o.msg_id.as_str()).collect();
-        // A commit retried after an ambiguous failure writes the same rows.
-        sqlx::query(
-            "INSERT INTO weir_outbox (function_name, batch, through_seq, position, subject, payload, headers, msg_id)
-             SELECT $1, $2, $3, * FROM UNNEST($4::int4[], $5::text[], $6::bytea[], $7::text[], $8::text[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(function)
         .bind(to_i64(commit.batch_id))
         .bind(to_i64(commit.through_seq))
         .bind(&positions)
@@ -149,12 +98,66 @@ pub(super) async fn commit_batch(
         .bind(&payloads)
         .bind(&headers)
         .bind(&msg_ids)
-        .execute(&mut *tx)
+        .fetch_one(pool)
         .await?;
+    if owned == 1 {
+        Ok(())
+    } else {
+        Err(StateError::Fenced {
+            function: function.to_string(),
+            epoch: commit.epoch,
+        })
     }
-    tx.commit().await?;
-    Ok(())
 }
+
+/// A batch's commit as one statement, so one round trip (and one fsync):
+/// every write is conditional on the owner epoch (`fence`), whose row lock
+/// orders the commit against a concurrent claim. Under a lost epoch nothing
+/// is written and the statement returns 0. A commit retried after an
+/// ambiguous failure writes the same rows (the inserts do nothing twice).
+/// The sub-statements touch disjoint rows: one delta per (key, name), and
+/// the outbox rows deleted are of earlier batches than the ones inserted.
+const COMMIT_BATCH: &str = "
+WITH fence AS (
+    UPDATE weir_owners
+    SET lease_until = GREATEST(lease_until, now() + $4::int8 * interval '1 millisecond')
+    WHERE function_name = $1::text AND partition = $2::int4 AND epoch = $3::int8
+    RETURNING 1
+), published AS (
+    DELETE FROM weir_outbox
+    WHERE function_name = $1 AND batch = ANY($5::int8[]) AND EXISTS (SELECT 1 FROM fence)
+), upserted AS (
+    INSERT INTO weir_state (function_name, key, name, value, updated_seq)
+    SELECT $1, k, n, v, $9::int8 FROM UNNEST($6::text[], $7::text[], $8::bytea[]) AS t(k, n, v)
+    WHERE EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT (function_name, key, name)
+    DO UPDATE SET value = EXCLUDED.value, updated_seq = EXCLUDED.updated_seq
+), deleted AS (
+    DELETE FROM weir_state
+    WHERE function_name = $1
+      AND (key, name) IN (SELECT * FROM UNNEST($10::text[], $11::text[]))
+      AND EXISTS (SELECT 1 FROM fence)
+), applied AS (
+    INSERT INTO weir_applied (function_name, seq)
+    SELECT $1, s FROM UNNEST($12::int8[]) AS s
+    WHERE EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT DO NOTHING
+), progress AS (
+    INSERT INTO weir_progress (function_name, applied_seq, batches)
+    SELECT $1, $9::int8, 1 WHERE cardinality($12::int8[]) > 0 AND EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT (function_name) DO UPDATE
+    SET applied_seq = GREATEST(weir_progress.applied_seq, EXCLUDED.applied_seq),
+        batches = weir_progress.batches + 1,
+        updated_at = now()
+), outbox AS (
+    INSERT INTO weir_outbox
+        (function_name, batch, through_seq, position, subject, payload, headers, msg_id)
+    SELECT $1, $13::int8, $14::int8, p, s, pl, h, m
+    FROM UNNEST($15::int4[], $16::text[], $17::bytea[], $18::text[], $19::text[]) AS t(p, s, pl, h, m)
+    WHERE EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM fence";
 
 pub(super) async fn applied_among(
     pool: &PgPool,
