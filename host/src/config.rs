@@ -183,8 +183,18 @@ pub struct ApiConfig {
     /// Uploads read or compiled at once; more are refused with 429. Memory
     /// held by uploads stays under this times `max_module_bytes`.
     pub concurrent_uploads: usize,
-    /// Longest an upload may take to compile before it is refused.
+    /// Uploads one client address (an IPv6 /64) may have in flight at
+    /// once; more are refused with 429, so one client cannot hold them all.
+    pub concurrent_uploads_per_client: usize,
+    /// Longest an upload may take to compile: its compile job is then
+    /// stopped and the upload refused.
     pub compile_timeout_secs: u64,
+    /// Data memory one compile job may use (its `RLIMIT_DATA`); a compile
+    /// that needs more is stopped and the upload refused.
+    pub compile_memory_bytes: u64,
+    /// The `weir` binary that runs compile jobs; by default this host's own
+    /// executable. A host embedded in another program must name one.
+    pub compiler_program: Option<PathBuf>,
     /// Whether this host runs the functions deployed through the API. Turn
     /// it off for a host that only serves the API while others run them.
     pub run_deployed: bool,
@@ -204,11 +214,14 @@ impl Default for ApiConfig {
             requests_per_second_per_namespace: 200,
             concurrent_compiles: 2,
             concurrent_uploads: 4,
+            concurrent_uploads_per_client: 2,
             max_tokens_per_namespace: 100,
             header_read_timeout_secs: 10,
             module_quota_count: 100,
             module_quota_bytes: 1 << 30,
             compile_timeout_secs: 60,
+            compile_memory_bytes: 4 << 30,
+            compiler_program: None,
             run_deployed: true,
             database_connections: 2,
         }
@@ -309,6 +322,11 @@ pub struct FunctionSpec {
     /// after a host crash, the events it held come back after this long.
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
+    /// `(namespace, name)` of a function deployed through the API, which
+    /// runs as `name` = `<namespace>_<name>`; none for a config-file
+    /// function. Set by the control plane only.
+    #[serde(skip)]
+    pub deployed_as: Option<(String, String)>,
 }
 
 fn default_ack_wait_ms() -> u64 {
@@ -319,7 +337,25 @@ fn default_batch_size() -> usize {
     500
 }
 
+/// The subject of the records under `prefix` of function `name` deployed
+/// in `namespace`.
+pub fn deployed_record_subject(prefix: &str, namespace: &str, name: &str) -> String {
+    format!("{prefix}.{namespace}.{name}")
+}
+
 impl FunctionSpec {
+    /// The subject of this function's records (dead letters, log lines)
+    /// under `prefix`: `<prefix>.<namespace>.<name>` for a deployed
+    /// function, so that a tenant's records are one subject tree
+    /// (`<prefix>.<namespace>.>`) a NATS permission can grant;
+    /// `<prefix>.<name>` for a config-file function.
+    pub fn record_subject(&self, prefix: &str) -> String {
+        match &self.deployed_as {
+            Some((namespace, name)) => deployed_record_subject(prefix, namespace, name),
+            None => format!("{prefix}.{}", self.name),
+        }
+    }
+
     /// What is wrong with this binding, if anything, naming the field.
     pub fn problem(&self) -> Option<&'static str> {
         if self.name.is_empty()
@@ -468,6 +504,7 @@ impl FunctionSpec {
             breaker: crate::breaker::BreakerConfig::default(),
             batch_size: default_batch_size(),
             ack_wait_ms: default_ack_wait_ms(),
+            deployed_as: None,
         }
     }
 }

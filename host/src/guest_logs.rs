@@ -73,8 +73,11 @@ impl std::fmt::Debug for GuestLogSink {
 }
 
 impl GuestLogSink {
+    /// A sink for `function`'s lines, published to `subject`
+    /// ([`crate::config::FunctionSpec::record_subject`]).
     pub fn new(
         config: &GuestLogConfig,
+        subject: String,
         function: Arc<str>,
         version: String,
         client: async_nats::Client,
@@ -85,7 +88,7 @@ impl GuestLogSink {
             ("version", version.clone()),
         ];
         Self {
-            subject: log_subject(&config.subject_prefix, &function),
+            subject,
             published: metrics::counter!("weir_guest_log_lines_total", &labels),
             dropped: metrics::counter!("weir_guest_log_lines_dropped_total", &labels),
             function,

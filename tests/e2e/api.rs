@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 use weir_host::config::Secret;
 
-const ADMIN: &str = "weir_bootstrap_for_tests";
+pub(crate) const ADMIN: &str = "weir_bootstrap_for_tests";
 
 /// Starts a host serving the API (and no functions) with these limits.
 async fn api_host(
@@ -29,7 +29,7 @@ async fn api_host(
 
 /// Starts a host serving the API over `streams` (and no functions), its
 /// API settings adjusted by `adjust`, and waits until it answers.
-async fn api_host_with(
+pub(crate) async fn api_host_with(
     stack: &Stack,
     streams: Vec<weir_host::config::StreamSpec>,
     adjust: impl FnOnce(&mut weir_host::config::ApiConfig),
@@ -48,11 +48,11 @@ async fn api_host_with(
     Ok((host, address))
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-async fn post(
+pub(crate) async fn post(
     address: SocketAddr,
     path: &str,
     token: &str,
@@ -89,7 +89,7 @@ async fn new_token(address: SocketAddr, namespace: &str, role: &str) -> Result<S
 
 /// Status, `error` and `message` of a refused call; fails unless the body
 /// is the API's error JSON.
-fn refusal(response: &HttpResponse) -> Result<(u16, String, String)> {
+pub(crate) fn refusal(response: &HttpResponse) -> Result<(u16, String, String)> {
     let body = response.json()?;
     let text = |field: &str| body[field].as_str().map(str::to_string);
     match (text("error"), text("message")) {
@@ -1174,5 +1174,39 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
     .await?;
     assert_eq!(gone.status, 404, "{gone:?}");
     assert_eq!(upload(shop.clone(), "misbehave").await?.status, 201);
+    host.stop().await
+}
+
+/// The token limit is counted under the namespace's lock: many requests
+/// at once for its last places make exactly as many tokens as fit.
+#[sqlx::test(migrations = false)]
+async fn tokens_made_at_once_stop_at_the_limit(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second = 100_000;
+        api.max_tokens_per_namespace = 3;
+        api.database_connections = 8;
+    })
+    .await?;
+    let body = serde_json::json!({"namespace": "shop", "role": "read"}).to_string();
+    let made = futures::future::join_all((0..12).map(|_| {
+        post(
+            address,
+            "/v1/tokens",
+            ADMIN,
+            "application/json",
+            body.as_bytes(),
+        )
+    }))
+    .await;
+    let mut statuses = made
+        .into_iter()
+        .map(|response| response.map(|r| r.status))
+        .collect::<Result<Vec<_>>>()?;
+    statuses.sort();
+    assert_eq!(statuses, [[201; 3].as_slice(), &[409; 9]].concat());
     host.stop().await
 }

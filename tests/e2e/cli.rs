@@ -21,6 +21,8 @@ async fn weir(address: SocketAddr, args: &[&str]) -> Result<String> {
         .env("WEIR_API_URL", format!("http://{address}"))
         .env("WEIR_TOKEN", ADMIN)
         .env("WEIR_NAMESPACE", "shop")
+        // Ordinary errors are printed without one all the same.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .await?;
     let stdout = String::from_utf8(output.stdout)?;
@@ -124,9 +126,9 @@ async fn the_cli_deploys_lists_switches_and_removes(
     publish_all(&stack.js, "counted.in", [rejected.into_bytes()]).await?;
     eventually(
         Duration::from_secs(30),
-        "the dead letter in `weir fn logs --dead-letters`",
+        "the dead letter in `weir fn dead-letters`",
         || async {
-            let shown = weir(address, &["fn", "logs", "tally", "--dead-letters"]).await?;
+            let shown = weir(address, &["fn", "dead-letters", "tally"]).await?;
             Ok(shown.contains("asked to reject") && shown.contains("\"id\":999"))
         },
     )
@@ -163,11 +165,42 @@ async fn the_cli_deploys_lists_switches_and_removes(
     let missing = weir(address, &["fn", "show", "tally"])
         .await
         .expect_err("gone");
-    assert!(
-        missing
-            .to_string()
-            .contains("404 Not Found: no function `tally` in namespace `shop`"),
+    assert_eq!(
+        missing.to_string(),
+        "error: 404 not_found: no function `tally` in namespace `shop`\n",
+        "one line, no backtrace"
+    );
+    let missing = weir(address, &["fn", "show", "tally", "--json"])
+        .await
+        .expect_err("gone");
+    let missing: serde_json::Value = serde_json::from_str(&missing.to_string())?;
+    assert_eq!(
+        (missing["error"].as_str(), missing["status"].as_u64()),
+        (Some("not_found"), Some(404)),
         "{missing}"
     );
     host.stop().await
+}
+
+/// A host that accepts connections and never answers costs the CLI its
+/// call timeout, not minutes.
+#[tokio::test]
+async fn the_cli_gives_up_on_a_mute_api() -> Result<()> {
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = mute.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = mute.accept().await {
+            connections.push(connection);
+        }
+    });
+    let failed = weir(address, &["fn", "ls", "--timeout-secs", "1"])
+        .await
+        .expect_err("no answer");
+    assert!(
+        failed.to_string().contains("timed out"),
+        "the error says why: {failed}"
+    );
+    held.abort();
+    Ok(())
 }

@@ -952,5 +952,22 @@ async fn logs_and_dead_letters_are_read_through_the_api_per_namespace(
     for path in [logs, dead_letters] {
         assert_eq!(read(path, outsider.clone()).await?.status, 403);
     }
+    // On NATS, the records are under the namespace's own subject tree, so
+    // a NATS permission on `weir.dlq.shop.>` / `weir.logs.shop.>` grants
+    // exactly them.
+    let subjects = |messages: Vec<async_nats::Message>| {
+        messages
+            .iter()
+            .map(|m| m.subject.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(
+        subjects(read_stream(&stack.js, "WEIR_DEAD_LETTERS").await?),
+        ["weir.dlq.shop.noisy".to_string()].into()
+    );
+    assert_eq!(
+        subjects(read_stream(&stack.js, "WEIR_LOGS").await?),
+        ["weir.logs.shop.noisy".to_string()].into()
+    );
     host.stop().await
 }

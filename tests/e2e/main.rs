@@ -21,3 +21,4 @@ mod restart;
 mod startup;
 mod state;
 mod tracing;
+mod uploads;

@@ -158,7 +158,6 @@ async fn a_fenced_owner_commits_nothing(_pool: PgPoolOptions, db: PgConnectOptio
         published: vec![4],
         applied: vec![5],
         outbox: vec![output("weir:f:5:0")],
-        ..BatchCommit::default()
     };
     let refused = store.commit(&function, &stale, LEASE).await;
     assert!(

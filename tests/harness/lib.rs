@@ -253,6 +253,11 @@ pub fn host_config(nats: &NatsServer, database_url: &str, artifacts: &Path) -> H
         api: weir_host::config::ApiConfig {
             requests_per_second_per_client: 100_000,
             requests_per_second_per_namespace: 100_000,
+            // A host in this process (the test binary) runs its compile jobs
+            // with the `weir` binary; a missing one is named by the error.
+            compiler_program: Some(
+                process::weir_binary().unwrap_or_else(|_| target_dir().join("debug/weir")),
+            ),
             ..Default::default()
         },
         ..HostConfig::default()
@@ -553,8 +558,28 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<HttpResponse> {
+    http_request_from(None, address, method, path, headers, body).await
+}
+
+/// [`http_request`] from the local IPv4 address `source` (any 127.x.y.z
+/// reaches a loopback listener), so a test can be several clients.
+pub async fn http_request_from(
+    source: Option<std::net::Ipv4Addr>,
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let mut stream = match source {
+        None => tokio::net::TcpStream::connect(address).await?,
+        Some(source) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((source, 0).into())?;
+            socket.connect(address).await?
+        }
+    };
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()

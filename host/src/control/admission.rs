@@ -1,11 +1,13 @@
 //! What an API request costs before it reaches the database: a rate per
-//! client address, checked before anything else, and token lookups
+//! client address, checked before anything else; token lookups
 //! remembered for a few seconds — the unknown ones too, so that a flood of
-//! bad tokens costs one query per distinct token, not one per request.
+//! bad tokens costs one query per distinct token, not one per request; and
+//! upload slots, in total and per client address, so that no client holds
+//! every upload (and the memory its body takes).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ratelimit::TokenBucket;
@@ -37,10 +39,7 @@ impl ClientLimiter {
     /// Takes one request from `client`'s bucket; `Err` with how long to wait.
     /// An IPv6 client is its /64, which one host usually holds whole.
     pub fn admit(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
-        let client = match client {
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-            v4 => v4,
-        };
+        let client = client_key(client);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_ENTRIES && !buckets.contains_key(&client) {
             // Forget only the clients that have been quiet long enough to
@@ -59,6 +58,79 @@ impl ClientLimiter {
             Ok(())
         } else {
             Err(bucket.wait())
+        }
+    }
+}
+
+/// A client as the limits count it: an IPv6 client is its /64, which one
+/// host usually holds whole.
+fn client_key(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+/// Uploads being read or compiled: at most `total` at once, and at most
+/// `per_client` of them from one client.
+#[derive(Debug)]
+pub struct UploadSlots {
+    total: usize,
+    per_client: usize,
+    /// Uploads in flight per client; the sum is the total in flight.
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Which limit refused an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadsBusy {
+    Host,
+    Client,
+}
+
+/// One upload's slot, given back when dropped.
+#[derive(Debug)]
+pub struct UploadSlot {
+    client: IpAddr,
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl UploadSlots {
+    pub fn new(total: usize, per_client: usize) -> Self {
+        Self {
+            total: total.max(1),
+            per_client: per_client.max(1),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A slot for an upload from `client`, if both limits allow one.
+    pub fn try_take(&self, client: IpAddr) -> Result<UploadSlot, UploadsBusy> {
+        let client = client_key(client);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if in_flight.values().sum::<usize>() >= self.total {
+            return Err(UploadsBusy::Host);
+        }
+        let mine = in_flight.entry(client).or_insert(0);
+        if *mine >= self.per_client {
+            return Err(UploadsBusy::Client);
+        }
+        *mine += 1;
+        Ok(UploadSlot {
+            client,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = in_flight.get_mut(&self.client) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&self.client);
+            }
         }
     }
 }
@@ -168,5 +240,31 @@ mod tests {
             let _ = limiter.admit(IpAddr::from(i.to_be_bytes()), now);
         }
         assert!(limiter.admit(busy, now).is_err(), "still out of tokens");
+    }
+
+    #[test]
+    fn uploads_are_limited_in_total_and_per_client() {
+        let slots = UploadSlots::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().expect("address");
+        let b: IpAddr = "10.0.0.2".parse().expect("address");
+        let a1 = slots.try_take(a).expect("first of a");
+        let a2 = slots.try_take(a).expect("second of a");
+        assert_eq!(slots.try_take(a).err(), Some(UploadsBusy::Client));
+        let b1 = slots.try_take(b).expect("b has its own share");
+        assert_eq!(slots.try_take(b).err(), Some(UploadsBusy::Host));
+        drop(a1);
+        let b2 = slots.try_take(b).expect("a slot came back");
+        drop((a2, b1, b2));
+        // Every slot came back, and no client is remembered.
+        assert!(slots.in_flight.lock().expect("lock").is_empty());
+        let v6: IpAddr = "2001:db8::1".parse().expect("address");
+        let same_64: IpAddr = "2001:db8::ffff".parse().expect("address");
+        let _one = slots.try_take(v6).expect("first");
+        let _two = slots.try_take(same_64).expect("second");
+        assert_eq!(
+            slots.try_take(v6).err(),
+            Some(UploadsBusy::Client),
+            "one /64 is one client"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! Every error is JSON `{error, message}` with a 4xx status for what the
 //! caller can fix, and never carries the host's internals.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
@@ -18,7 +18,7 @@ use axum::routing::{get, post, put};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::ClientLimiter;
+use super::admission::{ClientLimiter, UploadsBusy};
 use super::auth::{AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
 use super::namespaces::RESERVED_NAMESPACE;
@@ -51,9 +51,9 @@ pub struct ApiState {
     pub header_read_timeout: std::time::Duration,
     /// Live tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
-    /// Uploads being read or compiled at once: memory held by uploads is at
-    /// most this many times `max_module_bytes`.
-    pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Uploads being read or compiled at once, in total and per client:
+    /// memory held by uploads is at most the total times `max_module_bytes`.
+    pub uploads: Arc<super::admission::UploadSlots>,
 }
 
 /// Longest an upload's body may take to arrive once its headers are in.
@@ -142,7 +142,8 @@ impl From<ModuleError> for ApiError {
     fn from(error: ModuleError) -> Self {
         match error {
             ModuleError::Database(error) => Self::unavailable("the module store", &error),
-            ModuleError::Host(reason) => {
+            ModuleError::Host(reason)
+            | ModuleError::Compile(super::compile_job::CompileError::Host(reason)) => {
                 tracing::error!(%reason, "API: compiling an upload failed inside the host");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -357,6 +358,7 @@ struct UploadedModule {
 /// `Expect: 100-continue` is answered before it sends anything).
 async fn upload_module(
     State(state): State<ApiState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<UploadedModule>), ApiError> {
@@ -377,17 +379,21 @@ async fn upload_module(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(too_large());
     }
-    // Held until the upload is stored or refused.
-    let Ok(_in_flight) = state.uploads.clone().try_acquire_owned() else {
-        return Err(ApiError {
+    // Held until the upload is stored or refused. A request that did not
+    // come through [`start`] counts as one client.
+    let client = peer.map_or(IpAddr::from([0, 0, 0, 0]), |peer| peer.0.0.ip());
+    let _in_flight = state.uploads.try_take(client).map_err(|busy| {
+        let message = match busy {
+            UploadsBusy::Host => "as many uploads as the host takes at once are in flight; retry",
+            UploadsBusy::Client => {
+                "as many uploads as one client may make at once are in flight from this address; wait for them"
+            }
+        };
+        ApiError {
             retry_after_secs: Some(1),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "uploads_busy",
-                "as many uploads as the host takes at once are in flight; retry",
-            )
-        });
-    };
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "uploads_busy", message)
+        }
+    })?;
     let read = tokio::time::timeout(UPLOAD_READ_TIMEOUT, axum::body::to_bytes(body, limit));
     let Ok(read) = read.await else {
         return Err(ApiError::new(

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::api::{ApiError, ApiState, caller, names};
 use super::auth::{ANY_NAMESPACE, Role};
 use super::namespaces::Resources;
-use super::store::{Binding, FunctionRecord, Rollout, VersionRecord, runtime_name};
+use super::store::{Binding, FunctionRecord, Rollout, VersionRecord};
 
 /// What a namespace owns: readable in the namespace.
 pub(super) async fn get_resources(
@@ -69,7 +69,7 @@ pub(super) async fn put_function(
         .require(&namespace, Role::Deploy)?;
     names(&namespace, &name)?;
     let Json(binding) = body?;
-    if let Some(problem) = binding.to_spec(&runtime_name(&namespace, &name)).problem() {
+    if let Some(problem) = binding.to_spec(&namespace, &name).problem() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod compile_job;
 mod function_routes;
 pub mod modules;
 pub mod namespaces;

@@ -1,19 +1,19 @@
 //! The module registry: an uploaded component is checked (WebAssembly, a
 //! component rather than a core module, only imports Weir links, exports
 //! the `event-handler` world), compiled under the host's engine settings
-//! off the request path with bounded concurrency and time, and stored in
+//! by a compile job (a child process bounded in time and memory, see
+//! [`super::compile_job`]), and stored in
 //! `weir_modules` under its sha256. The compiled artifact lands in the
 //! artifact cache, so a host that later runs it does not compile again.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
-use tokio::sync::Semaphore;
 
+use super::compile_job::{CompileError, Compiler};
 use crate::sandbox::{Sandbox, SandboxError};
 
 /// The world every module must export today.
@@ -46,8 +46,8 @@ pub enum ModuleError {
         "the component does not export Weir's `event-handler` world (a `handle` function): {0}"
     )]
     WrongWorld(String),
-    #[error("compiling the component took longer than {} s", .0.as_secs())]
-    CompileTimeout(Duration),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
     #[error("module store: {0}")]
     Database(#[from] sqlx::Error),
     #[error("compiling the component failed inside the host: {0}")]
@@ -72,8 +72,7 @@ pub struct Quota {
 pub struct ModuleRegistry {
     pool: PgPool,
     sandbox: Arc<Sandbox>,
-    compile_slots: Arc<Semaphore>,
-    compile_timeout: Duration,
+    compiler: Compiler,
 }
 
 impl std::fmt::Debug for ModuleRegistry {
@@ -83,19 +82,12 @@ impl std::fmt::Debug for ModuleRegistry {
 }
 
 impl ModuleRegistry {
-    /// A registry that compiles at most `concurrent_compiles` uploads at a
-    /// time, each for at most `compile_timeout`.
-    pub fn new(
-        pool: PgPool,
-        sandbox: Arc<Sandbox>,
-        concurrent_compiles: usize,
-        compile_timeout: Duration,
-    ) -> Self {
+    /// A registry whose uploads `compiler`'s jobs compile for `sandbox`.
+    pub fn new(pool: PgPool, sandbox: Arc<Sandbox>, compiler: Compiler) -> Self {
         Self {
             pool,
             sandbox,
-            compile_slots: Arc::new(Semaphore::new(concurrent_compiles.max(1))),
-            compile_timeout,
+            compiler,
         }
     }
 
@@ -112,52 +104,62 @@ impl ModuleRegistry {
         check_header(&bytes)?;
         let digest = hex::encode(Sha256::digest(&bytes));
         let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        // Checked again when the module is held; this refuses early,
+        // before anything is compiled.
         if !self.holds(namespace, &digest).await? {
-            self.check_quota(namespace, size, quota).await?;
+            check_quota(&self.pool, namespace, size, quota).await?;
         }
         if let Some(existing) = self.get(&digest).await? {
-            self.hold(namespace, &digest).await?;
+            self.store_and_hold(namespace, &digest, None, size, quota)
+                .await?;
             return Ok((existing, false));
         }
-        let compiled = {
-            let _slot = self
-                .compile_slots
-                .acquire()
+        // An artifact in the cache was made by a job that finished (a
+        // stopped job leaves none), so it is as good as compiling again.
+        if !self.sandbox.has_artifact(&digest) {
+            self.compiler
+                .compile(&self.sandbox, &digest, &bytes)
                 .await
-                .map_err(|e| ModuleError::Host(e.to_string()))?;
-            let sandbox = self.sandbox.clone();
-            let source = bytes.clone();
-            let compile = tokio::task::spawn_blocking(move || sandbox.load(&source));
-            // A compile past the limit keeps its thread until it ends, but
-            // the request does not wait for it and its slot is freed.
-            match tokio::time::timeout(self.compile_timeout, compile).await {
-                Ok(joined) => joined.map_err(|e| ModuleError::Host(e.to_string()))?,
-                Err(_) => return Err(ModuleError::CompileTimeout(self.compile_timeout)),
+                .map_err(|error| match error {
+                    CompileError::Invalid(reason) => ModuleError::Invalid(reason),
+                    other => ModuleError::Compile(other),
+                })?;
+        }
+        let sandbox = self.sandbox.clone();
+        let compiled = digest.clone();
+        let linked = tokio::task::spawn_blocking(move || sandbox.load_compiled(&compiled))
+            .await
+            .map_err(|e| ModuleError::Host(e.to_string()))?;
+        if let Err(error) = linked {
+            // A refused module keeps no artifact.
+            self.sandbox.forget_artifact(&digest);
+            return Err(match error {
+                SandboxError::Invalid { reason, .. } => ModuleError::Invalid(reason),
+                SandboxError::UnknownImport { reason, .. } => ModuleError::UnknownImport(reason),
+                SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
+                other => ModuleError::Host(other.to_string()),
+            });
+        }
+        let inserted = self
+            .store_and_hold(namespace, &digest, Some(&bytes), size, quota)
+            .await;
+        let inserted = match inserted {
+            Ok(inserted) => inserted,
+            Err(error) => {
+                // Refused after compiling (another upload of the namespace
+                // took the last place): keep no artifact nothing stores.
+                if self.get(&digest).await?.is_none() {
+                    self.sandbox.forget_artifact(&digest);
+                }
+                return Err(error);
             }
         };
-        compiled.map_err(|error| match error {
-            SandboxError::Invalid { reason, .. } => ModuleError::Invalid(reason),
-            SandboxError::UnknownImport { reason, .. } => ModuleError::UnknownImport(reason),
-            SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
-            other => ModuleError::Host(other.to_string()),
-        })?;
-        let inserted = sqlx::query(
-            "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (digest) DO NOTHING",
-        )
-        .bind(&digest)
-        .bind(bytes.as_ref())
-        .bind(size)
-        .bind(EVENT_HANDLER_WORLD)
-        .execute(&self.pool)
-        .await?;
-        self.hold(namespace, &digest).await?;
         let info = ModuleInfo {
             digest,
             size,
             world: EVENT_HANDLER_WORLD.to_string(),
         };
-        Ok((info, inserted.rows_affected() == 1))
+        Ok((info, inserted))
     }
 
     /// Whether a version of a function in `namespace` may use the module:
@@ -185,45 +187,73 @@ impl ModuleRegistry {
         .await?)
     }
 
-    async fn hold(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
+    /// Stores the module (`bytes`, when it is new) and makes `namespace`
+    /// hold it, if that keeps the namespace within `quota`. One transaction
+    /// that takes the namespace's quota lock, then the module's lock: two
+    /// uploads at once cannot both take the namespace's last place, and a
+    /// release cannot delete the module between the two inserts. Returns
+    /// whether the module row is new.
+    async fn store_and_hold(
+        &self,
+        namespace: &str,
+        digest: &str,
+        bytes: Option<&[u8]>,
+        size: i64,
+        quota: Quota,
+    ) -> Result<bool, ModuleError> {
+        let mut tx = self.pool.begin().await?;
+        lock(&mut tx, "module-quota", namespace).await?;
+        lock(&mut tx, "module", digest).await?;
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
+        )
+        .bind(namespace)
+        .bind(digest)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !held {
+            check_quota(&mut *tx, namespace, size, quota).await?;
+        }
+        let inserted =
+            match bytes {
+                Some(bytes) => sqlx::query(
+                    "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (digest) DO NOTHING",
+                )
+                .bind(digest)
+                .bind(bytes)
+                .bind(size)
+                .bind(EVENT_HANDLER_WORLD)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1,
+                None => false,
+            };
         sqlx::query(
             "INSERT INTO weir_module_owners (namespace, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .bind(namespace)
         .bind(digest)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
-    }
-
-    /// Refuses a module of `size` bytes that would take `namespace` past
-    /// its quota, before anything is compiled.
-    async fn check_quota(
-        &self,
-        namespace: &str,
-        size: i64,
-        quota: Quota,
-    ) -> Result<(), ModuleError> {
-        let (count, bytes): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(m.size), 0)::int8 FROM weir_module_owners o
-             JOIN weir_modules m USING (digest) WHERE o.namespace = $1",
-        )
-        .bind(namespace)
-        .fetch_one(&self.pool)
-        .await?;
-        if count + 1 > quota.modules || bytes.saturating_add(size) > quota.bytes {
-            return Err(ModuleError::QuotaExceeded(format!(
-                "namespace `{namespace}` holds {count} modules of {bytes} bytes; one more of {size} bytes would pass its quota of {} modules, {} bytes: delete unused ones (DELETE /v1/modules/{{digest}})",
-                quota.modules, quota.bytes
-            )));
-        }
-        Ok(())
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     /// Lets go of `namespace`'s hold on a module; once nothing holds it and
     /// no version uses it, the module and its compiled artifact are deleted.
     pub async fn release(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
-        if !self.holds(namespace, digest).await? {
+        let mut tx = self.pool.begin().await?;
+        lock(&mut tx, "module", digest).await?;
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
+        )
+        .bind(namespace)
+        .bind(digest)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !held {
             return Err(ModuleError::NotHeld(digest.to_string()));
         }
         // Named only when they are the caller's own: another namespace's
@@ -235,7 +265,7 @@ impl ModuleRegistry {
         )
         .bind(digest)
         .bind(namespace)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         if !users.is_empty() {
             return Err(ModuleError::InUse {
@@ -246,7 +276,7 @@ impl ModuleRegistry {
         sqlx::query("DELETE FROM weir_module_owners WHERE namespace = $1 AND digest = $2")
             .bind(namespace)
             .bind(digest)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         let deleted = sqlx::query(
             "DELETE FROM weir_modules m WHERE digest = $1
@@ -254,8 +284,9 @@ impl ModuleRegistry {
              AND NOT EXISTS (SELECT 1 FROM weir_versions v WHERE v.module_digest = m.digest)",
         )
         .bind(digest)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         if deleted.rows_affected() == 1 {
             self.sandbox.forget_artifact(digest);
         }
@@ -277,6 +308,45 @@ impl ModuleRegistry {
         })
         .transpose()
     }
+}
+
+/// Takes the transaction-scoped lock on `name` of `kind`: decisions that
+/// a read-then-write would race (a quota, a limit, a delete) are made one
+/// at a time per name.
+pub(crate) async fn lock(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    kind: &str,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("weir-{kind}:{name}"))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Refuses a module of `size` bytes that would take `namespace` past its
+/// quota.
+async fn check_quota<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    namespace: &str,
+    size: i64,
+    quota: Quota,
+) -> Result<(), ModuleError> {
+    let (count, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(m.size), 0)::int8 FROM weir_module_owners o
+         JOIN weir_modules m USING (digest) WHERE o.namespace = $1",
+    )
+    .bind(namespace)
+    .fetch_one(executor)
+    .await?;
+    if count + 1 > quota.modules || bytes.saturating_add(size) > quota.bytes {
+        return Err(ModuleError::QuotaExceeded(format!(
+            "namespace `{namespace}` holds {count} modules of {bytes} bytes; one more of {size} bytes would pass its quota of {} modules, {} bytes: delete unused ones (DELETE /v1/modules/{{digest}})",
+            quota.modules, quota.bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses what is not a component before anything is compiled: the

@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{ApiError, ApiState, caller};
 use super::auth::Role;
-use super::store::runtime_name;
 
 /// Most records one call returns.
 const MAX_LIMIT: usize = 10_000;
@@ -126,7 +125,7 @@ async fn read(
         ));
     }
     let limit = query.limit.unwrap_or(1_000).clamp(1, MAX_LIMIT);
-    let subject = format!("{prefix}.{}", runtime_name(&namespace, &name));
+    let subject = crate::config::deployed_record_subject(prefix, &namespace, &name);
     let deliver_policy = match (query.after_seq, query.since_ms) {
         (Some(after), _) => consumer::DeliverPolicy::ByStartSequence {
             start_sequence: after.saturating_add(1),

@@ -38,10 +38,10 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// The host's view of this binding, run as `runtime_name`.
-    pub fn to_spec(&self, runtime_name: &str) -> FunctionSpec {
+    /// The host's view of this binding of function `name` of `namespace`.
+    pub fn to_spec(&self, namespace: &str, name: &str) -> FunctionSpec {
         let defaults = FunctionSpec::new(
-            runtime_name,
+            runtime_name(namespace, name),
             PathBuf::new(),
             self.stream.clone(),
             self.subject.clone(),
@@ -55,6 +55,7 @@ impl Binding {
             breaker: self.breaker.clone(),
             batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             ack_wait_ms: self.ack_wait_ms.unwrap_or(defaults.ack_wait_ms),
+            deployed_as: Some((namespace.to_string(), name.to_string())),
             ..defaults
         }
     }
@@ -656,13 +657,12 @@ impl ControlStore {
         .await?;
         let deployments = rows.iter().map(|row| {
             let (namespace, name): (String, String) = (row.try_get(0)?, row.try_get(1)?);
-            let runtime = runtime_name(&namespace, &name);
             let stable = DeployedVersion {
                 version: row.try_get(2)?,
                 module_digest: row.try_get(3)?,
                 replay_from: replay_from(row.try_get(11)?, row.try_get(12)?),
                 replays: row.try_get(13)?,
-                spec: decode(&name, row.try_get(4)?)?.to_spec(&runtime),
+                spec: decode(&name, row.try_get(4)?)?.to_spec(&namespace, &name),
             };
             let weight = u8::try_from(row.try_get::<i32, _>(8)?).unwrap_or(0);
             let canary = match row.try_get::<Option<i32>, _>(5)? {
@@ -672,7 +672,7 @@ impl ControlStore {
                         module_digest: row.try_get(6)?,
                         replay_from: None,
                         replays: row.try_get::<Option<bool>, _>(14)?.unwrap_or(false),
-                        spec: decode(&name, row.try_get(7)?)?.to_spec(&runtime),
+                        spec: decode(&name, row.try_get(7)?)?.to_spec(&namespace, &name),
                     },
                     weight,
                 )),

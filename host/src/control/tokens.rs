@@ -107,12 +107,18 @@ pub(super) async fn create_token(
     }
     principal.require(&request.namespace, Role::Admin)?;
     let pool = state.auth.pool();
+    // Counted and inserted under the namespace's lock: two requests at
+    // once cannot both take its last place.
+    let mut tx = pool.begin().await.map_err(database)?;
+    super::modules::lock(&mut tx, "tokens", &request.namespace)
+        .await
+        .map_err(database)?;
     let live: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM weir_tokens WHERE namespace = $1
          AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
     )
     .bind(&request.namespace)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(database)?;
     if live >= i64::from(state.max_tokens_per_namespace) {
@@ -141,9 +147,10 @@ pub(super) async fn create_token(
     .bind(request.role.as_str())
     .bind(&request.name)
     .bind(ttl.map(|secs| secs as f64))
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(database)?;
+    tx.commit().await.map_err(database)?;
     tracing::info!(%id, namespace = %request.namespace, role = request.role.as_str(), name = %request.name, ?expires_ms, by = %principal.token_id, "API token created");
     Ok((
         StatusCode::CREATED,

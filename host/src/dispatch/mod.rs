@@ -248,6 +248,7 @@ impl FunctionWorker {
         Self {
             logs: GuestLogSink::new(
                 &env.guest_logs,
+                spec.record_subject(&env.guest_logs.subject_prefix),
                 name.clone(),
                 lanes[0].version.clone(),
                 env.js.client(),
@@ -261,7 +262,7 @@ impl FunctionWorker {
             pending: 0,
             last_stats: Instant::now(),
             rolled_back: false,
-            dead_letter_subject: format!("{}.{}", env.dead_letter_prefix, spec.name),
+            dead_letter_subject: spec.record_subject(&env.dead_letter_prefix),
             max_payload: env.max_payload(),
             owner_id: env.owner_id.clone(),
             owner_lease: env.owner_lease,

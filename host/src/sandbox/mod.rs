@@ -105,6 +105,7 @@ pub struct Sandbox {
     artifact_dir: PathBuf,
     engine_tag: String,
     ticker: Option<Arc<EpochTicker>>,
+    config: SandboxConfig,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -144,22 +145,7 @@ impl FunctionCode {
 impl Sandbox {
     pub fn new(config: &SandboxConfig) -> Result<Self, SandboxError> {
         let engine_error = |e: wasmtime::Error| SandboxError::Engine(format!("{e:#}"));
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances * 8)
-            .total_memories(config.max_instances * 2)
-            .total_tables(config.max_instances * 4)
-            .total_stacks(config.max_instances)
-            .max_memory_size(config.max_memory_bytes);
-        let mut wasm = Config::new();
-        wasm.wasm_component_model(true)
-            .epoch_interruption(config.epoch_interruption)
-            // Weir calls guests synchronously; async-call bookkeeping costs
-            // about half of a small call (see docs/design.md).
-            .concurrency_support(false)
-            .max_wasm_stack(config.max_wasm_stack_bytes)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wasm).map_err(engine_error)?;
+        let engine = Engine::new(&pooled(config)).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
         EventHandler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
@@ -186,7 +172,14 @@ impl Sandbox {
             artifact_dir: config.artifact_dir.clone(),
             engine_tag,
             ticker: ticker.map(Arc::new),
+            config: config.clone(),
         })
+    }
+
+    /// The settings this sandbox was made with: a compile job in another
+    /// process makes an engine from the same ones.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
     }
 
     /// Loads the component at `path`, from the artifact cache when it was
@@ -203,21 +196,42 @@ impl Sandbox {
     /// before.
     pub fn load(&self, bytes: &[u8]) -> Result<FunctionCode, SandboxError> {
         let digest = hex::encode(Sha256::digest(bytes));
-        let invalid = |e: wasmtime::Error| SandboxError::Invalid {
-            digest: digest.clone(),
-            reason: format!("{e:#}"),
-        };
         let component = match self.cached_artifact(&digest) {
             Some(component) => component,
             None => {
-                let component = Component::new(&self.engine, bytes).map_err(invalid)?;
+                let component =
+                    Component::new(&self.engine, bytes).map_err(|e| SandboxError::Invalid {
+                        digest: digest.clone(),
+                        reason: format!("{e:#}"),
+                    })?;
                 self.store_artifact(&digest, &component);
                 component
             }
         };
+        self.link(digest, &component)
+    }
+
+    /// Loads the component of `digest` from the artifact a compile job left
+    /// in the cache ([`Self::artifact_path`]); never compiles in this
+    /// process.
+    pub fn load_compiled(&self, digest: &str) -> Result<FunctionCode, SandboxError> {
+        let component = self.cached_artifact(digest).ok_or_else(|| {
+            SandboxError::Engine(format!("no usable compiled artifact of module {digest}"))
+        })?;
+        self.link(digest.to_string(), &component)
+    }
+
+    /// Whether the artifact cache holds a compiled `digest`.
+    pub fn has_artifact(&self, digest: &str) -> bool {
+        self.artifact_path(digest).exists()
+    }
+
+    /// Checks the component's imports and exports against what the host
+    /// links.
+    fn link(&self, digest: String, component: &Component) -> Result<FunctionCode, SandboxError> {
         let pre =
             self.linker
-                .instantiate_pre(&component)
+                .instantiate_pre(component)
                 .map_err(|e| SandboxError::UnknownImport {
                     digest: digest.clone(),
                     reason: format!("{e:#}"),
@@ -245,7 +259,9 @@ impl Sandbox {
         }
     }
 
-    fn artifact_path(&self, digest: &str) -> PathBuf {
+    /// Where the compiled artifact of `digest` is cached for this engine
+    /// build.
+    pub fn artifact_path(&self, digest: &str) -> PathBuf {
         self.artifact_dir
             .join(format!("{digest}-{}.cwasm", self.engine_tag))
     }
@@ -255,10 +271,11 @@ impl Sandbox {
         if !path.exists() {
             return None;
         }
-        // SAFETY: artifacts are written only by `store_artifact` below, from
-        // a component this same engine build compiled (the file name carries
-        // the engine's compatibility hash), into the host's private cache
-        // directory. wasmtime also checks the engine settings on load.
+        // SAFETY: artifacts are written only by `store_artifact` below, or
+        // by a compile job (`precompile`) of this same binary's engine build
+        // with this sandbox's settings (the file name carries the engine's
+        // compatibility hash), into the host's private cache directory.
+        // wasmtime also checks the engine settings on load.
         #[allow(unsafe_code)]
         let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
         match loaded {
@@ -285,6 +302,50 @@ impl Sandbox {
             tracing::warn!(path = %path.display(), %error, "could not cache compiled artifact");
         }
     }
+}
+
+/// The engine settings of `config` that decide compiled code. Artifacts are
+/// only usable by an engine made with the same ones, so a compile job uses
+/// this too. The instance allocator is not among them (wasmtime does not
+/// check it on load): the host adds its pool ([`pooled`]); a compile job,
+/// which instantiates nothing, does without, so its memory limit is spent
+/// on compiling rather than on the pool's stacks and tables.
+fn engine_config(config: &SandboxConfig) -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(config.epoch_interruption)
+        // Weir calls guests synchronously; async-call bookkeeping costs
+        // about half of a small call (see docs/design.md).
+        .concurrency_support(false)
+        .max_wasm_stack(config.max_wasm_stack_bytes);
+    wasm
+}
+
+/// [`engine_config`] with the host's instance pool.
+fn pooled(config: &SandboxConfig) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(config.max_instances)
+        .total_core_instances(config.max_instances * 8)
+        .total_memories(config.max_instances * 2)
+        .total_tables(config.max_instances * 4)
+        .total_stacks(config.max_instances)
+        .max_memory_size(config.max_memory_bytes);
+    let mut wasm = engine_config(config);
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasm
+}
+
+/// Compiles component `bytes` to an artifact a [`Sandbox`] with the same
+/// `config` loads: what a compile job runs, in a process of its own.
+pub fn precompile(config: &SandboxConfig, bytes: &[u8]) -> Result<Vec<u8>, SandboxError> {
+    let engine =
+        Engine::new(&engine_config(config)).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+    engine
+        .precompile_component(bytes)
+        .map_err(|e| SandboxError::Invalid {
+            digest: hex::encode(Sha256::digest(bytes)),
+            reason: format!("{e:#}"),
+        })
 }
 
 /// Replaces WASI's monotonic-clock subscriptions (what `sleep` and poll

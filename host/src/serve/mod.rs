@@ -604,7 +604,7 @@ async fn start_api(
     sandbox: &Arc<Sandbox>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    use crate::control::{api, auth, modules};
+    use crate::control::{api, auth, compile_job, modules};
     let settings = &config.api;
     let api_state = api::ApiState {
         auth: Arc::new(auth::Authenticator::new(
@@ -616,8 +616,12 @@ async fn start_api(
         modules: modules::ModuleRegistry::new(
             pool.clone(),
             sandbox.clone(),
-            settings.concurrent_compiles,
-            Duration::from_secs(settings.compile_timeout_secs),
+            compile_job::Compiler::new(
+                compiler_program(settings).map_err(|reason| ServeError::Api { address, reason })?,
+                settings.concurrent_compiles,
+                Duration::from_secs(settings.compile_timeout_secs),
+                settings.compile_memory_bytes,
+            ),
         ),
         store: crate::control::store::ControlStore::new(pool.clone()),
         max_module_bytes: settings.max_module_bytes,
@@ -633,8 +637,9 @@ async fn start_api(
         js: js.clone(),
         log_prefix: config.guest_logs.subject_prefix.clone(),
         dead_letter_prefix: config.dead_letter_prefix.clone(),
-        uploads: Arc::new(tokio::sync::Semaphore::new(
-            settings.concurrent_uploads.max(1),
+        uploads: Arc::new(crate::control::admission::UploadSlots::new(
+            settings.concurrent_uploads,
+            settings.concurrent_uploads_per_client,
         )),
     };
     api::start(address, api_state, shutdown.clone())
@@ -643,6 +648,15 @@ async fn start_api(
             address,
             reason: e.to_string(),
         })
+}
+
+/// The program compile jobs run: the configured one, or this executable.
+fn compiler_program(settings: &crate::config::ApiConfig) -> Result<std::path::PathBuf, String> {
+    match &settings.compiler_program {
+        Some(program) => Ok(program.clone()),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this executable to run compile jobs: {e}")),
+    }
 }
 
 /// Loads a version's component and instantiates it

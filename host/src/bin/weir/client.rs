@@ -35,9 +35,18 @@ pub struct Api {
         global = true
     )]
     namespace: String,
-    /// Print the API's JSON instead of a table.
+    /// Print the API's JSON instead of a table (errors too, on stderr).
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds one call may take before the CLI gives up (an upload, which
+    /// also waits for its compile: ten times this).
+    #[arg(
+        long,
+        env = "WEIR_API_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    timeout_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,11 +105,36 @@ pub struct DeployArgs {
     replay_from_sequence: Option<u64>,
 }
 
+/// How long connecting to the API may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A call the API answered with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiRefusal {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
 impl Api {
+    /// Whether output (errors included) should be JSON.
+    pub fn wants_json(&self) -> bool {
+        self.json
+    }
+
+    /// A client that gives up on an unreachable host after
+    /// [`CONNECT_TIMEOUT`] and on a mute one after `--timeout-secs`.
     fn client(&self) -> Result<reqwest::Client> {
         Ok(reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(std::time::Duration::from_secs(self.timeout_secs))
             .build()?)
+    }
+
+    /// How long an upload may take: its body, then its compile on the host.
+    fn upload_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_secs.saturating_mul(10))
     }
 
     fn url(&self, path: &str) -> String {
@@ -128,8 +162,12 @@ impl Api {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         if !status.is_success() {
-            let message = body["message"].as_str().unwrap_or("no message");
-            bail!("{status}: {message}");
+            return Err(ApiRefusal {
+                status: status.as_u16(),
+                code: body["error"].as_str().unwrap_or("unknown").to_string(),
+                message: body["message"].as_str().unwrap_or("no message").to_string(),
+            }
+            .into());
         }
         Ok(body)
     }
@@ -189,6 +227,8 @@ pub async fn deploy(api: &Api, args: DeployArgs) -> Result<()> {
             client
                 .post(api.url("/v1/modules"))
                 .header("content-type", "application/wasm")
+                // Sending and compiling a large component take longer.
+                .timeout(api.upload_timeout())
                 .body(bytes),
         )
         .await

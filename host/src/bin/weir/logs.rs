@@ -37,6 +37,16 @@ pub struct LogsArgs {
     subject_prefix: String,
 }
 
+impl LogsArgs {
+    /// The same reading, of the function's dead letters.
+    pub fn showing_dead_letters(self) -> Self {
+        Self {
+            dead_letters: true,
+            ..self
+        }
+    }
+}
+
 /// How long the reader waits for more lines before deciding it has read
 /// everything kept (without `--follow`).
 const CAUGHT_UP_WAIT: Duration = Duration::from_secs(1);

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use weir_host::config::HostConfig;
-use weir_host::control::StaticFunctions;
+use weir_host::control::{StaticFunctions, compile_job};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: client::RolloutCommand,
     },
+    /// A host's compile job (the host runs it; not for people).
+    #[command(name = "compile-module", hide = true)]
+    CompileModule(compile_job::ChildArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,12 +73,56 @@ enum FunctionCommand {
     /// Show a function's guest log lines (`log` calls, stdout, stderr), or
     /// its dead letters; through the API when a token is set.
     Logs(logs::LogsArgs),
+    /// Show a function's dead letters, with why each failed (through the
+    /// API; the same as `fn logs --dead-letters`).
+    DeadLetters(logs::LogsArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Command::CompileModule(args) = &cli.command {
+        // No runtime and no logging: a compile job is one blocking call
+        // under a memory limit.
+        std::process::exit(compile_job::run_child(args));
+    }
+    let json_errors = match &cli.command {
+        Command::Function { api, .. } | Command::Rollout { api, .. } => api.wants_json(),
+        _ => false,
+    };
+    let ran = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match ran {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            report(&error, json_errors);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error as a person reads it (its causes, no backtrace whatever
+/// `RUST_BACKTRACE` says), or as JSON for scripts.
+fn report(error: &anyhow::Error, json: bool) {
+    let refusal = error.downcast_ref::<client::ApiRefusal>();
+    if json {
+        let body = serde_json::json!({
+            "error": refusal.map_or("failed", |r| r.code.as_str()),
+            "status": refusal.map(|r| r.status),
+            "message": format!("{error:#}"),
+        });
+        eprintln!("{body}");
+    } else {
+        eprintln!("error: {error:#}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     weir_host::telemetry::init_logging();
-    match Cli::parse().command {
+    match cli.command {
+        Command::CompileModule(_) => unreachable!("handled before the runtime starts"),
         Command::Serve { config } => {
             let config =
                 HostConfig::load(config.as_deref()).context("loading the configuration")?;
@@ -90,6 +137,9 @@ async fn main() -> anyhow::Result<()> {
             FunctionCommand::Show { name } => client::show(&api, &name).await?,
             FunctionCommand::Rm { name } => client::remove(&api, &name).await?,
             FunctionCommand::Logs(args) => logs::run(&api, args).await?,
+            FunctionCommand::DeadLetters(args) => {
+                logs::run(&api, args.showing_dead_letters()).await?;
+            }
         },
         Command::Rollout { api, command } => client::rollout(&api, command).await?,
         Command::CheckConfig { config } => {

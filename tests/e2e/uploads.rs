@@ -1,0 +1,300 @@
+//! What an upload may cost the host: each compile runs as a job in a child
+//! `weir` process that is killed at its deadline, stopped at its memory
+//! limit, never more of them at once than allowed, and leaves no artifact
+//! unless the module was accepted; one client cannot hold every upload slot.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use weir_e2e::*;
+
+use crate::api::{ADMIN, api_host_with, bearer, post, refusal};
+
+/// A component whose one core function has `instructions` additions: slow
+/// and memory-hungry to compile as the count grows, and refused once
+/// compiled (it exports no `handle`). `salt` makes distinct digests.
+fn component_with_long_function(instructions: usize, salt: u32) -> Result<Vec<u8>> {
+    let mut body = String::with_capacity(instructions * 60);
+    for i in 0..instructions {
+        let constant = (i as u32) ^ salt;
+        body.push_str(&format!(
+            "(local.set 0 (i32.add (local.get 0) (i32.const {constant})))\n"
+        ));
+    }
+    Ok(wat::parse_str(format!(
+        "(component (core module (func (export \"f\") (param i32) (result i32) {body} (local.get 0))))"
+    ))?)
+}
+
+/// Long enough that compiling it takes the debug `weir` many times the
+/// 1 s deadline of the tests below, and far more memory than their limit.
+const SLOW: usize = 400_000;
+
+/// Compile jobs alive for the host whose artifact cache is `artifacts`.
+fn compile_jobs_alive(artifacts: &Path) -> Result<usize> {
+    let dir = artifacts.display().to_string();
+    let mut alive = 0;
+    for entry in std::fs::read_dir("/proc")?.filter_map(|e| e.ok()) {
+        // A process may end while it is read: then it is not alive.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_job = args.iter().any(|a| *a == b"compile-module");
+        if is_job && args.contains(&dir.as_bytes()) {
+            alive += 1;
+        }
+    }
+    Ok(alive)
+}
+
+/// What compiles leave in the artifact cache `dir`: artifacts and job
+/// files, by path relative to it.
+fn files_under(dir: &Path) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if next != dir || path.extension().is_some_and(|e| e == "cwasm") {
+                files.push(path.strip_prefix(dir)?.display().to_string());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+async fn upload(address: SocketAddr, bytes: &[u8]) -> Result<HttpResponse> {
+    post(address, "/v1/modules", ADMIN, "application/wasm", bytes).await
+}
+
+/// A compile past `api.compile_timeout_secs` is killed before the upload
+/// is answered, leaves no artifact (so the same bytes are compiled, and
+/// refused, again), and gives its slot back.
+#[sqlx::test(migrations = false)]
+async fn a_compile_past_its_deadline_is_stopped_and_leaves_nothing(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.compile_timeout_secs = 1;
+        api.concurrent_compiles = 1;
+    })
+    .await?;
+    let slow = component_with_long_function(SLOW, 0)?;
+    for attempt in ["the first upload", "the same bytes again"] {
+        let response = upload(address, &slow).await?;
+        let (status, code, message) = refusal(&response)?;
+        assert_eq!(
+            (status, code.as_str()),
+            (422, "invalid_module"),
+            "{attempt}: {message}"
+        );
+        assert!(
+            message.contains("longer than 1 s") && message.contains("stopped"),
+            "{attempt}: {message}"
+        );
+        assert_eq!(
+            compile_jobs_alive(stack.artifacts.path())?,
+            0,
+            "{attempt}: the job is gone when the upload is answered"
+        );
+        assert_eq!(
+            files_under(stack.artifacts.path())?,
+            Vec::<String>::new(),
+            "{attempt}: no artifact, no job file"
+        );
+    }
+    // The one compile slot is free again.
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let accepted = upload(address, &passthrough).await?;
+    assert_eq!(accepted.status, 201, "{accepted:?}");
+    assert_eq!(files_under(stack.artifacts.path())?.len(), 1);
+    host.stop().await
+}
+
+/// A compile that needs more memory than `api.compile_memory_bytes` is
+/// stopped by its own limit and refused with a message that says so; the
+/// host, whose memory it never was, goes on accepting uploads.
+#[sqlx::test(migrations = false)]
+async fn a_compile_past_its_memory_limit_is_refused(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.compile_memory_bytes = COMPILE_MEMORY;
+        api.compile_timeout_secs = 600;
+    })
+    .await?;
+    let hungry = component_with_long_function(SLOW, 1)?;
+    let response = upload(address, &hungry).await?;
+    let (status, code, message) = refusal(&response)?;
+    assert_eq!(
+        (status, code.as_str()),
+        (422, "invalid_module"),
+        "{message}"
+    );
+    assert!(
+        message.contains("more than") && message.contains("MiB of memory"),
+        "{message}"
+    );
+    assert_eq!(files_under(stack.artifacts.path())?, Vec::<String>::new());
+    // An ordinary component compiles within the same limit.
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let accepted = upload(address, &passthrough).await?;
+    assert_eq!(accepted.status, 201, "{accepted:?}");
+    host.stop().await
+}
+
+/// The memory limit of the test above: enough for the example components,
+/// far too little for [`SLOW`].
+const COMPILE_MEMORY: u64 = 256 << 20;
+
+/// However many uploads arrive at once, no more than
+/// `api.concurrent_compiles` compile jobs run at any moment (watched from
+/// `/proc` while they run), and refused modules leave no artifact.
+#[sqlx::test(migrations = false)]
+async fn concurrent_compiles_never_exceed_the_limit(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.concurrent_compiles = 2;
+        api.concurrent_uploads = 6;
+        api.concurrent_uploads_per_client = 6;
+        api.compile_timeout_secs = 600;
+    })
+    .await?;
+    let modules: Vec<Vec<u8>> = (0..5)
+        .map(|salt| component_with_long_function(MEDIUM, salt + 10))
+        .collect::<Result<_>>()?;
+    let artifacts = stack.artifacts.path().to_path_buf();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = done.clone();
+    let watch = tokio::spawn(async move {
+        let mut most = 0;
+        while !watching.load(std::sync::atomic::Ordering::Relaxed) {
+            most = most.max(compile_jobs_alive(&artifacts)?);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok::<usize, anyhow::Error>(most)
+    });
+    let responses = futures::future::join_all(modules.iter().map(|m| upload(address, m))).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watch.await??;
+    assert!(
+        (1..=2).contains(&most),
+        "{most} compile jobs ran at once; the limit is 2"
+    );
+    for response in responses {
+        let (status, _, message) = refusal(&response?)?;
+        assert_eq!(status, 422, "{message}");
+        assert!(message.contains("event-handler"), "{message}");
+    }
+    assert_eq!(
+        files_under(stack.artifacts.path())?,
+        Vec::<String>::new(),
+        "refused modules keep no artifact"
+    );
+    host.stop().await
+}
+
+/// The per-test size that makes jobs overlap in
+/// [`concurrent_compiles_never_exceed_the_limit`].
+const MEDIUM: usize = 40_000;
+
+/// One client address may have `api.concurrent_uploads_per_client`
+/// uploads in flight: past that it gets 429 while another address is still
+/// served.
+#[sqlx::test(migrations = false)]
+async fn one_client_cannot_hold_every_upload_slot(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.concurrent_uploads = 2;
+        api.concurrent_uploads_per_client = 1;
+    })
+    .await?;
+    // 127.0.0.1 sends half a body and waits.
+    let mut slow = tokio::net::TcpStream::connect(address).await?;
+    let head = format!(
+        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
+    );
+    slow.write_all(head.as_bytes()).await?;
+    slow.write_all(&[0u8; 500]).await?;
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let auth = bearer(ADMIN);
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/wasm"),
+    ];
+    let from = |source: Ipv4Addr| {
+        let passthrough = passthrough.clone();
+        async move {
+            http_request_from(
+                Some(source),
+                address,
+                "POST",
+                "/v1/modules",
+                &headers,
+                &passthrough,
+            )
+            .await
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the slow upload to hold 127.0.0.1's slot",
+        || async { Ok(from(Ipv4Addr::new(127, 0, 0, 1)).await?.status == 429) },
+    )
+    .await?;
+    let refused = from(Ipv4Addr::new(127, 0, 0, 1)).await?;
+    let (status, code, message) = refusal(&refused)?;
+    assert_eq!((status, code.as_str()), (429, "uploads_busy"), "{message}");
+    assert!(message.contains("from this address"), "{message}");
+    // Another client still has a slot.
+    let served = from(Ipv4Addr::new(127, 0, 0, 2)).await?;
+    assert_eq!(served.status, 201, "{served:?}");
+    drop(slow);
+    host.stop().await
+}
+
+/// A namespace's quota is decided once per place: two uploads at once
+/// that each fit alone cannot both be stored when only one place is left
+/// (both pass the early check while the other compiles), and the refused
+/// one keeps no artifact.
+#[sqlx::test(migrations = false)]
+async fn two_uploads_at_once_cannot_both_take_the_last_place(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.module_quota_count = 1;
+    })
+    .await?;
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let counter = std::fs::read(component("counter")?)?;
+    let (first, second) = tokio::join!(upload(address, &passthrough), upload(address, &counter));
+    let mut statuses = [first?.status, second?.status];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "exactly one is stored");
+    assert_eq!(
+        files_under(stack.artifacts.path())?.len(),
+        1,
+        "only the stored module's artifact is kept"
+    );
+    host.stop().await
+}
