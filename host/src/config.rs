@@ -174,6 +174,9 @@ pub struct ApiConfig {
     /// Seconds a client has to send a request's headers; a slower one is
     /// disconnected.
     pub header_read_timeout_secs: u64,
+    /// Seconds an upload's body has to arrive once its headers are in; a
+    /// slower one is refused with 408 and its slot freed.
+    pub upload_body_timeout_secs: u64,
     /// Modules a namespace may hold (uploaded and not deleted).
     pub module_quota_count: u32,
     /// Bytes of modules a namespace may hold.
@@ -217,6 +220,7 @@ impl Default for ApiConfig {
             concurrent_uploads_per_client: 2,
             max_tokens_per_namespace: 100,
             header_read_timeout_secs: 10,
+            upload_body_timeout_secs: 60,
             module_quota_count: 100,
             module_quota_bytes: 1 << 30,
             compile_timeout_secs: 60,

@@ -946,6 +946,10 @@ async fn logs_and_dead_letters_are_read_through_the_api_per_namespace(
         .json()?;
     assert_eq!(after["records"], serde_json::json!([]), "{after}");
     assert_eq!(after["last_seq"].as_u64(), Some(last));
+    // A start time the host cannot represent is refused, not read from 0.
+    let out_of_range = read(format!("{logs}?since_ms={}", i64::MAX), reader.clone()).await?;
+    assert_eq!(out_of_range.status, 422, "{out_of_range:?}");
+    assert!(out_of_range.body.contains("since_ms"), "{out_of_range:?}");
 
     // Another namespace's reader is refused both.
     let outsider = token("billing").await?;

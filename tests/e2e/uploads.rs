@@ -298,3 +298,37 @@ async fn two_uploads_at_once_cannot_both_take_the_last_place(
     );
     host.stop().await
 }
+
+/// An upload whose body stops arriving is refused with 408 after
+/// `api.upload_body_timeout_secs`, and its slot is free again.
+#[sqlx::test(migrations = false)]
+async fn a_stalled_upload_body_is_refused_and_frees_its_slot(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.upload_body_timeout_secs = 1;
+        api.concurrent_uploads = 1;
+    })
+    .await?;
+    let mut stalled = tokio::net::TcpStream::connect(address).await?;
+    let head = format!(
+        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
+    );
+    stalled.write_all(head.as_bytes()).await?;
+    stalled.write_all(&[0u8; 100]).await?;
+    // The answer comes while the connection is still open: the host gave
+    // up on the body, not the client on the host.
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"timeout\""), "{answer}");
+    // The one upload slot is free.
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let accepted = upload(address, &passthrough).await?;
+    assert_eq!(accepted.status, 201, "{accepted:?}");
+    host.stop().await
+}

@@ -49,15 +49,14 @@ pub struct ApiState {
     pub module_quota: super::modules::Quota,
     /// How long a client has to send its request headers.
     pub header_read_timeout: std::time::Duration,
+    /// How long an upload's body may take to arrive once its headers are in.
+    pub upload_body_timeout: std::time::Duration,
     /// Live tokens a namespace may have.
     pub max_tokens_per_namespace: u32,
     /// Uploads being read or compiled at once, in total and per client:
     /// memory held by uploads is at most the total times `max_module_bytes`.
     pub uploads: Arc<super::admission::UploadSlots>,
 }
-
-/// Longest an upload's body may take to arrive once its headers are in.
-const UPLOAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A refused or failed call, as the client sees it.
 #[derive(Debug)]
@@ -394,14 +393,14 @@ async fn upload_module(
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "uploads_busy", message)
         }
     })?;
-    let read = tokio::time::timeout(UPLOAD_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let read = tokio::time::timeout(state.upload_body_timeout, axum::body::to_bytes(body, limit));
     let Ok(read) = read.await else {
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!(
                 "the module did not arrive within {} s",
-                UPLOAD_READ_TIMEOUT.as_secs()
+                state.upload_body_timeout.as_secs()
             ),
         ));
     };

@@ -634,6 +634,7 @@ async fn start_api(
             bytes: i64::try_from(settings.module_quota_bytes).unwrap_or(i64::MAX),
         },
         header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs.max(1)),
+        upload_body_timeout: Duration::from_secs(settings.upload_body_timeout_secs.max(1)),
         js: js.clone(),
         log_prefix: config.guest_logs.subject_prefix.clone(),
         dead_letter_prefix: config.dead_letter_prefix.clone(),
