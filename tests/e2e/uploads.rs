@@ -332,3 +332,24 @@ async fn a_stalled_upload_body_is_refused_and_frees_its_slot(
     assert_eq!(accepted.status, 201, "{accepted:?}");
     host.stop().await
 }
+
+/// A stored module always has its artifact: one that went missing (a
+/// release racing an upload of the same bytes, a wiped cache) is compiled
+/// again by the next upload's job, so no host has to compile it itself.
+#[sqlx::test(migrations = false)]
+async fn an_upload_restores_a_missing_artifact(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |_| {}).await?;
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    assert_eq!(upload(address, &passthrough).await?.status, 201);
+    let artifacts = files_under(stack.artifacts.path())?;
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    std::fs::remove_file(stack.artifacts.path().join(&artifacts[0]))?;
+    let again = upload(address, &passthrough).await?;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(files_under(stack.artifacts.path())?, artifacts);
+    host.stop().await
+}

@@ -65,7 +65,9 @@ impl ClientLimiter {
 /// A client as the limits count it: an IPv6 client is its /64, which one
 /// host usually holds whole.
 fn client_key(client: IpAddr) -> IpAddr {
-    match client {
+    // An IPv4 client of a listener on `[::]` arrives as `::ffff:a.b.c.d`:
+    // it is its IPv4 address, not one of the clients of `::ffff:0:0/64`.
+    match client.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,
     }
@@ -257,6 +259,13 @@ mod tests {
         drop((a2, b1, b2));
         // Every slot came back, and no client is remembered.
         assert!(slots.in_flight.lock().expect("lock").is_empty());
+        let mapped: IpAddr = "::ffff:10.0.0.3".parse().expect("address");
+        let other_mapped: IpAddr = "::ffff:10.0.0.4".parse().expect("address");
+        let _three = slots.try_take(mapped).expect("a mapped IPv4 client");
+        let _four = slots
+            .try_take(other_mapped)
+            .expect("another IPv4 client, not the same /64");
+        drop((_three, _four));
         let v6: IpAddr = "2001:db8::1".parse().expect("address");
         let same_64: IpAddr = "2001:db8::ffff".parse().expect("address");
         let _one = slots.try_take(v6).expect("first");

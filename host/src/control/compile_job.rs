@@ -28,12 +28,15 @@ use crate::sandbox::{self, Sandbox, SandboxConfig};
 /// The hidden `weir` subcommand a job runs.
 pub const SUBCOMMAND: &str = "compile-module";
 
-/// The child's exit code for bytes that are not a valid component.
-pub const EXIT_INVALID: i32 = 2;
+/// The child's exit code for bytes that are not a valid component
+/// (`EX_DATAERR`; not 2, which is clap's for a command line it refuses, so
+/// a host and a compile program that disagree on flags is the host's
+/// failure, not the tenant's).
+pub const EXIT_INVALID: i32 = 65;
 
 /// The child's exit code for a compile its memory limit stopped, where the
 /// refused allocation came back as an error rather than an abort.
-pub const EXIT_OUT_OF_MEMORY: i32 = 3;
+pub const EXIT_OUT_OF_MEMORY: i32 = 66;
 
 /// The most of the child's stderr kept for the error message.
 const STDERR_LIMIT: u64 = 16 * 1024;
@@ -72,27 +75,35 @@ impl Compiler {
         }
     }
 
-    /// Compiles `bytes` (of `digest`) into `sandbox`'s artifact cache.
+    /// Compiles `bytes` (of `digest`) into `sandbox`'s artifact cache. The
+    /// job runs as a task of its own: if the caller goes away (a client
+    /// that disconnects, a host that stops), the job still ends at its
+    /// deadline and holds its slot until its process is reaped.
     pub async fn compile(
         &self,
-        sandbox: &Sandbox,
+        sandbox: &Arc<Sandbox>,
         digest: &str,
-        bytes: &[u8],
+        bytes: bytes::Bytes,
     ) -> Result<(), CompileError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|e| CompileError::Host(e.to_string()))?;
-        let job = JobFiles::new(sandbox.config(), digest)?;
-        tokio::fs::write(&job.input, bytes)
-            .await
-            .map_err(|e| host_error("writing the job's input", &job.input, e))?;
-        self.run(sandbox.config(), &job).await?;
-        let artifact = sandbox.artifact_path(digest);
-        tokio::fs::rename(&job.output, &artifact)
-            .await
-            .map_err(|e| host_error("moving the artifact into the cache", &artifact, e))
+        let (compiler, sandbox, digest) = (self.clone(), sandbox.clone(), digest.to_string());
+        tokio::spawn(async move {
+            let _slot = compiler
+                .slots
+                .acquire()
+                .await
+                .map_err(|e| CompileError::Host(e.to_string()))?;
+            let job = JobFiles::new(sandbox.config(), &digest)?;
+            tokio::fs::write(&job.input, &bytes)
+                .await
+                .map_err(|e| host_error("writing the job's input", &job.input, e))?;
+            compiler.run(sandbox.config(), &job).await?;
+            let artifact = sandbox.artifact_path(&digest);
+            tokio::fs::rename(&job.output, &artifact)
+                .await
+                .map_err(|e| host_error("moving the artifact into the cache", &artifact, e))
+        })
+        .await
+        .map_err(|e| CompileError::Host(format!("the compile task failed: {e}")))?
     }
 
     /// Runs the child until it exits or its deadline passes; the slot is
@@ -106,6 +117,8 @@ impl Compiler {
             .arg(&job.output)
             .arg("--memory-limit")
             .arg(self.memory_limit.to_string())
+            .arg("--cpu-limit-secs")
+            .arg(self.cpu_limit_secs().to_string())
             .args(JobArgs::from(config).to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -115,11 +128,17 @@ impl Compiler {
             .map_err(|e| host_error("starting a compile job", &self.program, e))?;
         let stderr = child.stderr.take();
         let read_stderr = async move {
-            let mut text = String::new();
-            if let Some(stderr) = stderr {
-                let _ = stderr.take(STDERR_LIMIT).read_to_string(&mut text).await;
+            let mut kept = Vec::new();
+            if let Some(mut stderr) = stderr {
+                let _ = (&mut stderr)
+                    .take(STDERR_LIMIT)
+                    .read_to_end(&mut kept)
+                    .await;
+                // The rest is drained, not cut off: a child whose stderr
+                // closed would fail on its next line for that reason alone.
+                let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
             }
-            text
+            String::from_utf8_lossy(&kept).into_owned()
         };
         let waited = tokio::time::timeout(self.timeout, async {
             let (status, text) = tokio::join!(child.wait(), read_stderr);
@@ -147,6 +166,19 @@ impl Compiler {
         Err(CompileError::Host(format!(
             "the compile job failed ({status}): {stderr}"
         )))
+    }
+}
+
+impl Compiler {
+    /// CPU seconds a job may use, a second bound beside the wall-clock
+    /// deadline for a job whose host died and cannot kill it: the deadline
+    /// with every core busy, and a second more.
+    fn cpu_limit_secs(&self) -> u64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        self.timeout
+            .as_secs()
+            .saturating_add(1)
+            .saturating_mul(cores)
     }
 }
 
@@ -256,6 +288,9 @@ pub struct ChildArgs {
     /// Bytes of data memory the job may use (`RLIMIT_DATA`).
     #[arg(long)]
     memory_limit: u64,
+    /// CPU seconds the job may use (`RLIMIT_CPU`).
+    #[arg(long)]
+    cpu_limit_secs: u64,
     #[command(flatten)]
     sandbox: JobArgs,
 }
@@ -263,8 +298,10 @@ pub struct ChildArgs {
 /// The child's side: limits its own memory, compiles, writes the artifact.
 /// Returns the process exit code.
 pub fn run_child(args: &ChildArgs) -> i32 {
-    if let Err(error) = limit_data_memory(args.memory_limit) {
-        eprintln!("cannot limit the compile job's memory: {error}");
+    let limited = limit(libc::RLIMIT_DATA, args.memory_limit)
+        .and_then(|()| limit(libc::RLIMIT_CPU, args.cpu_limit_secs));
+    if let Err(error) = limited {
+        eprintln!("cannot limit the compile job: {error}");
         return 1;
     }
     let bytes = match std::fs::read(&args.input) {
@@ -298,18 +335,18 @@ pub fn run_child(args: &ChildArgs) -> i32 {
     }
 }
 
-/// `RLIMIT_DATA` counts the heap and private writable mappings: what a
-/// compile allocates. The engine's address-space reservations for guest
-/// memories are not writable, so they do not count against it.
-fn limit_data_memory(bytes: u64) -> std::io::Result<()> {
+/// Sets this process's `resource` limit to `value`. `RLIMIT_DATA` counts
+/// the heap and private writable mappings: what a compile allocates.
+/// `RLIMIT_CPU` ends a job that outlives the host that would have killed it.
+fn limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
     let limit = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: bytes,
+        rlim_cur: value,
+        rlim_max: value,
     };
     // SAFETY: setrlimit reads the struct passed by reference and changes
     // only this process's limit.
     #[allow(unsafe_code)]
-    let done = unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) };
+    let done = unsafe { libc::setrlimit(resource, &limit) };
     if done == 0 {
         Ok(())
     } else {

@@ -48,6 +48,10 @@ pub enum ModuleError {
     WrongWorld(String),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// The artifact was deleted between compiling and storing; the upload
+    /// compiles again (never seen by a client).
+    #[error("the compiled artifact was deleted while the module was stored")]
+    ArtifactGone,
     #[error("module store: {0}")]
     Database(#[from] sqlx::Error),
     #[error("compiling the component failed inside the host: {0}")]
@@ -109,50 +113,28 @@ impl ModuleRegistry {
         if !self.holds(namespace, &digest).await? {
             check_quota(&self.pool, namespace, size, quota).await?;
         }
-        if let Some(existing) = self.get(&digest).await? {
-            self.store_and_hold(namespace, &digest, None, size, quota)
-                .await?;
-            return Ok((existing, false));
-        }
-        // An artifact in the cache was made by a job that finished (a
-        // stopped job leaves none), so it is as good as compiling again.
-        if !self.sandbox.has_artifact(&digest) {
-            self.compiler
-                .compile(&self.sandbox, &digest, &bytes)
+        // The artifact is checked again under the module's lock when it is
+        // stored: one deleted meanwhile (a release racing this upload, or a
+        // refused upload of the same bytes) is compiled again, so a stored
+        // module always has one and no host compiles an upload itself.
+        let mut inserted = None;
+        for _ in 0..3 {
+            self.ensure_compiled(&digest, &bytes).await?;
+            match self
+                .store_and_hold(namespace, &digest, &bytes, size, quota)
                 .await
-                .map_err(|error| match error {
-                    CompileError::Invalid(reason) => ModuleError::Invalid(reason),
-                    other => ModuleError::Compile(other),
-                })?;
-        }
-        let sandbox = self.sandbox.clone();
-        let compiled = digest.clone();
-        let linked = tokio::task::spawn_blocking(move || sandbox.load_compiled(&compiled))
-            .await
-            .map_err(|e| ModuleError::Host(e.to_string()))?;
-        if let Err(error) = linked {
-            // A refused module keeps no artifact.
-            self.sandbox.forget_artifact(&digest);
-            return Err(match error {
-                SandboxError::Invalid { reason, .. } => ModuleError::Invalid(reason),
-                SandboxError::UnknownImport { reason, .. } => ModuleError::UnknownImport(reason),
-                SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
-                other => ModuleError::Host(other.to_string()),
-            });
-        }
-        let inserted = self
-            .store_and_hold(namespace, &digest, Some(&bytes), size, quota)
-            .await;
-        let inserted = match inserted {
-            Ok(inserted) => inserted,
-            Err(error) => {
-                // Refused after compiling (another upload of the namespace
-                // took the last place): keep no artifact nothing stores.
-                if self.get(&digest).await?.is_none() {
-                    self.sandbox.forget_artifact(&digest);
+            {
+                Err(ModuleError::ArtifactGone) => continue,
+                stored => {
+                    inserted = Some(stored?);
+                    break;
                 }
-                return Err(error);
             }
+        }
+        let Some(inserted) = inserted else {
+            return Err(ModuleError::Host(
+                "the compiled artifact kept disappearing while the module was stored".into(),
+            ));
         };
         let info = ModuleInfo {
             digest,
@@ -187,17 +169,53 @@ impl ModuleRegistry {
         .await?)
     }
 
-    /// Stores the module (`bytes`, when it is new) and makes `namespace`
-    /// hold it, if that keeps the namespace within `quota`. One transaction
-    /// that takes the namespace's quota lock, then the module's lock: two
-    /// uploads at once cannot both take the namespace's last place, and a
-    /// release cannot delete the module between the two inserts. Returns
-    /// whether the module row is new.
+    /// Makes sure the artifact cache holds `digest` compiled by a compile
+    /// job, and that it links as an `event-handler`; a module that does not
+    /// is refused and keeps no artifact. An artifact already in the cache
+    /// was made by a job that finished (a stopped job leaves none).
+    async fn ensure_compiled(&self, digest: &str, bytes: &Bytes) -> Result<(), ModuleError> {
+        if !self.sandbox.has_artifact(digest) {
+            self.compiler
+                .compile(&self.sandbox, digest, bytes.clone())
+                .await
+                .map_err(|error| match error {
+                    CompileError::Invalid(reason) => ModuleError::Invalid(reason),
+                    other => ModuleError::Compile(other),
+                })?;
+        }
+        let sandbox = self.sandbox.clone();
+        let compiled = digest.to_string();
+        let linked = tokio::task::spawn_blocking(move || sandbox.load_compiled(&compiled))
+            .await
+            .map_err(|e| ModuleError::Host(e.to_string()))?;
+        match linked {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.sandbox.forget_artifact(digest);
+                Err(match error {
+                    SandboxError::Invalid { reason, .. } => ModuleError::Invalid(reason),
+                    SandboxError::UnknownImport { reason, .. } => {
+                        ModuleError::UnknownImport(reason)
+                    }
+                    SandboxError::WrongWorld { reason, .. } => ModuleError::WrongWorld(reason),
+                    other => ModuleError::Host(other.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Stores the module (unless stored already) and makes `namespace`
+    /// hold it, if that keeps the namespace within `quota` and its artifact
+    /// is still in the cache ([`ModuleError::ArtifactGone`] otherwise). One
+    /// transaction that takes the namespace's quota lock, then the module's
+    /// lock: two uploads at once cannot both take the namespace's last
+    /// place, and a release cannot delete the module or its artifact
+    /// meanwhile. Returns whether the module row is new.
     async fn store_and_hold(
         &self,
         namespace: &str,
         digest: &str,
-        bytes: Option<&[u8]>,
+        bytes: &[u8],
         size: i64,
         quota: Quota,
     ) -> Result<bool, ModuleError> {
@@ -211,25 +229,34 @@ impl ModuleRegistry {
         .bind(digest)
         .fetch_one(&mut *tx)
         .await?;
-        if !held {
-            check_quota(&mut *tx, namespace, size, quota).await?;
+        if !held && let Err(refused) = check_quota(&mut *tx, namespace, size, quota).await {
+            // Refused after compiling: an artifact no stored module needs
+            // goes (under the module's lock, so no upload is storing it).
+            let stored: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
+                    .bind(digest)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if !stored {
+                self.sandbox.forget_artifact(digest);
+            }
+            return Err(refused);
         }
-        let inserted =
-            match bytes {
-                Some(bytes) => sqlx::query(
-                    "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (digest) DO NOTHING",
-                )
-                .bind(digest)
-                .bind(bytes)
-                .bind(size)
-                .bind(EVENT_HANDLER_WORLD)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1,
-                None => false,
-            };
+        if !self.sandbox.has_artifact(digest) {
+            return Err(ModuleError::ArtifactGone);
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (digest) DO NOTHING",
+        )
+        .bind(digest)
+        .bind(bytes)
+        .bind(size)
+        .bind(EVENT_HANDLER_WORLD)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
         sqlx::query(
             "INSERT INTO weir_module_owners (namespace, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
@@ -286,10 +313,14 @@ impl ModuleRegistry {
         .bind(digest)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
+        // Under the module's lock, so no upload of the same bytes is
+        // between finding the artifact and storing the module. (Should the
+        // commit fail, the module stays without an artifact: its next upload
+        // compiles it again.)
         if deleted.rows_affected() == 1 {
             self.sandbox.forget_artifact(digest);
         }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -651,10 +651,14 @@ async fn start_api(
         })
 }
 
-/// The program compile jobs run: the configured one, or this executable.
+/// The program compile jobs run: the configured one, or this executable —
+/// through `/proc/self/exe` where there is one, which still names it after
+/// the file was replaced by an upgrade.
 fn compiler_program(settings: &crate::config::ApiConfig) -> Result<std::path::PathBuf, String> {
+    let this = std::path::Path::new("/proc/self/exe");
     match &settings.compiler_program {
         Some(program) => Ok(program.clone()),
+        None if this.exists() => Ok(this.to_path_buf()),
         None => std::env::current_exe()
             .map_err(|e| format!("cannot find this executable to run compile jobs: {e}")),
     }
