@@ -611,6 +611,73 @@ async fn a_version_can_replay_the_stream_from_a_position(
     Ok(())
 }
 
+/// A host that runs a deployed module it has no artifact for (another
+/// host took the upload) compiles it with a compile job, bounded like an
+/// upload's, never in its own process: its artifact cache then has the
+/// job directory and the artifact, and the function runs.
+#[sqlx::test(migrations = false)]
+async fn a_runner_compiles_a_deployed_module_in_a_compile_job(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let streams = vec![
+        stream("COUNTED", &["counted.in"]),
+        stream("COUNTER_OUT", &["counter.out"]),
+    ];
+    let mut api_config = stack.config(streams.clone(), vec![]);
+    api_config.api.listen = Some(address);
+    api_config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    api_config.api.run_deployed = false;
+    let api_host = stack.host(api_config).await?;
+    let runner_artifacts = tempdir::TempDir::new("weir-runner-artifacts")?;
+    let mut runner_config = stack.config(streams, vec![]);
+    runner_config.artifact_dir = runner_artifacts.path().to_path_buf();
+    let runner = stack.host(runner_config).await?;
+
+    let module = upload(address, "counter").await?;
+    let names = ["COUNTED", "COUNTER_OUT"].map(String::from);
+    let subjects = ["counted.in", "counter.out"].map(String::from);
+    grant(address, ADMIN, "shop", &names, &subjects).await?;
+    let function = "/v1/namespaces/shop/functions/tally";
+    let binding = serde_json::json!({
+        "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
+        "outputs": ["counter.out"],
+    });
+    let put = call(address, "PUT", function, ADMIN, &binding).await?;
+    anyhow::ensure!(put.status == 201, "{put:?}");
+    let made = call(
+        address,
+        "POST",
+        &format!("{function}/versions"),
+        ADMIN,
+        &serde_json::json!({"module": module}),
+    )
+    .await?;
+    anyhow::ensure!(made.status == 201, "{made:?}");
+    let event = serde_json::json!({"key": "k", "id": 1, "value": 1}).to_string();
+    publish_all(&stack.js, "counted.in", [event.into_bytes()]).await?;
+    eventually(Duration::from_secs(60), "the runner running it", || async {
+        Ok(stream_len(&stack.js, "COUNTER_OUT").await? == 1)
+    })
+    .await?;
+    let cached: Vec<String> = std::fs::read_dir(runner_artifacts.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        cached.iter().any(|name| name == "jobs"),
+        "compiled by a job: {cached:?}"
+    );
+    assert!(
+        cached.iter().any(|name| name.starts_with(&module)),
+        "{cached:?}"
+    );
+    runner.stop().await?;
+    api_host.stop().await
+}
+
 #[sqlx::test(migrations = false)]
 async fn another_host_follows_what_the_api_host_deploys(
     _pool: PgPoolOptions,

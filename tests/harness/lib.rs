@@ -187,12 +187,18 @@ fn reserve_port() -> Result<(u16, std::fs::File)> {
             return Ok((port, lock));
         }
     }
-    bail!("no free port between 20000 and 30000 for nats-server")
+    bail!("no free port between 20000 and 30000")
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on, reserved for this test process like
+/// nats-server's ([`reserve_port`]): below the ephemeral range, so no
+/// outgoing connection takes it as its local port before the test's
+/// listener binds it, and locked, so no other test is given it.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let (port, lock) = reserve_port()?;
+    // The reservation lasts as long as this test process.
+    std::mem::forget(lock);
+    Ok(port)
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR`, or the workspace's `target/`.

@@ -64,6 +64,8 @@ pub enum ServeError {
     },
     #[error("loading function `{function}` failed: {reason}")]
     Load { function: String, reason: String },
+    #[error("cannot run compile jobs: {0}")]
+    Compiler(String),
     #[error(transparent)]
     Tracing(#[from] crate::traces::TracingError),
 }
@@ -207,6 +209,15 @@ async fn run<S: FunctionSource>(
         ..SandboxConfig::default()
     })?);
 
+    // Every module uploaded through the API is compiled by a compile job,
+    // on this host or another: a host that finds no artifact for a
+    // deployed module does not compile it in its own process either.
+    let compiler = crate::control::compile_job::Compiler::new(
+        compiler_program(&config.api).map_err(ServeError::Compiler)?,
+        config.api.concurrent_compiles,
+        Duration::from_secs(config.api.compile_timeout_secs),
+        config.api.compile_memory_bytes,
+    );
     let api = match config.api.listen {
         Some(address) => {
             // Its own few connections: a flood of API calls queues for
@@ -219,7 +230,12 @@ async fn run<S: FunctionSource>(
                 .max_connections(config.api.database_connections.max(1))
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options.application_name(API_APPLICATION_NAME));
-            Some(start_api(address, &config, &api_pool, &js, &sandbox, &shutdown).await?)
+            Some(
+                start_api(
+                    address, &config, &api_pool, &js, &sandbox, &compiler, &shutdown,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -255,6 +271,7 @@ async fn run<S: FunctionSource>(
     let deployed = Deployed {
         control: ControlStore::new(pool.clone()),
         sandbox,
+        compiler,
         env,
         static_names,
         running: HashMap::new(),
@@ -295,6 +312,8 @@ struct DeployedWorker {
 struct Deployed {
     control: ControlStore,
     sandbox: Arc<Sandbox>,
+    /// Compiles a deployed module whose artifact this host lacks.
+    compiler: crate::control::compile_job::Compiler,
     env: WorkerEnv,
     /// Functions of the config file; a deployment may not take their names.
     static_names: HashSet<String>,
@@ -498,6 +517,19 @@ impl Deployed {
                 reason: e.to_string(),
             })?;
         setup::check_bindings(&self.env.js, &version.spec).await?;
+        if !self.sandbox.has_artifact(&version.module_digest) {
+            self.compiler
+                .compile(
+                    &self.sandbox,
+                    &version.module_digest,
+                    bytes::Bytes::from(bytes.clone()),
+                )
+                .await
+                .map_err(|e| ServeError::Load {
+                    function: version.spec.name.clone(),
+                    reason: format!("compiling its module: {e}"),
+                })?;
+        }
         load_version(
             &version.spec,
             ModuleSource::Stored(bytes),
@@ -602,9 +634,10 @@ async fn start_api(
     pool: &sqlx::PgPool,
     js: &jetstream::Context,
     sandbox: &Arc<Sandbox>,
+    compiler: &crate::control::compile_job::Compiler,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    use crate::control::{api, auth, compile_job, modules};
+    use crate::control::{api, auth, modules};
     let settings = &config.api;
     let api_state = api::ApiState {
         auth: Arc::new(auth::Authenticator::new(
@@ -613,16 +646,7 @@ async fn start_api(
             settings.requests_per_second,
             settings.requests_per_second_per_namespace,
         )),
-        modules: modules::ModuleRegistry::new(
-            pool.clone(),
-            sandbox.clone(),
-            compile_job::Compiler::new(
-                compiler_program(settings).map_err(|reason| ServeError::Api { address, reason })?,
-                settings.concurrent_compiles,
-                Duration::from_secs(settings.compile_timeout_secs),
-                settings.compile_memory_bytes,
-            ),
-        ),
+        modules: modules::ModuleRegistry::new(pool.clone(), sandbox.clone(), compiler.clone()),
         store: crate::control::store::ControlStore::new(pool.clone()),
         max_module_bytes: settings.max_module_bytes,
         clients: Arc::new(crate::control::admission::ClientLimiter::new(
