@@ -229,14 +229,14 @@ impl ModuleRegistry {
         .bind(digest)
         .fetch_one(&mut *tx)
         .await?;
+        let stored: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
+                .bind(digest)
+                .fetch_one(&mut *tx)
+                .await?;
         if !held && let Err(refused) = check_quota(&mut *tx, namespace, size, quota).await {
             // Refused after compiling: an artifact no stored module needs
             // goes (under the module's lock, so no upload is storing it).
-            let stored: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
-                    .bind(digest)
-                    .fetch_one(&mut *tx)
-                    .await?;
             if !stored {
                 self.sandbox.forget_artifact(digest);
             }
@@ -245,18 +245,18 @@ impl ModuleRegistry {
         if !self.sandbox.has_artifact(digest) {
             return Err(ModuleError::ArtifactGone);
         }
-        let inserted = sqlx::query(
-            "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (digest) DO NOTHING",
-        )
-        .bind(digest)
-        .bind(bytes)
-        .bind(size)
-        .bind(EVENT_HANDLER_WORLD)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        // The bytes go to the database only when they are new there.
+        if !stored {
+            sqlx::query(
+                "INSERT INTO weir_modules (digest, bytes, size, world) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(digest)
+            .bind(bytes)
+            .bind(size)
+            .bind(EVENT_HANDLER_WORLD)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO weir_module_owners (namespace, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
@@ -265,7 +265,7 @@ impl ModuleRegistry {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(inserted)
+        Ok(!stored)
     }
 
     /// Lets go of `namespace`'s hold on a module; once nothing holds it and
