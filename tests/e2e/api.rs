@@ -87,6 +87,23 @@ async fn new_token(address: SocketAddr, namespace: &str, role: &str) -> Result<S
         .to_string())
 }
 
+/// An upload, with the admin token, that declares 1,000 bytes, sends `sent`
+/// of them and then waits: it holds an upload slot until the host gives
+/// up on it or the stream is dropped.
+pub(crate) async fn stalled_upload(
+    address: SocketAddr,
+    sent: usize,
+) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let head = format!(
+        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&vec![0u8; sent.min(999)]).await?;
+    Ok(stream)
+}
+
 /// Status, `error` and `message` of a refused call; fails unless the body
 /// is the API's error JSON.
 pub(crate) fn refusal(response: &HttpResponse) -> Result<(u16, String, String)> {
@@ -838,7 +855,6 @@ async fn one_client_is_rate_limited_before_its_tokens_are_looked_up(
 /// holds its place only while it is being sent.
 #[sqlx::test(migrations = false)]
 async fn uploads_in_flight_are_bounded(_pool: PgPoolOptions, db: PgConnectOptions) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
     let stack = Stack::start(&db).await?;
     let (host, address) = api_host_with(&stack, vec![], |api| {
         api.requests_per_second = 100_000;
@@ -846,12 +862,7 @@ async fn uploads_in_flight_are_bounded(_pool: PgPoolOptions, db: PgConnectOption
     })
     .await?;
     // An upload that sends half its body and then waits.
-    let mut slow = tokio::net::TcpStream::connect(address).await?;
-    let head = format!(
-        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
-    );
-    slow.write_all(head.as_bytes()).await?;
-    slow.write_all(&[0u8; 500]).await?;
+    let slow = stalled_upload(address, 500).await?;
     let bytes = std::fs::read(component("passthrough")?)?;
     let busy = eventually(
         Duration::from_secs(10),

@@ -11,7 +11,7 @@ use anyhow::Result;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 
-use crate::api::{ADMIN, api_host_with, bearer, post, refusal};
+use crate::api::{ADMIN, api_host_with, bearer, post, refusal, stalled_upload};
 
 /// A component whose one core function has `instructions` additions: slow
 /// and memory-hungry to compile as the count grows, and refused once
@@ -220,7 +220,6 @@ async fn one_client_cannot_hold_every_upload_slot(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
     let stack = Stack::start(&db).await?;
     let (host, address) = api_host_with(&stack, vec![], |api| {
         api.concurrent_uploads = 2;
@@ -228,12 +227,7 @@ async fn one_client_cannot_hold_every_upload_slot(
     })
     .await?;
     // 127.0.0.1 sends half a body and waits.
-    let mut slow = tokio::net::TcpStream::connect(address).await?;
-    let head = format!(
-        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
-    );
-    slow.write_all(head.as_bytes()).await?;
-    slow.write_all(&[0u8; 500]).await?;
+    let slow = stalled_upload(address, 500).await?;
     let passthrough = std::fs::read(component("passthrough")?)?;
     let auth = bearer(ADMIN);
     let headers = [
@@ -306,19 +300,14 @@ async fn a_stalled_upload_body_is_refused_and_frees_its_slot(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let stack = Stack::start(&db).await?;
     let (host, address) = api_host_with(&stack, vec![], |api| {
         api.upload_body_timeout_secs = 1;
         api.concurrent_uploads = 1;
     })
     .await?;
-    let mut stalled = tokio::net::TcpStream::connect(address).await?;
-    let head = format!(
-        "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n"
-    );
-    stalled.write_all(head.as_bytes()).await?;
-    stalled.write_all(&[0u8; 100]).await?;
+    let mut stalled = stalled_upload(address, 100).await?;
     // The answer comes while the connection is still open: the host gave
     // up on the body, not the client on the host.
     let mut answer = vec![0u8; 4096];

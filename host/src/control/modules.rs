@@ -110,7 +110,7 @@ impl ModuleRegistry {
         let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
         // Checked again when the module is held; this refuses early,
         // before anything is compiled.
-        if !self.holds(namespace, &digest).await? {
+        if !holds(&self.pool, namespace, &digest).await? {
             check_quota(&self.pool, namespace, size, quota).await?;
         }
         // The artifact is checked again under the module's lock when it is
@@ -155,16 +155,6 @@ impl ModuleRegistry {
         )
         .bind(digest)
         .bind(namespace)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn holds(&self, namespace: &str, digest: &str) -> Result<bool, ModuleError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
-        )
-        .bind(namespace)
-        .bind(digest)
         .fetch_one(&self.pool)
         .await?)
     }
@@ -222,13 +212,7 @@ impl ModuleRegistry {
         let mut tx = self.pool.begin().await?;
         lock(&mut tx, "module-quota", namespace).await?;
         lock(&mut tx, "module", digest).await?;
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
-        )
-        .bind(namespace)
-        .bind(digest)
-        .fetch_one(&mut *tx)
-        .await?;
+        let held = holds(&mut *tx, namespace, digest).await?;
         let stored: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
                 .bind(digest)
@@ -273,13 +257,7 @@ impl ModuleRegistry {
     pub async fn release(&self, namespace: &str, digest: &str) -> Result<(), ModuleError> {
         let mut tx = self.pool.begin().await?;
         lock(&mut tx, "module", digest).await?;
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
-        )
-        .bind(namespace)
-        .bind(digest)
-        .fetch_one(&mut *tx)
-        .await?;
+        let held = holds(&mut *tx, namespace, digest).await?;
         if !held {
             return Err(ModuleError::NotHeld(digest.to_string()));
         }
@@ -354,6 +332,21 @@ pub(crate) async fn lock(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Whether `namespace` holds the module `digest`.
+async fn holds<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    namespace: &str,
+    digest: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE namespace = $1 AND digest = $2)",
+    )
+    .bind(namespace)
+    .bind(digest)
+    .fetch_one(executor)
+    .await
 }
 
 /// Refuses a module of `size` bytes that would take `namespace` past its
