@@ -309,9 +309,18 @@ impl Stack {
         }
     }
 
-    /// Starts a host and waits until it has created the config's streams.
+    /// Starts a host and waits until it has created the config's streams and
+    /// its own.
     pub async fn host(&self, config: HostConfig) -> Result<RunningHost> {
-        let streams: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+        // The host makes its own streams (dead letters, guest logs) after the
+        // configured ones: a test may read them as soon as this returns.
+        let own = [
+            weir_host::serve::DEAD_LETTER_STREAM,
+            weir_host::guest_logs::LOG_STREAM,
+        ];
+        let streams: Vec<String> = (config.streams.iter().map(|s| s.name.clone()))
+            .chain(own.map(String::from))
+            .collect();
         let host = RunningHost::start(config);
         for name in streams {
             eventually(
