@@ -338,7 +338,9 @@ impl Batch {
             }
             let waits = self.still_waits(index);
             let record = &mut self.records[index];
-            let held = record.key.as_ref().is_some_and(|k| self.held.contains(k));
+            // Most batches hold no key: skip hashing every event's key then.
+            let held =
+                !self.held.is_empty() && record.key.as_ref().is_some_and(|k| self.held.contains(k));
             let deferral = match (waits, held, over_budget) {
                 // Come back just after what it waits for is due, so that
                 // even a new owner gets them in order.
@@ -446,14 +448,16 @@ impl Batch {
         let wrote: Vec<usize> = self.indices(|o| matches!(o, Outcome::Applied { wrote: true, .. }));
         let with_outputs: Vec<usize> =
             self.indices(|o| matches!(o, Outcome::Applied { outputs, .. } if *outputs > 0));
-        let dead_letters: Vec<usize> = (0..self.records.len())
-            .filter(|&i| {
-                !matches!(self.records[i].outcome, Outcome::Duplicate { .. })
-                    && self.decision(i) == AckDecision::DeadLetter
-            })
-            .collect();
         let acks: Vec<(usize, AckDecision)> = (0..self.records.len())
             .map(|i| (i, self.decision(i)))
+            .collect();
+        let dead_letters: Vec<usize> = acks
+            .iter()
+            .filter(|&&(i, decision)| {
+                decision == AckDecision::DeadLetter
+                    && !matches!(self.records[i].outcome, Outcome::Duplicate { .. })
+            })
+            .map(|&(i, _)| i)
             .collect();
         let mut effects = Vec::with_capacity(3);
         if !wrote.is_empty() {
@@ -480,9 +484,9 @@ impl Batch {
     }
 
     fn indices(&self, pick: impl Fn(&Outcome) -> bool) -> Vec<usize> {
-        (0..self.records.len())
-            .filter(|&i| pick(&self.records[i].outcome))
-            .collect()
+        let mut picked = Vec::with_capacity(self.records.len());
+        picked.extend((0..self.records.len()).filter(|&i| pick(&self.records[i].outcome)));
+        picked
     }
 
     /// The acks were performed at `now`: a key waits for every one of its

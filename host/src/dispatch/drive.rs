@@ -105,27 +105,24 @@ impl FunctionWorker {
         if batch.has_already_applied() {
             self.flush_outbox(None, cancel).await?;
         }
-        let keys: Vec<String> = batch
+        let keys: Vec<&str> = batch
             .records()
             .iter()
             .filter(|r| r.outcome == Outcome::ToRun)
-            .filter_map(|r| r.key.clone())
+            .filter_map(|r| r.key.as_deref())
             .collect();
         let load_started = SystemTime::now();
-        let (state, name, epoch) = (self.state.clone(), self.name.clone(), self.epoch);
+        let (state, name, epoch) = (&self.state, &self.name, self.epoch);
         let view = hold(
             &self.name,
             self.ack_wait(),
             "loading state",
             &hand.messages,
             cancel,
-            || {
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let (state, name) = (state.clone(), name.clone());
-                async move { state.view(&name, epoch, &keys).await }
-            },
+            || state.view(name, epoch, &keys),
         )
         .await;
+        drop(keys);
         let view = match view {
             Ok(view) => view,
             Err(Stop::Cancelled) => {
@@ -307,7 +304,7 @@ impl FunctionWorker {
         let mut view = Some(view);
         let mut committed = None;
         let mut next = 0;
-        while let Some(effect) = effects.get(next).cloned() {
+        while let Some(effect) = effects.get_mut(next) {
             next += 1;
             match effect {
                 Effect::Commit {
@@ -315,6 +312,8 @@ impl FunctionWorker {
                     through_seq,
                     applied,
                 } => {
+                    let (batch_id, through_seq) = (*batch_id, *through_seq);
+                    let applied = std::mem::take(applied);
                     let outbox = self.gather(batch, &effects, invocations, hand, false).0;
                     let commit = BatchCommit {
                         epoch: self.epoch,
@@ -354,6 +353,7 @@ impl FunctionWorker {
                     }
                 }
                 Effect::Ack(acks) => {
+                    let acks = std::mem::take(acks);
                     // An owner that was paused past its lease (and holds a
                     // batch with no commit to fence it) finds out here,
                     // before it tells JetStream anything.
@@ -405,12 +405,15 @@ impl FunctionWorker {
         hand: &InHand,
         take: bool,
     ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
-        let mut gathered = (Vec::new(), Vec::new());
         let Some(Effect::Publish { outputs, .. }) =
             effects.iter().find(|e| matches!(e, Effect::Publish { .. }))
         else {
-            return gathered;
+            return Default::default();
         };
+        let mut gathered = (
+            Vec::with_capacity(outputs.len()),
+            Vec::with_capacity(outputs.len()),
+        );
         for &index in outputs {
             let Some(Invocation {
                 result: Ok(handled),
@@ -551,9 +554,11 @@ impl FunctionWorker {
     ) {
         self.count_outcomes(batch);
         let changes = deferral_changes(batch, acks);
-        for (sequence, change) in &changes {
-            if *change == DeferralChange::Done {
-                self.isolating.remove(sequence);
+        if !self.isolating.is_empty() {
+            for (sequence, change) in &changes {
+                if *change == DeferralChange::Done {
+                    self.isolating.remove(sequence);
+                }
             }
         }
         note_deferrals(&mut self.deferrals, changes);

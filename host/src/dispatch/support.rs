@@ -146,9 +146,12 @@ pub(super) fn note_deferrals(
         match change {
             DeferralChange::Deferred => *deferrals.entry(sequence).or_default() += 1,
             DeferralChange::Retried => {}
-            DeferralChange::Done => {
+            // Nearly every event is done and nothing is tracked: skip
+            // hashing its sequence then.
+            DeferralChange::Done if !deferrals.is_empty() => {
                 deferrals.remove(&sequence);
             }
+            DeferralChange::Done => {}
         }
     }
     if deferrals.len() > MAX_TRACKED_DEFERRALS {
