@@ -107,6 +107,27 @@ fi
 nats=${NATS_SERVER:-$(command -v nats-server)}
 say "nats-server $(nats_version "$nats") at $nats"
 
+# schemathesis (PyPI) checks the API against its OpenAPI document in the
+# test suite (tests/e2e/conformance.rs runs it from here). It lives in a
+# venv of its own under /opt/weir-tools, pinned.
+SCHEMATHESIS_VERSION=4.32.5
+st_dir=/opt/weir-tools/schemathesis-$SCHEMATHESIS_VERSION
+if ! "$st_dir/bin/schemathesis" --version >/dev/null 2>&1; then
+  say "installing schemathesis==$SCHEMATHESIS_VERSION from PyPI into $st_dir"
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+  fi
+  as_root mkdir -p "$(dirname "$st_dir")" && as_root rm -rf "$st_dir"
+  if ! as_root python3 -m venv "$st_dir" \
+    || ! as_root env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+      "$st_dir/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"; then
+    as_root rm -rf "$st_dir"
+    say "could not install schemathesis from PyPI"
+    exit 1
+  fi
+fi
+say "schemathesis $("$st_dir/bin/schemathesis" --version 2>/dev/null | head -n 1) at $st_dir"
+
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 if ! command -v pg_isready >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   say "installing PostgreSQL"

@@ -55,7 +55,7 @@ impl Clock for ManualClock {
 }
 
 /// How the sliding window is measured.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WindowKind {
     /// The last `window_size` calls.
@@ -65,7 +65,7 @@ pub enum WindowKind {
 }
 
 /// Breaker settings of a function (resilience4j's names, in snake case).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     pub enabled: bool,

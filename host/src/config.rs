@@ -259,7 +259,7 @@ fn default_duplicate_window_secs() -> u64 {
 }
 
 /// Where an event's key comes from.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum KeySource {
     /// The subject token at this zero-based position (`cards.tx.<card>` → 2).
@@ -272,7 +272,7 @@ pub enum KeySource {
 }
 
 /// Where an event's time comes from.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TimeSource {
     /// The time JetStream stored the message.
@@ -516,7 +516,7 @@ impl FunctionSpec {
 /// Sandbox limits of one function. Passing one fails the invocation with
 /// a typed outcome (`timeout`, `out-of-memory`, `output-limit`,
 /// `state-limit`, ...); log lines past the bound are dropped instead.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Wall-clock budget of one invocation, including any time the guest
@@ -554,7 +554,7 @@ impl Default for Limits {
 }
 
 /// What happens when an invocation asks to be retried, traps or times out.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Deliveries before the event goes to the dead-letter subject.

@@ -6,6 +6,7 @@ mod api;
 mod breaker;
 mod canary;
 mod cli;
+mod conformance;
 mod deploy;
 mod enrich;
 mod failures;

@@ -14,14 +14,17 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::admission::{ClientLimiter, UploadsBusy};
 use super::auth::{AuthError, Authenticator, Principal, Role};
 use super::modules::{ModuleError, ModuleInfo, ModuleRegistry};
 use super::namespaces::RESERVED_NAMESPACE;
+use super::openapi::{ErrorBody, Refused};
 use super::store::{ControlStore, StoreError};
 use super::{function_routes, tokens};
 
@@ -67,12 +70,6 @@ pub struct ApiError {
     retry_after_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
-}
-
 impl ApiError {
     pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -97,7 +94,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(ErrorBody {
             error: self.code,
-            message: &self.message,
+            message: self.message,
         });
         let mut response = (self.status, body).into_response();
         if let Some(seconds) = self.retry_after_secs {
@@ -216,73 +213,43 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The `/v1` routes.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
+/// The `/v1` routes, each with its entry in the OpenAPI document: a
+/// handler's `#[utoipa::path]` names both its route and its documentation.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    use super::records;
+    use function_routes as functions;
+    OpenApiRouter::with_openapi(super::openapi::ApiDoc::openapi())
+        .routes(routes!(openapi_document))
         // The upload reads its body itself, after the caller's token and
         // within the module size limit.
-        .route("/v1/modules", post(upload_module))
-        .route(
-            "/v1/modules/{digest}",
-            get(get_module).delete(delete_module),
-        )
-        .route(
-            "/v1/openapi.json",
-            get(|| async { Json(super::openapi::document()) }),
-        )
-        .route(
-            "/v1/tokens",
-            post(tokens::create_token)
-                .get(tokens::list_tokens)
-                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
-        )
-        .route(
-            "/v1/tokens/{id}",
-            axum::routing::delete(tokens::revoke_token),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions",
-            get(function_routes::list_functions),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}",
-            put(function_routes::put_function)
-                .get(function_routes::get_function)
-                .delete(function_routes::delete_function)
-                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/resources",
-            put(function_routes::grant_resources)
-                .get(function_routes::get_resources)
-                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/logs",
-            get(super::records::logs),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/dead-letters",
-            get(super::records::dead_letters),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/versions",
-            post(function_routes::create_version).layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/rollout",
-            put(function_routes::set_rollout)
-                .get(function_routes::get_function)
-                .layer(DefaultBodyLimit::max(MAX_JSON_BYTES)),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/rollout/promote",
-            post(function_routes::promote),
-        )
-        .route(
-            "/v1/namespaces/{namespace}/functions/{name}/rollout/rollback",
-            post(function_routes::rollback),
-        )
+        .routes(routes!(upload_module))
+        .routes(routes!(get_module, delete_module))
+        .routes(routes!(tokens::create_token, tokens::list_tokens))
+        .routes(routes!(tokens::revoke_token))
+        .routes(routes!(functions::list_functions))
+        .routes(routes!(
+            functions::put_function,
+            functions::get_function,
+            functions::delete_function
+        ))
+        .routes(routes!(
+            functions::grant_resources,
+            functions::get_resources
+        ))
+        .routes(routes!(records::logs))
+        .routes(routes!(records::dead_letters))
+        .routes(routes!(functions::create_version))
+        .routes(routes!(functions::set_rollout, functions::get_rollout))
+        .routes(routes!(functions::promote))
+        .routes(routes!(functions::rollback))
+}
+
+/// The `/v1` router: [`routes`], each client admitted first.
+pub fn router(state: ApiState) -> Router {
+    let (routes, _) = routes().split_for_parts();
+    routes
+        // JSON bodies only: the upload reads its body itself.
+        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
@@ -290,6 +257,17 @@ pub fn router(state: ApiState) -> Router {
             admit_client,
         ))
         .with_state(state)
+}
+
+/// `GET /v1/openapi.json`.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "api",
+    summary = "This document",
+    responses(
+        (status = 200, description = "The OpenAPI document", body = Object),
+        (status = 429, description = "Too many requests from this client", body = ErrorBody),
+    ))]
+async fn openapi_document() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(super::openapi::document())
 }
 
 /// Refuses a request past its client address's rate before any handler
@@ -343,7 +321,7 @@ pub(super) async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Prin
     Ok(state.auth.authenticate(authorization).await?)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct UploadedModule {
     #[serde(flatten)]
     module: ModuleInfo,
@@ -355,6 +333,19 @@ struct UploadedModule {
 /// allowed to upload and its declared length fits: an unauthenticated or
 /// oversized upload costs the host no memory (and a client that sent
 /// `Expect: 100-continue` is answered before it sends anything).
+#[utoipa::path(post, path = "/v1/modules", tag = "modules",
+    summary = "Upload a component: checked, compiled ahead in a bounded job, stored by sha256",
+    description = "Needs a token with the `deploy` role. The body is read only once the token and the declared length pass.",
+    request_body(content = inline(super::openapi::WasmComponent), content_type = "application/wasm"),
+    responses(
+        (status = 201, description = "Stored", body = UploadedModule),
+        (status = 200, description = "The same bytes were stored before", body = UploadedModule),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The namespace's module quota is full", body = ErrorBody),
+        (status = 413, description = "Larger than the API takes", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 async fn upload_module(
     State(state): State<ApiState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
@@ -432,6 +423,17 @@ async fn upload_module(
 
 /// Lets go of the caller's namespace's hold on a module; a module nothing
 /// holds or uses is deleted, with its compiled artifact.
+#[utoipa::path(delete, path = "/v1/modules/{digest}", tag = "modules",
+    summary = "Let go of the namespace's hold on a module; one nothing holds or uses is deleted",
+    description = "Needs a token with the `deploy` role.",
+    params(super::openapi::ModulePath),
+    responses(
+        (status = 204, description = "Released"),
+        (status = 404, description = "The namespace holds no such module", body = ErrorBody),
+        (status = 409, description = "A version of the namespace uses it", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 async fn delete_module(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -444,6 +446,16 @@ async fn delete_module(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/modules/{digest}", tag = "modules",
+    summary = "A stored module",
+    description = "Needs a token with the `read` role.",
+    params(super::openapi::ModulePath),
+    responses(
+        (status = 200, description = "The module", body = ModuleInfo),
+        (status = 404, description = "No such module", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 async fn get_module(
     State(state): State<ApiState>,
     headers: HeaderMap,

@@ -14,7 +14,9 @@ use super::admission::{LOOKUP_TTL, LookupCache};
 use crate::ratelimit::TokenBucket;
 
 /// What a token allows, each role including the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,

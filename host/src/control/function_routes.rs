@@ -11,9 +11,16 @@ use serde::{Deserialize, Serialize};
 use super::api::{ApiError, ApiState, caller, names};
 use super::auth::{ANY_NAMESPACE, Role};
 use super::namespaces::Resources;
+use super::openapi::{BodyRefused, ErrorBody, Refused};
 use super::store::{Binding, FunctionRecord, Rollout, VersionRecord};
 
 /// What a namespace owns: readable in the namespace.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/resources", tag = "namespaces",
+    summary = "The streams and subjects the namespace owns",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::NamespacePath),
+    responses((status = 200, description = "What the namespace owns", body = Resources), Refused),
+    security(("bearer" = [])))]
 pub(super) async fn get_resources(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -28,6 +35,13 @@ pub(super) async fn get_resources(
 
 /// Replaces what a namespace owns: only an admin of every namespace may,
 /// or a namespace's admin could take another's streams.
+#[utoipa::path(put, path = "/v1/namespaces/{namespace}/resources", tag = "namespaces",
+    summary = "Replace the streams and subjects the namespace owns",
+    description = "Needs an `admin` token of every namespace (the bootstrap token or one made for `*`).",
+    params(super::openapi::NamespacePath),
+    request_body = Resources,
+    responses((status = 200, description = "Granted", body = Resources), Refused, BodyRefused),
+    security(("bearer" = [])))]
 pub(super) async fn grant_resources(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -58,6 +72,18 @@ fn no_function(namespace: &str, name: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(put, path = "/v1/namespaces/{namespace}/functions/{name}", tag = "functions",
+    summary = "Create or replace a function's binding",
+    description = "Needs a token with the `deploy` role in the namespace. The stream, subject and outputs must be the namespace's, and a JetStream stream must capture every output.",
+    params(super::openapi::FunctionPath),
+    request_body = Binding,
+    responses(
+        (status = 201, description = "Created", body = FunctionRecord),
+        (status = 200, description = "Replaced", body = FunctionRecord),
+        (status = 409, description = "A function with versions cannot move to another stream", body = ErrorBody),
+        Refused, BodyRefused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn put_function(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -132,6 +158,16 @@ pub(super) async fn put_function(
     Ok((status, Json(record)))
 }
 
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions/{name}", tag = "functions",
+    summary = "A function with its rollout, versions and statistics",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The function", body = FunctionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn get_function(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -149,17 +185,42 @@ pub(super) async fn get_function(
         .ok_or_else(|| no_function(&namespace, &name))
 }
 
-#[derive(Serialize)]
+/// `GET .../rollout`: the same view as the function's own route.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions/{name}/rollout", tag = "functions",
+    summary = "The function with its rollout and per-version statistics",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The function", body = FunctionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn get_rollout(
+    state: State<ApiState>,
+    headers: HeaderMap,
+    path: Path<(String, String)>,
+) -> Result<Json<FunctionRecord>, ApiError> {
+    get_function(state, headers, path).await
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct FunctionSummary {
     name: String,
     stable: Option<i32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct FunctionList {
     functions: Vec<FunctionSummary>,
 }
 
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions", tag = "functions",
+    summary = "The namespace's functions and the version each serves",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::NamespacePath),
+    responses((status = 200, description = "The functions", body = FunctionList), Refused),
+    security(("bearer" = [])))]
 pub(super) async fn list_functions(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -178,6 +239,16 @@ pub(super) async fn list_functions(
     Ok(Json(FunctionList { functions }))
 }
 
+#[utoipa::path(delete, path = "/v1/namespaces/{namespace}/functions/{name}", tag = "functions",
+    summary = "Remove a function and its versions",
+    description = "Needs a token with the `deploy` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn delete_function(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -193,7 +264,7 @@ pub(super) async fn delete_function(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewVersion {
     /// The digest of an uploaded module.
@@ -204,6 +275,17 @@ pub(super) struct NewVersion {
     replay_from: Option<super::store::ReplayFrom>,
 }
 
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/functions/{name}/versions", tag = "functions",
+    summary = "Make the next version from an uploaded module and the current binding",
+    description = "Needs a token with the `deploy` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    request_body = NewVersion,
+    responses(
+        (status = 201, description = "The version", body = VersionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused, BodyRefused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn create_version(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -258,6 +340,17 @@ pub(super) async fn create_version(
     Ok((StatusCode::CREATED, Json(version)))
 }
 
+#[utoipa::path(put, path = "/v1/namespaces/{namespace}/functions/{name}/rollout", tag = "functions",
+    summary = "Set which versions serve: stable, and a canary for a share of keys",
+    description = "Needs a token with the `deploy` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    request_body = Rollout,
+    responses(
+        (status = 200, description = "The function with its new rollout", body = FunctionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused, BodyRefused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn set_rollout(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -296,6 +389,16 @@ pub(super) async fn current(
         .ok_or_else(|| no_function(namespace, name))
 }
 
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/functions/{name}/rollout/promote", tag = "functions",
+    summary = "The canary becomes the stable version",
+    description = "Needs a token with the `deploy` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The function with its new rollout", body = FunctionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn promote(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -304,6 +407,16 @@ pub(super) async fn promote(
     end_canary(&state, &headers, function, true).await
 }
 
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/functions/{name}/rollout/rollback", tag = "functions",
+    summary = "Every key back on the stable version",
+    description = "Needs a token with the `deploy` role in the namespace.",
+    params(super::openapi::FunctionPath),
+    responses(
+        (status = 200, description = "The function with its new rollout", body = FunctionRecord),
+        (status = 404, description = "No such function", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn rollback(
     State(state): State<ApiState>,
     headers: HeaderMap,

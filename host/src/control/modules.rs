@@ -20,7 +20,7 @@ use crate::sandbox::{Sandbox, SandboxError};
 pub const EVENT_HANDLER_WORLD: &str = "weir:function/event-handler@0.1.0";
 
 /// A stored module.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ModuleInfo {
     pub digest: String,
     pub size: i64,

@@ -23,7 +23,7 @@ use crate::output::{is_subject_pattern, is_within};
 pub const RESERVED_NAMESPACE: &str = "weir";
 
 /// The streams and subject patterns a namespace owns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Stream names; an entry ending in `*` covers every name it prefixes.

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{ApiError, ApiState, caller};
 use super::auth::Role;
+use super::openapi::Refused;
 
 /// Most records one call returns.
 const MAX_LIMIT: usize = 10_000;
@@ -24,19 +25,21 @@ const MAX_LIMIT: usize = 10_000;
 /// everything kept.
 const CAUGHT_UP_WAIT: Duration = Duration::from_millis(500);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ReadQuery {
     /// Only records after this stream sequence.
     after_seq: Option<u64>,
     /// Only records stored at or after this time (ms since the Unix epoch).
     since_ms: Option<i64>,
     /// At most this many (default 1,000, at most 10,000).
+    #[param(minimum = 1, maximum = 10_000)]
     limit: Option<usize>,
 }
 
 /// One kept record.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct Record {
     /// Its sequence in the stream: ask again with `after_seq` to follow.
     seq: u64,
@@ -49,7 +52,7 @@ pub(super) struct Record {
     payload_hex: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct Records {
     records: Vec<Record>,
     /// The last sequence read (`after_seq` when nothing was).
@@ -57,6 +60,16 @@ pub(super) struct Records {
 }
 
 /// `GET .../functions/{name}/logs`: the function's guest log lines.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions/{name}/logs", tag = "functions",
+    summary = "The function's guest log lines kept; ask again from `last_seq` to follow",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::FunctionPath, ReadQuery),
+    responses(
+        (status = 200, description = "Log lines", body = Records),
+        (status = 404, description = "No such function", body = super::openapi::ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn logs(
     state: State<ApiState>,
     headers: HeaderMap,
@@ -77,6 +90,16 @@ pub(super) async fn logs(
 
 /// `GET .../functions/{name}/dead-letters`: the function's dead letters,
 /// with the headers saying why.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions/{name}/dead-letters", tag = "functions",
+    summary = "The function's dead letters kept, with the headers saying why",
+    description = "Needs a token with the `read` role in the namespace.",
+    params(super::openapi::FunctionPath, ReadQuery),
+    responses(
+        (status = 200, description = "Dead letters", body = Records),
+        (status = 404, description = "No such function", body = super::openapi::ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn dead_letters(
     state: State<ApiState>,
     headers: HeaderMap,

@@ -15,7 +15,7 @@ pub const CONTROL_CHANNEL: &str = "weir_control";
 
 /// A function's binding as the API takes it: everything but its name and
 /// its module, which come from the URL and from each version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Binding {
     pub stream: String,
@@ -32,8 +32,10 @@ pub struct Binding {
     #[serde(default)]
     pub breaker: BreakerConfig,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10_000)]
     pub batch_size: Option<usize>,
     #[serde(default)]
+    #[schema(minimum = 100, maximum = 86_400_000)]
     pub ack_wait_ms: Option<u64>,
 }
 
@@ -69,7 +71,7 @@ pub fn runtime_name(namespace: &str, name: &str) -> String {
 }
 
 /// Where a replaying version starts reading its stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReplayFrom {
     /// A stream sequence.
@@ -79,7 +81,7 @@ pub enum ReplayFrom {
 }
 
 /// One version of a function.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct VersionRecord {
     pub version: i32,
     pub module: String,
@@ -99,7 +101,7 @@ fn replay_from(sequence: Option<i64>, time_ms: Option<i64>) -> Option<ReplayFrom
 }
 
 /// Which versions serve a function.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rollout {
     /// Takes every event the canary does not.
@@ -108,10 +110,12 @@ pub struct Rollout {
     #[serde(default)]
     pub canary: Option<i32>,
     #[serde(default)]
+    #[schema(maximum = 100)]
     pub weight: u8,
     /// Roll the canary back when its failure rate exceeds the stable
     /// version's by this many percentage points...
     #[serde(default = "default_rollback_margin")]
+    #[schema(minimum = 0, maximum = 100)]
     pub rollback_margin: f64,
     /// ...once it has had at least this many calls.
     #[serde(default = "default_rollback_min_calls")]
@@ -157,7 +161,7 @@ impl Rollout {
 }
 
 /// One version's calls, summed over hosts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct VersionStats {
     pub version: i32,
     pub calls: i64,
@@ -167,7 +171,7 @@ pub struct VersionStats {
 }
 
 /// A function as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FunctionRecord {
     pub namespace: String,
     pub name: String,

@@ -15,26 +15,31 @@ use sqlx::Row;
 use super::api::{ApiError, ApiState, caller, is_namespace_name, reserved};
 use super::auth::{ANY_NAMESPACE, AuthError, Role, hash_token, random_hex};
 use super::namespaces::RESERVED_NAMESPACE;
+use super::openapi::{BodyRefused, ErrorBody, Refused};
 
 /// Longest a token may be made to last: ten years.
 const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Longest token name.
 const MAX_NAME_BYTES: usize = 200;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewToken {
+    /// A namespace, or `*` for every namespace.
+    #[schema(pattern = "^([a-z0-9-]{1,63}|\\*)$")]
     namespace: String,
     role: Role,
     /// What the token is for, shown when tokens are listed.
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
     /// Seconds until the token expires; none: it does not.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
     ttl_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct CreatedToken {
     id: String,
     /// Shown once; only its hash is stored.
@@ -46,7 +51,7 @@ pub(super) struct CreatedToken {
 }
 
 /// A token as listed: everything but the token.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct TokenInfo {
     id: String,
     name: String,
@@ -57,14 +62,17 @@ pub(super) struct TokenInfo {
     revoked: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct TokenList {
     tokens: Vec<TokenInfo>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Whose tokens: by default the caller's namespace.
+    #[param(pattern = "^([a-z0-9-]{1,63}|\\*)$")]
     namespace: Option<String>,
 }
 
@@ -77,6 +85,16 @@ fn database(error: sqlx::Error) -> ApiError {
 }
 
 /// `POST /v1/tokens`: a token for a namespace and role.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens",
+    summary = "Create a token for a namespace and role (shown once)",
+    description = "Needs an `admin` token of the namespace (of every namespace for `*`).",
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "The token, shown this once", body = CreatedToken),
+        (status = 409, description = "The namespace has as many live tokens as it may", body = ErrorBody),
+        Refused, BodyRefused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn create_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -168,6 +186,12 @@ pub(super) async fn create_token(
 /// `GET /v1/tokens?namespace=ns`: the namespace's tokens (the caller's
 /// namespace without the parameter; every token for an admin of `*` asking
 /// for `*`). Needs the admin role there.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    summary = "A namespace's tokens, without the tokens themselves",
+    description = "Needs an `admin` token of the namespace.",
+    params(ListQuery),
+    responses((status = 200, description = "The tokens", body = TokenList), Refused),
+    security(("bearer" = [])))]
 pub(super) async fn list_tokens(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -210,6 +234,16 @@ pub(super) async fn list_tokens(
 
 /// `DELETE /v1/tokens/{id}`: revokes a token. Needs the admin role in the
 /// token's namespace.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    summary = "Revoke a token",
+    description = "Needs an `admin` token of the token's namespace.",
+    params(("id" = String, Path, description = "The token's id (`tok_...`)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such token in a namespace the caller administers", body = ErrorBody),
+        Refused,
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn revoke_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
