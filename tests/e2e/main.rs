@@ -21,5 +21,6 @@ mod recovery;
 mod restart;
 mod startup;
 mod state;
+mod tenancy;
 mod tracing;
 mod uploads;

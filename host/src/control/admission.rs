@@ -161,10 +161,18 @@ impl<T: Clone> LookupCache<T> {
         (now < *until).then(|| found.clone())
     }
 
-    /// Forgets `hash` (its token was revoked here).
+    /// Forgets `hash` (its token was revoked).
     pub fn forget(&self, hash: &str) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.remove(hash);
+    }
+
+    /// Forgets every lookup.
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Remembers what a lookup of `hash` found at `now`, to be believed for

@@ -452,7 +452,7 @@ async fn delete_module(
     params(super::openapi::ModulePath),
     responses(
         (status = 200, description = "The module", body = ModuleInfo),
-        (status = 404, description = "No such module", body = ErrorBody),
+        (status = 404, description = "No such module that the caller's namespace may use", body = ErrorBody),
         Refused,
     ),
     security(("bearer" = [])))]
@@ -461,10 +461,18 @@ async fn get_module(
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> Result<Json<ModuleInfo>, ApiError> {
-    caller(&state, &headers).await?.require_role(Role::Read)?;
+    let principal = caller(&state, &headers).await?;
+    principal.require_role(Role::Read)?;
+    // Another namespace's module is not there, as far as this caller can
+    // tell: not even that those bytes were uploaded.
+    let visible = principal.namespace == super::auth::ANY_NAMESPACE
+        || state
+            .modules
+            .usable_by(&principal.namespace, &digest)
+            .await?;
     match state.modules.get(&digest).await? {
-        Some(module) => Ok(Json(module)),
-        None => Err(ApiError::new(
+        Some(module) if visible => Ok(Json(module)),
+        _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no module with digest `{digest}`"),
@@ -521,6 +529,9 @@ pub async fn start(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(%address, "serving the API under /v1");
+    let auth = state.auth.clone();
+    let until = shutdown.clone();
+    tokio::spawn(async move { auth.follow_revocations(until).await });
     let header_read_timeout = state.header_read_timeout;
     Ok(tokio::spawn(super::server::serve(
         listener,

@@ -211,11 +211,56 @@ impl Authenticator {
         Ok((principal, expires_in))
     }
 
-    /// Forgets what was looked up for the token with this hash (revoked on
-    /// this host: refused here at once, on other hosts within
-    /// [`super::admission::LOOKUP_TTL`]).
+    /// Forgets what was looked up for the token with this hash (revoked).
     pub fn forget(&self, hash: &str) {
         self.lookups.forget(hash);
+    }
+
+    /// Forgets the revoked tokens every host announces on
+    /// [`super::tokens::TOKEN_CHANNEL`], until `shutdown`. Whenever the
+    /// listener (re)connects, every lookup is forgotten: an announcement
+    /// sent while it was away is not left believed for up to
+    /// [`super::admission::LOOKUP_TTL`].
+    pub async fn follow_revocations(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let error = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                error = self.forget_revoked() => error,
+            };
+            tracing::warn!(%error, "API: listening for revoked tokens failed; retrying (meanwhile a token revoked on another host is believed for up to {} s)", LOOKUP_TTL.as_secs());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Listens for revoked tokens and forgets each; returns why it stopped.
+    async fn forget_revoked(&self) -> sqlx::Error {
+        // A connection of its own, not one of the API's few pooled ones,
+        // named apart from them in `pg_stat_activity`.
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name("weir-api-revocations");
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(options);
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&own).await {
+            Ok(listener) => listener,
+            Err(error) => return error,
+        };
+        if let Err(error) = listener.listen(super::tokens::TOKEN_CHANNEL).await {
+            return error;
+        }
+        self.lookups.clear();
+        loop {
+            match listener.recv().await {
+                Ok(revoked) => self.forget(revoked.payload()),
+                Err(error) => return error,
+            }
+        }
     }
 
     /// The pool tokens are stored in.

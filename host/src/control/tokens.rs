@@ -1,8 +1,10 @@
 //! The lifecycle of API tokens: made with a name and an optional expiry, at
 //! most `api.max_tokens_per_namespace` live per namespace; listed (never
-//! the token itself, which is shown once); revoked. A revoked or expired
-//! token is refused at once on the host that revoked it and within
-//! [`super::admission::LOOKUP_TTL`] on the others. The bootstrap token lives
+//! the token itself, which is shown once); revoked. A revocation is
+//! announced on [`TOKEN_CHANNEL`] in its own statement, so every host
+//! forgets the token as soon as it commits (and within
+//! [`super::admission::LOOKUP_TTL`] should a host's listener be down); an
+//! expired token is refused from its expiry on. The bootstrap token lives
 //! in the config, not here: it cannot be listed or revoked.
 
 use axum::Json;
@@ -16,6 +18,9 @@ use super::api::{ApiError, ApiState, caller, is_namespace_name, reserved};
 use super::auth::{ANY_NAMESPACE, AuthError, Role, hash_token, random_hex};
 use super::namespaces::RESERVED_NAMESPACE;
 use super::openapi::{BodyRefused, ErrorBody, Refused};
+
+/// The Postgres channel revoked tokens' hashes are announced on.
+pub const TOKEN_CHANNEL: &str = "weir_tokens";
 
 /// Longest a token may be made to last: ten years.
 const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -271,10 +276,16 @@ pub(super) async fn revoke_token(
     if principal.require(&namespace, Role::Admin).is_err() {
         return Err(not_found());
     }
+    // Announced in the same statement: no host can miss a revocation
+    // that committed.
     let hash: Option<String> = sqlx::query_scalar(
-        "UPDATE weir_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING hash",
+        "WITH revoked AS (
+             UPDATE weir_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING hash
+         )
+         SELECT hash FROM revoked, LATERAL (SELECT pg_notify($2, hash)) announced",
     )
     .bind(&id)
+    .bind(TOKEN_CHANNEL)
     .fetch_optional(pool)
     .await
     .map_err(database)?;
