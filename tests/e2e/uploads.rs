@@ -342,3 +342,196 @@ async fn an_upload_restores_a_missing_artifact(
     assert_eq!(files_under(stack.artifacts.path())?, artifacts);
     host.stop().await
 }
+
+/// A module's release racing a version made of it: one of the two wins
+/// cleanly, every time — released and the version refused as naming an
+/// unknown module (422), or the version made and the release refused as
+/// the module being in use (409) — never a 5xx, and never a version left
+/// naming a module that is gone.
+#[sqlx::test(migrations = false)]
+async fn a_release_racing_a_new_version_lets_exactly_one_win(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let streams = vec![stream("SHOP", &["shop.>"])];
+    let (host, address) = api_host_with(&stack, streams, |api| {
+        api.requests_per_second = 100_000;
+    })
+    .await?;
+    let passthrough = std::fs::read(component("passthrough")?)?;
+    let function = "/v1/namespaces/shop/functions/racer";
+    let binding =
+        serde_json::json!({"stream": "SHOP", "subject": "shop.in", "key": {"header": "k"}});
+    api_call(address, ADMIN, "PUT", function, binding).await?;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        let uploaded = upload(address, &passthrough).await?;
+        assert!(uploaded.status < 300, "{uploaded:?}");
+        let digest = uploaded.json()?["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let release = async {
+            let path = format!("/v1/modules/{digest}");
+            http_request(
+                address,
+                "DELETE",
+                &path,
+                &[("Authorization", &bearer(ADMIN))],
+                &[],
+            )
+            .await
+        };
+        let version = async {
+            let body = serde_json::json!({"module": digest}).to_string();
+            post(
+                address,
+                &format!("{function}/versions"),
+                ADMIN,
+                "application/json",
+                body.as_bytes(),
+            )
+            .await
+        };
+        let (released, made) = tokio::join!(release, version);
+        let (released, made) = (released?, made?);
+        let outcome = (released.status, made.status);
+        assert!(
+            outcome == (204, 422) || outcome == (409, 201),
+            "release {released:?}, version {made:?}"
+        );
+        *outcomes.entry(outcome).or_insert(0) += 1;
+        if outcome == (409, 201) {
+            // Roll the function back to no version, so the next round's
+            // release can win.
+            let auth = bearer(ADMIN);
+            let headers = [("Authorization", auth.as_str())];
+            let deleted = http_request(address, "DELETE", function, &headers, &[]).await?;
+            assert_eq!(deleted.status, 204, "{deleted:?}");
+            let binding =
+                serde_json::json!({"stream": "SHOP", "subject": "shop.in", "key": {"header": "k"}});
+            api_call(address, ADMIN, "PUT", function, binding).await?;
+        }
+    }
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM weir_versions v WHERE NOT EXISTS (SELECT 1 FROM weir_modules m WHERE m.digest = v.module_digest)",
+    )
+    .fetch_one(&stack.pool().await?)
+    .await?;
+    assert_eq!(orphans, 0, "outcomes {outcomes:?}");
+    host.stop().await
+}
+
+/// This process's resident memory (the host runs in it), in bytes.
+fn resident_bytes() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(kib * 1024)
+}
+
+/// Most the host's resident memory may grow while 50 clients each send an
+/// unauthenticated 40 MiB upload at once: an upload is refused on its
+/// headers, so its body costs the host at most what hyper buffers of it.
+const FLOOD_RESIDENT_BOUND: u64 = 64 << 20;
+
+/// Fifty anonymous clients stream 40 MiB module bodies at once (2 GB in
+/// all, which a host that read bodies before checking tokens would buffer):
+/// each is refused with 401, and the host's resident memory, sampled from
+/// `/proc` throughout, stays within [`FLOOD_RESIDENT_BOUND`] of where it
+/// started.
+#[sqlx::test(migrations = false)]
+async fn an_anonymous_upload_flood_costs_the_host_no_body_memory(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.requests_per_second_per_client = 100_000;
+    })
+    .await?;
+    let before = resident_bytes()?;
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        async move {
+            while !sampling.is_cancelled() {
+                if let Ok(now) = resident_bytes() {
+                    peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let body_bytes: u64 = 40 << 20;
+    // One chunk, sent again and again: the clients hold no bodies of their own.
+    let chunk = std::sync::Arc::new(vec![0u8; 1 << 20]);
+    let clients = (0..50).map(|_| {
+        let chunk = chunk.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            let (mut reader, mut writer) = stream.into_split();
+            let head = format!(
+                "POST /v1/modules HTTP/1.1\r\nHost: weir\r\nContent-Type: application/wasm\r\nContent-Length: {body_bytes}\r\n\r\n"
+            );
+            writer.write_all(head.as_bytes()).await?;
+            // The body goes out while the answer is awaited: the host may
+            // answer and close at once, or leave the body unread.
+            let writing = async {
+                for _ in 0..(body_bytes >> 20) {
+                    if writer.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            let mut answer = vec![0u8; 1024];
+            let reading = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut answer));
+            let read = tokio::select! {
+                read = reading => read?,
+                () = writing => unreachable!("writing never ends"),
+            };
+            // A host that closes with the body unread may reset the
+            // connection before its answer is read: refused all the same.
+            anyhow::Ok(match read {
+                Ok(read) => String::from_utf8_lossy(&answer[..read]).to_string(),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                    String::new()
+                }
+                Err(error) => return Err(error.into()),
+            })
+        }
+    });
+    let answers = futures::future::join_all(clients).await;
+    sampling.cancel();
+    sampler.await?;
+    for answer in answers {
+        let answer = answer?;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 401"),
+            "{answer}"
+        );
+    }
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    assert!(
+        grew < FLOOD_RESIDENT_BOUND,
+        "resident memory grew by {} MiB during the flood",
+        grew >> 20
+    );
+    host.check()?;
+    host.stop().await
+}

@@ -435,6 +435,10 @@ impl ControlStore {
         .fetch_optional(&mut *tx)
         .await?;
         let spec = spec.ok_or_else(|| StoreError::NoFunction(name.to_string()))?;
+        // The module's lock, which a release takes too: either the release
+        // deleted the module first (refused here as unknown), or it sees
+        // this version and keeps the module.
+        super::modules::lock(&mut tx, "module", module).await?;
         let known: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
                 .bind(module)
