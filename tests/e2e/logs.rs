@@ -28,10 +28,16 @@ fn misbehave(name: &str, subject: &str) -> Result<FunctionSpec> {
 }
 
 async fn weir_fn_logs(nats_url: &str, args: &[&str]) -> Result<String> {
+    Ok(weir_fn_logs_with_notes(nats_url, args).await?.0)
+}
+
+/// What `weir fn logs` printed, and what it noted on stderr.
+async fn weir_fn_logs_with_notes(nats_url: &str, args: &[&str]) -> Result<(String, String)> {
     let output = tokio::process::Command::new(weir_binary()?)
         .args(["fn", "logs"])
         .args(args)
         .args(["--nats-url", nats_url])
+        .env_remove("WEIR_TOKEN")
         .output()
         .await?;
     anyhow::ensure!(
@@ -39,7 +45,10 @@ async fn weir_fn_logs(nats_url: &str, args: &[&str]) -> Result<String> {
         "weir fn logs failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Ok(String::from_utf8(output.stdout)?)
+    Ok((
+        String::from_utf8(output.stdout)?,
+        String::from_utf8(output.stderr)?,
+    ))
 }
 
 #[sqlx::test(migrations = false)]
@@ -111,7 +120,11 @@ async fn weir_fn_logs_shows_log_calls_stdout_and_stderr(
             "{shown}"
         );
     }
-    assert_eq!(weir_fn_logs(&url, &["nobody"]).await?, "");
+    // Nothing kept: nothing printed, and a note on where a deployed
+    // function's lines are.
+    let (shown, note) = weir_fn_logs_with_notes(&url, &["nobody"]).await?;
+    assert_eq!(shown, "");
+    assert!(note.contains("set WEIR_TOKEN"), "{note}");
 
     // --follow: a line written after the reader started shows up.
     let mut follower = tokio::process::Command::new(weir_binary()?)

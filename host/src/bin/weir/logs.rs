@@ -92,6 +92,7 @@ pub async fn run(api: &crate::client::Api, args: LogsArgs) -> Result<()> {
         .await
         .context("reading the log stream")?;
     let mut stdout = std::io::stdout().lock();
+    let mut printed = 0u64;
     loop {
         let next = if args.follow {
             messages.next().await
@@ -104,6 +105,7 @@ pub async fn run(api: &crate::client::Api, args: LogsArgs) -> Result<()> {
         let Some(message) = next else { break };
         let message = message.context("reading the log stream")?;
         print_line(&mut stdout, &message.payload, args.json)?;
+        printed += 1;
         let caught_up = message
             .info()
             .map(|info| info.pending == 0)
@@ -111,6 +113,14 @@ pub async fn run(api: &crate::client::Api, args: LogsArgs) -> Result<()> {
         if caught_up && !args.follow {
             break;
         }
+    }
+    if printed == 0 {
+        // The likeliest reason: a function deployed through the API, whose
+        // lines are kept under its namespace and read with a token.
+        eprintln!(
+            "no log lines kept for `{}` in {LOG_STREAM}; a function deployed through the API is read with a token: set WEIR_TOKEN (and WEIR_API_URL, WEIR_NAMESPACE)",
+            args.name
+        );
     }
     Ok(())
 }
