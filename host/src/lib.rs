@@ -33,4 +33,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod test_rng;
 pub mod traces;
+pub mod windows;

@@ -21,29 +21,11 @@ use super::support::{deferral_changes, note_deferrals, prune_bound};
 use crate::ack::AckDecision;
 use crate::config::RetryPolicy;
 use crate::outcome::{Failure, FailureKind};
+use crate::test_rng::Rng;
 
 const ACK_WAIT: u64 = 5_000;
 const LEASE: u64 = 10_000;
 const DEDUP_WINDOW: u64 = 120_000;
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    /// True with probability `per_mille` / 1000.
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -290,7 +272,7 @@ fn policy() -> RetryPolicy {
 
 impl World {
     fn new(seed: u64) -> Self {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = Rng::seeded(seed);
         let count = 20 + rng.below(50);
         let keys = 1 + rng.below(5);
         let mut events = BTreeMap::new();

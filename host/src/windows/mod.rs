@@ -1,0 +1,295 @@
+//! Event-time windows as a protocol with no I/O: which window an event
+//! belongs to, the watermark, when a window fires (on time, or again as an
+//! update after late data), what is too late, and when a window's contents
+//! can go. The core keeps only bookkeeping — pane and session bounds,
+//! timers, how often each window fired — never the events or accumulators
+//! themselves: the driver keeps those in window-scoped state, adds each
+//! event where [`WindowCore::place`] says, and hands a firing the parts it
+//! names. The core is serializable so that it is committed with the batch
+//! whose events moved it.
+//!
+//! Rules held here, and nowhere else:
+//! - the watermark is the highest event time seen minus the allowed
+//!   out-of-orderness, never goes back, and after `idle_timeout_ms` with no
+//!   event it moves on with processing time;
+//! - a window fires once when the watermark reaches its end, and once more
+//!   (an update, with the next firing number) after each batch that added
+//!   late events to it, until the watermark passes its end plus the allowed
+//!   lateness; an event whose every window is past that is too late;
+//! - sliding windows are made of panes of gcd(size, slide): an event is
+//!   added to one pane, whatever the overlap;
+//! - sessions merge when an event bridges them, and never split.
+
+mod panes;
+mod sessions;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The shape of a function's windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WindowKind {
+    /// Back-to-back windows of `size_ms`: [0, size), [size, 2·size), ...
+    Tumbling { size_ms: i64 },
+    /// Windows of `size_ms` starting every `slide_ms`.
+    Sliding { size_ms: i64, slide_ms: i64 },
+    /// A key's events less than `gap_ms` apart, in one window that ends
+    /// `gap_ms` after its last event.
+    Session { gap_ms: i64 },
+}
+
+/// How a function's windows are made and closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSettings {
+    pub kind: WindowKind,
+    /// How far behind the highest event time seen an event may arrive and
+    /// still be on time.
+    #[serde(default)]
+    pub out_of_orderness_ms: i64,
+    /// How long after a window fired a late event still updates it.
+    #[serde(default)]
+    pub allowed_lateness_ms: i64,
+    /// With no event for this long, the watermark moves on with processing
+    /// time, so that an idle stream still closes its windows.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: i64,
+}
+
+fn default_idle_timeout_ms() -> i64 {
+    60_000
+}
+
+/// Longest window, gap, bound or timeout: a year.
+const MAX_SPAN_MS: i64 = 366 * 24 * 3600 * 1000;
+
+impl WindowSettings {
+    /// What is wrong with these settings, if anything.
+    pub fn problem(&self) -> Option<&'static str> {
+        let span = |ms: i64| (1..=MAX_SPAN_MS).contains(&ms);
+        let bound = |ms: i64| (0..=MAX_SPAN_MS).contains(&ms);
+        match self.kind {
+            WindowKind::Tumbling { size_ms } if !span(size_ms) => {
+                return Some("window size_ms must be between 1 ms and a year");
+            }
+            WindowKind::Sliding { size_ms, slide_ms }
+                if !span(size_ms) || !span(slide_ms) || slide_ms > size_ms =>
+            {
+                return Some("sliding windows need 1 ms <= slide_ms <= size_ms <= a year");
+            }
+            WindowKind::Sliding { size_ms, slide_ms }
+                if size_ms / gcd(size_ms, slide_ms) > MAX_PANES_PER_WINDOW =>
+            {
+                return Some(
+                    "a sliding window may span at most 10,000 panes of gcd(size_ms, slide_ms)",
+                );
+            }
+            WindowKind::Session { gap_ms } if !span(gap_ms) => {
+                return Some("session gap_ms must be between 1 ms and a year");
+            }
+            _ => {}
+        }
+        if !bound(self.out_of_orderness_ms) || !bound(self.allowed_lateness_ms) {
+            return Some(
+                "out_of_orderness_ms and allowed_lateness_ms must be between 0 and a year",
+            );
+        }
+        if !span(self.idle_timeout_ms) {
+            return Some("idle_timeout_ms must be between 1 ms and a year");
+        }
+        None
+    }
+}
+
+/// Most panes one sliding window may span: each firing reads them all.
+const MAX_PANES_PER_WINDOW: i64 = 10_000;
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a.abs() } else { gcd(b, a % b) }
+}
+
+/// A half-open interval of event time, [start_ms, end_ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Window {
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// Where an event goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Add it to the key's pane starting at `pane` (tumbling and sliding).
+    Pane { pane: i64 },
+    /// Add it to the key's session `window`, first merging into it the
+    /// contents of the sessions `absorbed` (kept by their starts), which it
+    /// replaces: a firing of any of them is superseded by this session's.
+    Session {
+        window: Window,
+        absorbed: Vec<Window>,
+    },
+    /// Past every window's allowed lateness: to the late-data subject.
+    TooLate {
+        /// How far behind the watermark its event time is.
+        behind_watermark_ms: i64,
+        /// The watermark it was judged against.
+        watermark_ms: i64,
+    },
+}
+
+/// A window to hand to the function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firing {
+    pub key: String,
+    pub window: Window,
+    /// The parts whose contents make the window: pane starts, or the
+    /// session's start.
+    pub parts: Vec<i64>,
+    /// 0 for the first firing; each update after late data counts on.
+    pub firing: u32,
+}
+
+impl Firing {
+    /// Whether this firing updates an earlier one after late data.
+    pub fn is_update(&self) -> bool {
+        self.firing > 0
+    }
+}
+
+/// What a watermark advance gives: windows to fire, in order, then parts
+/// whose contents no window will read again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advance {
+    pub firings: Vec<Firing>,
+    /// (key, part start) of contents to delete.
+    pub expired: Vec<(String, i64)>,
+}
+
+/// One function's window bookkeeping, for all its keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowCore {
+    settings: WindowSettings,
+    /// Highest event time seen.
+    max_event_ms: Option<i64>,
+    watermark_ms: i64,
+    /// Processing time of the last event placed.
+    last_arrival_ms: Option<i64>,
+    keys: BTreeMap<String, KeyWindows>,
+}
+
+/// One key's windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum KeyWindows {
+    Panes(panes::KeyPanes),
+    Sessions(sessions::KeySessions),
+}
+
+impl WindowCore {
+    pub fn new(settings: WindowSettings) -> Self {
+        Self {
+            settings,
+            max_event_ms: None,
+            watermark_ms: i64::MIN,
+            last_arrival_ms: None,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    pub fn watermark_ms(&self) -> i64 {
+        self.watermark_ms
+    }
+
+    pub fn settings(&self) -> &WindowSettings {
+        &self.settings
+    }
+
+    /// Places an event of `key` at `event_ms` that arrived at processing
+    /// time `arrival_ms`, and moves the watermark on past it.
+    pub fn place(&mut self, key: &str, event_ms: i64, arrival_ms: i64) -> Placement {
+        self.last_arrival_ms = Some(
+            self.last_arrival_ms
+                .map_or(arrival_ms, |l| l.max(arrival_ms)),
+        );
+        let (settings, watermark) = (&self.settings, self.watermark_ms);
+        let windows = self
+            .keys
+            .entry(key.to_string())
+            .or_insert_with(|| match settings.kind {
+                WindowKind::Session { .. } => KeyWindows::Sessions(Default::default()),
+                _ => KeyWindows::Panes(Default::default()),
+            });
+        let placement = match windows {
+            KeyWindows::Panes(panes) => panes.place(settings, event_ms, watermark),
+            KeyWindows::Sessions(sessions) => sessions.place(settings, event_ms, watermark),
+        };
+        if matches!(placement, Placement::TooLate { .. }) {
+            if self.keys.get(key).is_some_and(KeyWindows::is_empty) {
+                self.keys.remove(key);
+            }
+            return placement;
+        }
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
+        let target = event_ms.saturating_sub(self.settings.out_of_orderness_ms);
+        self.watermark_ms = self.watermark_ms.max(target);
+        placement
+    }
+
+    /// Moves the watermark on for idleness at processing time `now_ms`,
+    /// then fires what is due and expires what no window reads again.
+    pub fn advance(&mut self, now_ms: i64) -> Advance {
+        if let (Some(last), Some(max)) = (self.last_arrival_ms, self.max_event_ms) {
+            let idle_for = now_ms.saturating_sub(last);
+            if idle_for >= self.settings.idle_timeout_ms {
+                let flowing = max
+                    .saturating_sub(self.settings.out_of_orderness_ms)
+                    .saturating_add(idle_for - self.settings.idle_timeout_ms);
+                self.watermark_ms = self.watermark_ms.max(flowing);
+            }
+        }
+        self.fire_due()
+    }
+
+    /// Sets the watermark to `watermark_ms` (never back), then fires and
+    /// expires as [`WindowCore::advance`] does: for tests and the native
+    /// harness, which control event time.
+    pub fn advance_watermark_to(&mut self, watermark_ms: i64) -> Advance {
+        self.watermark_ms = self.watermark_ms.max(watermark_ms);
+        self.fire_due()
+    }
+
+    fn fire_due(&mut self) -> Advance {
+        let mut advance = Advance::default();
+        let watermark = self.watermark_ms;
+        for (key, windows) in &mut self.keys {
+            let (firings, expired) = match windows {
+                KeyWindows::Panes(panes) => panes.due(&self.settings, watermark),
+                KeyWindows::Sessions(sessions) => sessions.due(&self.settings, watermark),
+            };
+            advance
+                .firings
+                .extend(firings.into_iter().map(|(window, parts, firing)| Firing {
+                    key: key.clone(),
+                    window,
+                    parts,
+                    firing,
+                }));
+            advance
+                .expired
+                .extend(expired.into_iter().map(|part| (key.clone(), part)));
+        }
+        self.keys.retain(|_, windows| !windows.is_empty());
+        advance
+    }
+}
+
+impl KeyWindows {
+    fn is_empty(&self) -> bool {
+        match self {
+            KeyWindows::Panes(panes) => panes.is_empty(),
+            KeyWindows::Sessions(sessions) => sessions.is_empty(),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The window core against a batch computation written here: fixed cases
+//! for lateness, and thousands of random event sets, each in a random
+//! arrival order within the out-of-orderness bound, with the core's
+//! bookkeeping serialized and restored at random points (as a commit and a
+//! restart would). Seeds are printed on failure.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::test_rng::Rng;
+
+/// An event: key, event time, value.
+type Input = (String, i64, i64);
+
+/// What a consumer of the firings ends up with: per (key, window), the sum
+/// of the values of its last firing and that firing's number.
+type Results = BTreeMap<(String, Window), (i64, u32)>;
+
+/// Plays the driver: keeps each part's events, sums a firing's parts, and
+/// drops what the core expires. `restart_every` serializes and restores
+/// the core (and so every piece of its state) every that many events.
+struct Driver {
+    core: WindowCore,
+    parts: BTreeMap<(String, i64), Vec<i64>>,
+    results: Results,
+    too_late: Vec<Input>,
+}
+
+impl Driver {
+    fn new(settings: WindowSettings) -> Self {
+        Self {
+            core: WindowCore::new(settings),
+            parts: BTreeMap::new(),
+            results: BTreeMap::new(),
+            too_late: Vec::new(),
+        }
+    }
+
+    /// Places an event; false if it was too late.
+    fn event(&mut self, (key, time, value): &Input) -> bool {
+        match self.core.place(key, *time, 0) {
+            Placement::Pane { pane } => self
+                .parts
+                .entry((key.clone(), pane))
+                .or_default()
+                .push(*value),
+            Placement::Session { window, absorbed } => {
+                let mut merged = vec![*value];
+                for old in absorbed {
+                    let part = (key.clone(), old.start_ms);
+                    merged.extend(self.parts.remove(&part).unwrap_or_default());
+                    // A merged session supersedes what the absorbed ones fired.
+                    self.results.remove(&(key.clone(), old));
+                }
+                self.parts
+                    .entry((key.clone(), window.start_ms))
+                    .or_default()
+                    .extend(merged);
+            }
+            Placement::TooLate { .. } => {
+                self.too_late.push((key.clone(), *time, *value));
+                return false;
+            }
+        }
+        true
+    }
+
+    fn take(&mut self, advance: Advance) {
+        for firing in advance.firings {
+            let sum = firing
+                .parts
+                .iter()
+                .flat_map(|p| self.parts.get(&(firing.key.clone(), *p)))
+                .flatten()
+                .sum();
+            let previous = self
+                .results
+                .insert((firing.key.clone(), firing.window), (sum, firing.firing));
+            // A merged session counts on from what it absorbed.
+            if let Some((_, before)) = previous {
+                assert_eq!(
+                    firing.firing,
+                    before + 1,
+                    "firing numbers count on: {firing:?}"
+                );
+            }
+        }
+        for part in advance.expired {
+            self.parts.remove(&part);
+        }
+    }
+
+    fn restart(&mut self) {
+        let saved = serde_json::to_string(&self.core).expect("serializes");
+        self.core = serde_json::from_str(&saved).expect("deserializes");
+    }
+}
+
+/// The windows' sums computed from the whole event set at once.
+fn reference(settings: &WindowSettings, events: &[Input]) -> BTreeMap<(String, Window), i64> {
+    let mut sums = BTreeMap::new();
+    match settings.kind {
+        WindowKind::Tumbling { size_ms } | WindowKind::Sliding { size_ms, .. } => {
+            let slide = match settings.kind {
+                WindowKind::Sliding { slide_ms, .. } => slide_ms,
+                _ => size_ms,
+            };
+            for (key, time, value) in events {
+                let mut start = time.div_euclid(slide) * slide;
+                while start + size_ms > *time {
+                    let window = Window {
+                        start_ms: start,
+                        end_ms: start + size_ms,
+                    };
+                    *sums.entry((key.clone(), window)).or_insert(0) += value;
+                    start -= slide;
+                }
+            }
+        }
+        WindowKind::Session { gap_ms } => {
+            let mut by_key: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+            for (key, time, value) in events {
+                by_key.entry(key).or_default().push((*time, *value));
+            }
+            for (key, mut times) in by_key {
+                times.sort();
+                let mut current: Option<(Window, i64)> = None;
+                for (time, value) in times {
+                    current = match current {
+                        Some((w, sum)) if time < w.end_ms => Some((
+                            Window {
+                                start_ms: w.start_ms,
+                                end_ms: w.end_ms.max(time + gap_ms),
+                            },
+                            sum + value,
+                        )),
+                        done => {
+                            if let Some((w, sum)) = done {
+                                sums.insert((key.to_string(), w), sum);
+                            }
+                            let w = Window {
+                                start_ms: time,
+                                end_ms: time + gap_ms,
+                            };
+                            Some((w, value))
+                        }
+                    };
+                }
+                if let Some((w, sum)) = current {
+                    sums.insert((key.to_string(), w), sum);
+                }
+            }
+        }
+    }
+    sums
+}
+
+fn settings(
+    kind: WindowKind,
+    out_of_orderness_ms: i64,
+    allowed_lateness_ms: i64,
+) -> WindowSettings {
+    WindowSettings {
+        kind,
+        out_of_orderness_ms,
+        allowed_lateness_ms,
+        idle_timeout_ms: 60_000,
+    }
+}
+
+fn event(key: &str, time: i64, value: i64) -> Input {
+    (key.to_string(), time, value)
+}
+
+#[test]
+fn a_late_event_within_the_lateness_updates_its_window_and_a_later_one_is_refused() {
+    let mut driver = Driver::new(settings(WindowKind::Tumbling { size_ms: 10 }, 0, 5));
+    driver.event(&event("k", 1, 1));
+    driver.event(&event("k", 12, 10));
+    let advance = driver.core.advance(0);
+    assert_eq!(advance.firings.len(), 1);
+    assert!(!advance.firings[0].is_update());
+    driver.take(advance);
+    // Watermark 12: [0, 10) fired, and takes late data until 15.
+    driver.event(&event("k", 3, 2));
+    let advance = driver.core.advance(0);
+    assert_eq!(advance.firings.len(), 1);
+    assert!(advance.firings[0].is_update());
+    driver.take(advance);
+    let first = Window {
+        start_ms: 0,
+        end_ms: 10,
+    };
+    assert_eq!(driver.results[&("k".to_string(), first)], (3, 1));
+    driver.event(&event("k", 20, 100));
+    match driver.core.place("k", 4, 0) {
+        Placement::TooLate {
+            behind_watermark_ms,
+            watermark_ms,
+        } => assert_eq!((behind_watermark_ms, watermark_ms), (16, 20)),
+        other => panic!("{other:?}"),
+    }
+    // [0, 10) is gone, with its pane.
+    let advance = driver.core.advance(0);
+    assert!(
+        advance.expired.contains(&("k".to_string(), 0)),
+        "{advance:?}"
+    );
+}
+
+#[test]
+fn sessions_merge_when_an_event_bridges_them_and_never_split() {
+    let mut driver = Driver::new(settings(WindowKind::Session { gap_ms: 10 }, 100, 0));
+    driver.event(&event("u", 0, 1));
+    driver.event(&event("u", 18, 1));
+    driver.event(&event("u", 40, 1));
+    // 9 is within the gap of both [0, 10) and [18, 28): one session [0, 28).
+    assert_eq!(
+        driver.core.place("u", 9, 0),
+        Placement::Session {
+            window: Window {
+                start_ms: 0,
+                end_ms: 28
+            },
+            absorbed: vec![
+                Window {
+                    start_ms: 0,
+                    end_ms: 10
+                },
+                Window {
+                    start_ms: 18,
+                    end_ms: 28
+                }
+            ],
+        }
+    );
+    driver.parts.insert(("u".into(), 0), vec![1, 1, 1]);
+    driver.parts.remove(&("u".to_string(), 18));
+    let advance = driver.core.advance_watermark_to(i64::MAX);
+    driver.take(advance);
+    let whole = Window {
+        start_ms: 0,
+        end_ms: 28,
+    };
+    let last = Window {
+        start_ms: 40,
+        end_ms: 50,
+    };
+    assert_eq!(driver.results[&("u".to_string(), last)], (1, 0));
+    assert_eq!(driver.results.len(), 2, "{:?}", driver.results);
+    assert_eq!(driver.results[&("u".to_string(), whole)], (3, 0));
+}
+
+#[test]
+fn an_idle_stream_closes_its_windows_on_processing_time() {
+    let mut core = WindowCore::new(WindowSettings {
+        idle_timeout_ms: 1_000,
+        ..settings(WindowKind::Tumbling { size_ms: 60_000 }, 0, 0)
+    });
+    core.place("k", 5_000, 100_000);
+    assert!(core.advance(100_500).firings.is_empty());
+    // Idle from 101,000 on: event time flows with processing time.
+    assert!(core.advance(155_999).firings.is_empty());
+    assert_eq!(core.advance(156_000).firings.len(), 1);
+}
+
+#[test]
+fn a_sliding_event_goes_to_one_pane_however_small_the_slide() {
+    let mut core = WindowCore::new(settings(
+        WindowKind::Sliding {
+            size_ms: 10_000,
+            slide_ms: 100,
+        },
+        0,
+        0,
+    ));
+    assert_eq!(core.place("k", 12_345, 0), Placement::Pane { pane: 12_300 });
+    let firings = core.advance_watermark_to(i64::MAX).firings;
+    assert_eq!(firings.len(), 100, "every window over the pane fires");
+    assert!(firings.iter().all(|f| f.parts == vec![12_300]));
+}
+
+fn kinds(rng: &mut Rng) -> WindowKind {
+    match rng.below(3) {
+        0 => WindowKind::Tumbling {
+            size_ms: 1 + rng.below(50) as i64,
+        },
+        1 => {
+            let slide = 1 + rng.below(20) as i64;
+            WindowKind::Sliding {
+                size_ms: slide * (1 + rng.below(6) as i64),
+                slide_ms: slide,
+            }
+        }
+        _ => WindowKind::Session {
+            gap_ms: 1 + rng.below(30) as i64,
+        },
+    }
+}
+
+/// Events in an arrival order that keeps within `bound`: each is at most
+/// `bound` behind the highest time before it (negative times included).
+fn arrivals(rng: &mut Rng, bound: i64) -> Vec<Input> {
+    let mut highest = rng.below(200) as i64 - 100;
+    (0..rng.below(120))
+        .map(|_| {
+            let time = highest - rng.below(bound as u64 + 1) as i64 + rng.below(15) as i64;
+            highest = highest.max(time);
+            let key = format!("k{}", rng.below(4));
+            (key, time, 1 + rng.below(9) as i64)
+        })
+        .collect()
+}
+
+#[test]
+fn any_order_within_the_bound_gives_the_batch_results_exactly() {
+    for seed in 1..=3_000u64 {
+        let mut rng = Rng::seeded(seed);
+        let bound = rng.below(40) as i64;
+        let settings = settings(kinds(&mut rng), bound, rng.below(20) as i64);
+        let events = arrivals(&mut rng, bound);
+        let mut driver = Driver::new(settings.clone());
+        for event in &events {
+            driver.event(event);
+            if rng.chance(300) {
+                let advance = driver.core.advance(0);
+                assert!(
+                    advance.firings.iter().all(|f| !f.is_update()),
+                    "seed {seed}: nothing is late within the bound"
+                );
+                driver.take(advance);
+            }
+            if rng.chance(100) {
+                driver.restart();
+            }
+        }
+        let advance = driver.core.advance_watermark_to(i64::MAX);
+        driver.take(advance);
+        assert!(
+            driver.too_late.is_empty(),
+            "seed {seed}: {:?}",
+            driver.too_late
+        );
+        assert!(
+            driver.results.values().all(|(_, firing)| *firing == 0),
+            "seed {seed}: each window fired once"
+        );
+        let got: BTreeMap<_, _> = driver
+            .results
+            .iter()
+            .map(|(w, (sum, _))| (w.clone(), *sum))
+            .collect();
+        assert_eq!(
+            got,
+            reference(&settings, &events),
+            "seed {seed}, {settings:?}"
+        );
+        assert!(driver.parts.is_empty(), "seed {seed}: every part expired");
+        assert!(
+            driver.core.keys.is_empty(),
+            "seed {seed}: no bookkeeping left"
+        );
+    }
+}
+
+#[test]
+fn late_events_update_or_go_late_and_the_rest_match_the_batch() {
+    for seed in 1..=3_000u64 {
+        let mut rng = Rng::seeded(seed);
+        let settings = settings(kinds(&mut rng), 0, rng.below(30) as i64);
+        // Well past the bound: many events are late.
+        let events = arrivals(&mut rng, 60);
+        let mut driver = Driver::new(settings.clone());
+        let mut kept = Vec::new();
+        for event in &events {
+            if driver.event(event) {
+                kept.push(event.clone());
+            }
+            if rng.chance(500) {
+                let advance = driver.core.advance(0);
+                driver.take(advance);
+            }
+            if rng.chance(100) {
+                driver.restart();
+            }
+        }
+        let advance = driver.core.advance_watermark_to(i64::MAX);
+        driver.take(advance);
+        let got: BTreeMap<_, _> = driver
+            .results
+            .iter()
+            .map(|(w, (sum, _))| (w.clone(), *sum))
+            .collect();
+        let expected = reference(&settings, &kept);
+        match settings.kind {
+            // An event is kept only if its one window still takes updates:
+            // its last firing holds everything kept.
+            WindowKind::Tumbling { .. } => assert_eq!(got, expected, "seed {seed}, {settings:?}"),
+            // A session past its lateness is gone: a late event beside it
+            // starts another rather than reopening it. Each kept event is
+            // in exactly one final session.
+            WindowKind::Session { .. } => {
+                let per_key = |sums: &BTreeMap<(String, Window), i64>| {
+                    let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+                    for ((key, _), sum) in sums {
+                        *totals.entry(key.clone()).or_default() += sum;
+                    }
+                    totals
+                };
+                assert_eq!(
+                    per_key(&got),
+                    per_key(&expected),
+                    "seed {seed}, {settings:?}\ngot {got:?}\nexpected {expected:?}\nevents {events:?}\nkept {kept:?}"
+                );
+            }
+            WindowKind::Sliding { .. } => {
+                // A window past its lateness keeps the result it had then:
+                // events too late for it but not for a later window of the
+                // same pane count only in those later windows.
+                for (window, sum) in &got {
+                    let full = expected.get(window).copied().unwrap_or(0);
+                    assert!(*sum <= full, "seed {seed}: {window:?} {sum} > {full}");
+                }
+                for (window, sum) in &expected {
+                    if let Some(got_sum) = got.get(window) {
+                        assert!(got_sum <= sum, "seed {seed}");
+                    }
+                }
+                assert!(
+                    got.keys().all(|w| expected.contains_key(w)),
+                    "seed {seed}: no window out of nothing"
+                );
+            }
+        }
+    }
+}
