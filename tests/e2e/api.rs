@@ -1087,7 +1087,11 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let (host, address) = api_host_with(&stack, vec![stream("SHOP", &["shop.in"])], |api| {
+    let streams = vec![
+        stream("SHOP", &["shop.in"]),
+        stream("BILLING", &["billing.in"]),
+    ];
+    let (host, address) = api_host_with(&stack, streams, |api| {
         api.requests_per_second = 100_000;
         api.module_quota_count = 2;
     })
@@ -1130,6 +1134,16 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
 
     // Another namespace can neither make versions of shop's module (and so
     // pin it) nor let go of it.
+    let g =
+        serde_json::json!({"stream": "BILLING", "subject": "billing.in", "key": {"header": "k"}});
+    api_call(
+        address,
+        &billing,
+        "PUT",
+        "/v1/namespaces/billing/functions/g",
+        g,
+    )
+    .await?;
     let pinned = serde_json::json!({"module": counter}).to_string();
     let pinned = post(
         address,
@@ -1140,7 +1154,7 @@ async fn modules_are_held_within_a_quota_and_deleted_when_unused(
     )
     .await?;
     assert_eq!(refusal(&pinned)?.0, 422, "{pinned:?}");
-    assert!(pinned.body.contains("another namespace"), "{pinned:?}");
+    assert!(pinned.body.contains("this namespace may use"), "{pinned:?}");
     assert_eq!(
         delete(billing.clone(), passthrough.clone()).await?.status,
         404

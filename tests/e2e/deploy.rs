@@ -323,7 +323,7 @@ async fn bad_function_calls_name_the_problem(
     .await?;
     assert_eq!(unknown_module.status, 422);
     assert!(
-        unknown_module.body.contains("upload it first"),
+        unknown_module.body.contains("this namespace may use"),
         "{unknown_module:?}"
     );
     let no_version = call(

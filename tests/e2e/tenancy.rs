@@ -254,6 +254,22 @@ async fn one_tenant_reaches_nothing_of_another(
     api_call(address, &shop, "PUT", spy, own).await?;
     let spy_versions = format!("{spy}/versions");
     refused(address, &shop, ("POST", &spy_versions), &version, &[422]).await?;
+    // In the same words as for bytes no one uploaded: shop cannot tell
+    // which digests billing holds.
+    let made_up = "0".repeat(64);
+    let answers = [&digest, &made_up].map(|module| {
+        let body = serde_json::json!({"module": module})
+            .to_string()
+            .into_bytes();
+        let path = spy_versions.clone();
+        let shop = shop.clone();
+        async move {
+            let answer = call(address, &shop, "POST", &path, "application/json", &body).await?;
+            anyhow::Ok(answer.body.replace(module.as_str(), "<digest>"))
+        }
+    });
+    let [billings, nobodys] = answers;
+    ensure!(billings.await? == nobodys.await?, "the refusals differ");
 
     // Nothing of shop's reached billing: its stream holds only its own
     // events, its outputs and dead letters are its own, its module and

@@ -137,48 +137,76 @@ impl Drop for UploadSlot {
     }
 }
 
+/// Lookups by token hash, each with until when it is believed; and how
+/// many times something was forgotten.
+type Lookups<T> = (HashMap<String, (Instant, Option<T>)>, u64);
+
 /// Token lookups by token hash, each believed for at most [`LOOKUP_TTL`].
 #[derive(Debug)]
 pub struct LookupCache<T> {
-    /// What was found, and until when it is believed.
-    entries: Mutex<HashMap<String, (Instant, Option<T>)>>,
+    /// What was found, and until when it is believed; and how many times
+    /// something was forgotten, so that a lookup that was in flight then
+    /// (and may have read a token just revoked) is not remembered.
+    entries: Mutex<Lookups<T>>,
 }
 
 impl<T: Clone> Default for LookupCache<T> {
     fn default() -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new((HashMap::new(), 0)),
         }
     }
 }
 
 impl<T: Clone> LookupCache<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, Lookups<T>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// What was found for `hash` (`Some(None)`: known not to exist), if it
     /// is still believed at `now`.
     pub fn get(&self, hash: &str, now: Instant) -> Option<Option<T>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (until, found) = entries.get(hash)?;
+        let entries = self.locked();
+        let (until, found) = entries.0.get(hash)?;
         (now < *until).then(|| found.clone())
+    }
+
+    /// Take this before a lookup and hand it to [`LookupCache::put`].
+    pub fn generation(&self) -> u64 {
+        self.locked().1
     }
 
     /// Forgets `hash` (its token was revoked).
     pub fn forget(&self, hash: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.remove(hash);
+        let mut entries = self.locked();
+        entries.0.remove(hash);
+        entries.1 += 1;
     }
 
     /// Forgets every lookup.
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let mut entries = self.locked();
+        entries.0.clear();
+        entries.1 += 1;
     }
 
     /// Remembers what a lookup of `hash` found at `now`, to be believed for
-    /// `believe` (at most [`LOOKUP_TTL`]; less for a token about to expire).
-    pub fn put(&self, hash: &str, found: Option<T>, now: Instant, believe: Duration) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    /// `believe` (at most [`LOOKUP_TTL`]; less for a token about to expire),
+    /// unless something was forgotten since the lookup began
+    /// (`generation`, from [`LookupCache::generation`]).
+    pub fn put(
+        &self,
+        hash: &str,
+        found: Option<T>,
+        now: Instant,
+        believe: Duration,
+        generation: u64,
+    ) {
+        let mut entries = self.locked();
+        if entries.1 != generation {
+            return;
+        }
+        let entries = &mut entries.0;
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(hash) {
             entries.retain(|_, (until, _)| now < *until);
             if entries.len() >= MAX_ENTRIES {
@@ -198,9 +226,16 @@ mod tests {
         let cache = LookupCache::<u32>::default();
         let start = Instant::now();
         assert_eq!(cache.get("a", start), None);
-        cache.put("a", Some(7), start, LOOKUP_TTL);
-        cache.put("bad", None, start, LOOKUP_TTL);
-        cache.put("soon", Some(1), start, Duration::from_millis(10));
+        let generation = cache.generation();
+        cache.put("a", Some(7), start, LOOKUP_TTL, generation);
+        cache.put("bad", None, start, LOOKUP_TTL, generation);
+        cache.put(
+            "soon",
+            Some(1),
+            start,
+            Duration::from_millis(10),
+            generation,
+        );
         assert_eq!(
             cache.get("soon", start + Duration::from_secs(1)),
             None,
@@ -213,9 +248,24 @@ mod tests {
         assert_eq!(cache.get("bad", start + Duration::from_secs(1)), Some(None));
         assert_eq!(cache.get("a", start + LOOKUP_TTL), None, "expired");
         for i in 0..MAX_ENTRIES + 5 {
-            cache.put(&format!("t{i}"), None, start, LOOKUP_TTL);
+            cache.put(&format!("t{i}"), None, start, LOOKUP_TTL, generation);
         }
-        assert!(cache.entries.lock().expect("lock").len() <= MAX_ENTRIES);
+        assert!(cache.locked().0.len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_lookup_in_flight_while_a_token_is_forgotten_is_not_remembered() {
+        let cache = LookupCache::<u32>::default();
+        let start = Instant::now();
+        // A lookup begins, reads the token as valid; meanwhile it is revoked
+        // and forgotten; the lookup's answer is then not believed.
+        let generation = cache.generation();
+        cache.forget("a");
+        cache.put("a", Some(7), start, LOOKUP_TTL, generation);
+        assert_eq!(cache.get("a", start), None);
+        let generation = cache.generation();
+        cache.put("a", Some(7), start, LOOKUP_TTL, generation);
+        assert_eq!(cache.get("a", start), Some(Some(7)));
     }
 
     #[test]

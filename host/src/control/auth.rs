@@ -169,9 +169,11 @@ impl Authenticator {
             let found = match self.lookups.get(&hash, now) {
                 Some(found) => found,
                 None => {
+                    let generation = self.lookups.generation();
                     let (found, expires_in) = self.look_up(&hash).await?;
                     let believe = expires_in.map_or(LOOKUP_TTL, |left| left.min(LOOKUP_TTL));
-                    self.lookups.put(&hash, found.clone(), now, believe);
+                    self.lookups
+                        .put(&hash, found.clone(), now, believe, generation);
                     found
                 }
             };
@@ -223,9 +225,13 @@ impl Authenticator {
     /// [`super::admission::LOOKUP_TTL`].
     pub async fn follow_revocations(&self, shutdown: tokio_util::sync::CancellationToken) {
         loop {
-            let error = tokio::select! {
+            let stopped = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                error = self.forget_revoked() => error,
+                stopped = self.forget_revoked() => stopped,
+            };
+            let Err(error) = stopped else {
+                // The connection dropped: listen again on a new one at once.
+                continue;
             };
             tracing::warn!(%error, "API: listening for revoked tokens failed; retrying (meanwhile a token revoked on another host is believed for up to {} s)", LOOKUP_TTL.as_secs());
             tokio::select! {
@@ -235,8 +241,10 @@ impl Authenticator {
         }
     }
 
-    /// Listens for revoked tokens and forgets each; returns why it stopped.
-    async fn forget_revoked(&self) -> sqlx::Error {
+    /// Listens for revoked tokens and forgets each, until the connection
+    /// drops (`Ok`) or fails (`Err`). Every lookup is forgotten once the
+    /// listener listens: what was announced before it did is not missed.
+    async fn forget_revoked(&self) -> Result<(), sqlx::Error> {
         // A connection of its own, not one of the API's few pooled ones,
         // named apart from them in `pg_stat_activity`.
         let options = (*self.pool.connect_options())
@@ -247,20 +255,15 @@ impl Authenticator {
             .max_lifetime(None)
             .idle_timeout(None)
             .connect_lazy_with(options);
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&own).await {
-            Ok(listener) => listener,
-            Err(error) => return error,
-        };
-        if let Err(error) = listener.listen(super::tokens::TOKEN_CHANNEL).await {
-            return error;
-        }
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+        listener.listen(super::tokens::TOKEN_CHANNEL).await?;
         self.lookups.clear();
-        loop {
-            match listener.recv().await {
-                Ok(revoked) => self.forget(revoked.payload()),
-                Err(error) => return error,
-            }
+        // `try_recv`, not `recv`: `recv` reconnects by itself, and what was
+        // announced while it did would be missed with nothing forgotten.
+        while let Some(revoked) = listener.try_recv().await? {
+            self.forget(revoked.payload());
         }
+        Ok(())
     }
 
     /// The pool tokens are stored in.

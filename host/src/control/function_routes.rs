@@ -80,6 +80,7 @@ fn no_function(namespace: &str, name: &str) -> ApiError {
     responses(
         (status = 201, description = "Created", body = FunctionRecord),
         (status = 200, description = "Replaced", body = FunctionRecord),
+        (status = 404, description = "The function was removed meanwhile", body = ErrorBody),
         (status = 409, description = "A function with versions cannot move to another stream", body = ErrorBody),
         Refused, BodyRefused,
     ),
@@ -321,16 +322,6 @@ pub(super) async fn create_version(
         ) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
         }
-    }
-    if !state.modules.usable_by(&namespace, &request.module).await? {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            format!(
-                "module `{}` was uploaded by another namespace; upload it with a token of `{namespace}` first",
-                request.module
-            ),
-        ));
     }
     let version = state
         .store

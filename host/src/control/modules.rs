@@ -149,14 +149,7 @@ impl ModuleRegistry {
     /// holding (no holder at all). So no namespace can pin another's module
     /// (and its quota) by making versions of it.
     pub async fn usable_by(&self, namespace: &str, digest: &str) -> Result<bool, ModuleError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1 AND namespace IN ($2, '*'))
-                 OR NOT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1)",
-        )
-        .bind(digest)
-        .bind(namespace)
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(may_use(&self.pool, namespace, digest).await?)
     }
 
     /// Makes sure the artifact cache holds `digest` compiled by a compile
@@ -332,6 +325,24 @@ pub(crate) async fn lock(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Whether versions of `namespace` may use module `digest` (see
+/// [`ModuleRegistry::usable_by`]), read with `executor` (a transaction that
+/// holds the module's lock, or the pool).
+pub(crate) async fn may_use<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    namespace: &str,
+    digest: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1 AND namespace IN ($2, '*'))
+             OR NOT EXISTS (SELECT 1 FROM weir_module_owners WHERE digest = $1)",
+    )
+    .bind(digest)
+    .bind(namespace)
+    .fetch_one(executor)
+    .await
 }
 
 /// Whether `namespace` holds the module `digest`.

@@ -215,7 +215,9 @@ pub struct Deployment {
 pub enum StoreError {
     #[error("no function `{0}`")]
     NoFunction(String),
-    #[error("no module with digest `{0}`: upload it first")]
+    #[error(
+        "no module `{0}` this namespace may use: upload it with a token of the namespace first"
+    )]
     NoModule(String),
     #[error("function `{function}` has no version {version}")]
     NoVersion { function: String, version: i32 },
@@ -436,15 +438,18 @@ impl ControlStore {
         .await?;
         let spec = spec.ok_or_else(|| StoreError::NoFunction(name.to_string()))?;
         // The module's lock, which a release takes too: either the release
-        // deleted the module first (refused here as unknown), or it sees
-        // this version and keeps the module.
+        // let go of the module first (refused here), or it sees this version
+        // and keeps the module. The namespace must hold it (or a global
+        // admin, or no one) — checked under the lock, and refused in the same
+        // words whether the module is another namespace's or does not exist,
+        // so that no namespace learns which digests others uploaded.
         super::modules::lock(&mut tx, "module", module).await?;
         let known: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weir_modules WHERE digest = $1)")
                 .bind(module)
                 .fetch_one(&mut *tx)
                 .await?;
-        if !known {
+        if !known || !super::modules::may_use(&mut *tx, namespace, module).await? {
             return Err(StoreError::NoModule(module.to_string()));
         }
         let version: i32 = sqlx::query_scalar(

@@ -105,6 +105,12 @@ impl WindowSettings {
     }
 }
 
+/// The event times windows take: the years 1 to 9999. Outside them an
+/// event is refused (the driver dead-letters it), so no window arithmetic
+/// can overflow and no absurd time drags the watermark to the end of time.
+pub const EVENT_TIME_RANGE_MS: std::ops::RangeInclusive<i64> =
+    -62_135_596_800_000..=253_402_300_799_999;
+
 /// Most panes one sliding window may span: each firing reads them all.
 const MAX_PANES_PER_WINDOW: i64 = 10_000;
 
@@ -131,6 +137,8 @@ pub enum Placement {
         window: Window,
         absorbed: Vec<Window>,
     },
+    /// An event time outside [`EVENT_TIME_RANGE_MS`].
+    OutOfRange,
     /// Past every window's allowed lateness: to the late-data subject.
     TooLate {
         /// How far behind the watermark its event time is.
@@ -209,6 +217,9 @@ impl WindowCore {
     /// Places an event of `key` at `event_ms` that arrived at processing
     /// time `arrival_ms`, and moves the watermark on past it.
     pub fn place(&mut self, key: &str, event_ms: i64, arrival_ms: i64) -> Placement {
+        if !EVENT_TIME_RANGE_MS.contains(&event_ms) {
+            return Placement::OutOfRange;
+        }
         self.last_arrival_ms = Some(
             self.last_arrival_ms
                 .map_or(arrival_ms, |l| l.max(arrival_ms)),

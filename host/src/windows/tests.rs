@@ -24,6 +24,8 @@ struct Driver {
     parts: BTreeMap<(String, i64), Vec<i64>>,
     results: Results,
     too_late: Vec<Input>,
+    /// Update firings seen.
+    updates: usize,
 }
 
 impl Driver {
@@ -33,6 +35,7 @@ impl Driver {
             parts: BTreeMap::new(),
             results: BTreeMap::new(),
             too_late: Vec::new(),
+            updates: 0,
         }
     }
 
@@ -57,6 +60,7 @@ impl Driver {
                     .or_default()
                     .extend(merged);
             }
+            Placement::OutOfRange => panic!("{time} is in range"),
             Placement::TooLate { .. } => {
                 self.too_late.push((key.clone(), *time, *value));
                 return false;
@@ -67,6 +71,7 @@ impl Driver {
 
     fn take(&mut self, advance: Advance) {
         for firing in advance.firings {
+            self.updates += usize::from(firing.is_update());
             let sum = firing
                 .parts
                 .iter()
@@ -364,7 +369,34 @@ fn any_order_within_the_bound_gives_the_batch_results_exactly() {
 }
 
 #[test]
+fn event_times_past_year_9999_or_before_year_1_are_refused_without_overflow() {
+    for kind in [
+        WindowKind::Tumbling { size_ms: 7 },
+        WindowKind::Sliding {
+            size_ms: 10_000_000,
+            slide_ms: 1_000,
+        },
+        WindowKind::Session {
+            gap_ms: MAX_SPAN_MS,
+        },
+    ] {
+        let settings = settings(kind, MAX_SPAN_MS, MAX_SPAN_MS);
+        assert_eq!(settings.problem(), None);
+        let mut core = WindowCore::new(settings);
+        for time in [i64::MIN, i64::MAX, *EVENT_TIME_RANGE_MS.end() + 1] {
+            assert_eq!(core.place("k", time, 0), Placement::OutOfRange);
+        }
+        for time in [*EVENT_TIME_RANGE_MS.start(), *EVENT_TIME_RANGE_MS.end()] {
+            assert!(!matches!(core.place("k", time, 0), Placement::OutOfRange));
+        }
+        let fired = core.advance_watermark_to(i64::MAX);
+        assert!(!fired.firings.is_empty(), "{kind:?}");
+    }
+}
+
+#[test]
 fn late_events_update_or_go_late_and_the_rest_match_the_batch() {
+    let (mut updates, mut too_late) = (0, 0);
     for seed in 1..=3_000u64 {
         let mut rng = Rng::seeded(seed);
         let settings = settings(kinds(&mut rng), 0, rng.below(30) as i64);
@@ -386,6 +418,8 @@ fn late_events_update_or_go_late_and_the_rest_match_the_batch() {
         }
         let advance = driver.core.advance_watermark_to(i64::MAX);
         driver.take(advance);
+        updates += driver.updates;
+        too_late += driver.too_late.len();
         let got: BTreeMap<_, _> = driver
             .results
             .iter()
@@ -433,4 +467,8 @@ fn late_events_update_or_go_late_and_the_rest_match_the_batch() {
             }
         }
     }
+    assert!(
+        updates > 1_000 && too_late > 1_000,
+        "{updates} updates, {too_late} too late: both cases are exercised"
+    );
 }
