@@ -148,6 +148,11 @@ pub enum Placement {
     },
 }
 
+/// What one key's windows have due at a watermark: (window, the parts
+/// that make it, firing number) in start order, then the parts no window
+/// will read again.
+type Due = (Vec<(Window, Vec<i64>, u32)>, Vec<i64>);
+
 /// A window to hand to the function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Firing {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Placement, Window, WindowKind, WindowSettings, gcd};
+use super::{Due, Placement, Window, WindowKind, WindowSettings, gcd};
 
 /// Panes holding events, and the windows that have them, by start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -85,12 +85,7 @@ impl KeyPanes {
 
     /// The windows due at `watermark` — (window, its panes, firing number)
     /// in start order — and the panes no window will read again.
-    #[allow(clippy::type_complexity)]
-    pub fn due(
-        &mut self,
-        settings: &WindowSettings,
-        watermark: i64,
-    ) -> (Vec<(Window, Vec<i64>, u32)>, Vec<i64>) {
+    pub fn due(&mut self, settings: &WindowSettings, watermark: i64) -> Due {
         let (size, slide, _) = geometry(settings.kind);
         let lateness = settings.allowed_lateness_ms;
         let mut firings = Vec::new();

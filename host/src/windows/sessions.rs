@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Placement, Window, WindowKind, WindowSettings};
+use super::{Due, Placement, Window, WindowKind, WindowSettings};
 
 /// Sessions by start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -90,12 +90,7 @@ impl KeySessions {
 
     /// The sessions due at `watermark` — (window, [its start], firing
     /// number) — and the sessions no firing will read again.
-    #[allow(clippy::type_complexity)]
-    pub fn due(
-        &mut self,
-        settings: &WindowSettings,
-        watermark: i64,
-    ) -> (Vec<(Window, Vec<i64>, u32)>, Vec<i64>) {
+    pub fn due(&mut self, settings: &WindowSettings, watermark: i64) -> Due {
         let mut firings = Vec::new();
         for (&start, session) in &mut self.sessions {
             if session.end > watermark {
