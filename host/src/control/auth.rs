@@ -229,14 +229,18 @@ impl Authenticator {
                 _ = shutdown.cancelled() => return,
                 stopped = self.forget_revoked() => stopped,
             };
-            let Err(error) = stopped else {
-                // The connection dropped: listen again on a new one at once.
-                continue;
+            // A dropped connection is listened on again at once (after a
+            // breath, should it keep dropping); a failure after a second.
+            let pause = match stopped {
+                Ok(()) => Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, "API: listening for revoked tokens failed; retrying (meanwhile a token revoked on another host is believed for up to {} s)", LOOKUP_TTL.as_secs());
+                    Duration::from_secs(1)
+                }
             };
-            tracing::warn!(%error, "API: listening for revoked tokens failed; retrying (meanwhile a token revoked on another host is believed for up to {} s)", LOOKUP_TTL.as_secs());
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
