@@ -52,6 +52,23 @@ pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// A call of the API as `token` with a body of `content_type`.
+pub(crate) async fn request(
+    address: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<HttpResponse> {
+    let auth = bearer(token);
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", content_type),
+    ];
+    http_request(address, method, path, &headers, body).await
+}
+
 pub(crate) async fn post(
     address: SocketAddr,
     path: &str,
@@ -59,15 +76,7 @@ pub(crate) async fn post(
     content_type: &str,
     body: &[u8],
 ) -> Result<HttpResponse> {
-    let auth = bearer(token);
-    http_request(
-        address,
-        "POST",
-        path,
-        &[("Authorization", &auth), ("Content-Type", content_type)],
-        body,
-    )
-    .await
+    request(address, token, "POST", path, content_type, body).await
 }
 
 async fn new_token(address: SocketAddr, namespace: &str, role: &str) -> Result<String> {

@@ -61,6 +61,45 @@ async fn upload(address: SocketAddr, name: &str) -> Result<String> {
         .to_string())
 }
 
+/// Binds the new function at `function` with `binding` and makes its first
+/// version from `module`, as the admin.
+async fn deploy_new(
+    address: SocketAddr,
+    function: &str,
+    binding: &serde_json::Value,
+    module: &str,
+) -> Result<()> {
+    let put = call(address, "PUT", function, ADMIN, binding).await?;
+    anyhow::ensure!(put.status == 201, "{put:?}");
+    let version = serde_json::json!({"module": module});
+    let versions = format!("{function}/versions");
+    let made = call(address, "POST", &versions, ADMIN, &version).await?;
+    anyhow::ensure!(made.status == 201, "{made:?}");
+    Ok(())
+}
+
+/// Starts a host that serves the API (as the admin) and runs nothing, and
+/// one that runs what is deployed, told by Postgres notifications, with its
+/// artifact cache in `runner_artifacts` if given; the API's address.
+async fn api_host_and_runner(
+    stack: &Stack,
+    streams: Vec<weir_host::config::StreamSpec>,
+    runner_artifacts: Option<&std::path::Path>,
+) -> Result<(RunningHost, RunningHost, SocketAddr)> {
+    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut api_config = stack.config(streams.clone(), vec![]);
+    api_config.api.listen = Some(address);
+    api_config.api.bootstrap_token = Some(Secret(ADMIN.into()));
+    api_config.api.run_deployed = false;
+    let api_host = stack.host(api_config).await?;
+    let mut runner_config = stack.config(streams, vec![]);
+    if let Some(artifacts) = runner_artifacts {
+        runner_config.artifact_dir = artifacts.to_path_buf();
+    }
+    let runner = stack.host(runner_config).await?;
+    Ok((api_host, runner, address))
+}
+
 /// Ids in the JSON payloads of a stream.
 async fn ids(stack: &Stack, stream: &str) -> Result<Vec<u64>> {
     read_stream(&stack.js, stream)
@@ -621,20 +660,13 @@ async fn a_runner_compiles_a_deployed_module_in_a_compile_job(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let streams = vec![
         stream("COUNTED", &["counted.in"]),
         stream("COUNTER_OUT", &["counter.out"]),
     ];
-    let mut api_config = stack.config(streams.clone(), vec![]);
-    api_config.api.listen = Some(address);
-    api_config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    api_config.api.run_deployed = false;
-    let api_host = stack.host(api_config).await?;
     let runner_artifacts = tempdir::TempDir::new("weir-runner-artifacts")?;
-    let mut runner_config = stack.config(streams, vec![]);
-    runner_config.artifact_dir = runner_artifacts.path().to_path_buf();
-    let runner = stack.host(runner_config).await?;
+    let (api_host, runner, address) =
+        api_host_and_runner(&stack, streams, Some(runner_artifacts.path())).await?;
 
     let module = upload(address, "counter").await?;
     let names = ["COUNTED", "COUNTER_OUT"].map(String::from);
@@ -645,17 +677,7 @@ async fn a_runner_compiles_a_deployed_module_in_a_compile_job(
         "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
         "outputs": ["counter.out"],
     });
-    let put = call(address, "PUT", function, ADMIN, &binding).await?;
-    anyhow::ensure!(put.status == 201, "{put:?}");
-    let made = call(
-        address,
-        "POST",
-        &format!("{function}/versions"),
-        ADMIN,
-        &serde_json::json!({"module": module}),
-    )
-    .await?;
-    anyhow::ensure!(made.status == 201, "{made:?}");
+    deploy_new(address, function, &binding, &module).await?;
     let event = serde_json::json!({"key": "k", "id": 1, "value": 1}).to_string();
     publish_all(&stack.js, "counted.in", [event.into_bytes()]).await?;
     eventually(Duration::from_secs(60), "the runner running it", || async {
@@ -684,7 +706,6 @@ async fn another_host_follows_what_the_api_host_deploys(
     db: PgConnectOptions,
 ) -> Result<()> {
     let stack = Stack::start(&db).await?;
-    let address: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let streams = vec![
         stream("COUNTED", &["counted.in"]),
         stream("COUNTER_OUT", &["counter.out"]),
@@ -692,12 +713,7 @@ async fn another_host_follows_what_the_api_host_deploys(
     ];
     // One host serves the API and runs nothing; the other runs what is
     // deployed, told by Postgres notifications.
-    let mut api_config = stack.config(streams.clone(), vec![]);
-    api_config.api.listen = Some(address);
-    api_config.api.bootstrap_token = Some(Secret(ADMIN.into()));
-    api_config.api.run_deployed = false;
-    let api_host = stack.host(api_config).await?;
-    let runner = stack.host(stack.config(streams, vec![])).await?;
+    let (api_host, runner, address) = api_host_and_runner(&stack, streams, None).await?;
 
     let v1 = upload(address, "counter").await?;
     let v2 = upload(address, "misbehave").await?;
@@ -709,17 +725,8 @@ async fn another_host_follows_what_the_api_host_deploys(
         "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
         "outputs": ["counter.out", "fixture.out"],
     });
-    let put = call(address, "PUT", function, ADMIN, &binding).await?;
-    anyhow::ensure!(put.status == 201, "{put:?}");
+    deploy_new(address, function, &binding, &v1).await?;
     let versions = format!("{function}/versions");
-    call(
-        address,
-        "POST",
-        &versions,
-        ADMIN,
-        &serde_json::json!({"module": v1}),
-    )
-    .await?;
     call(
         address,
         "POST",
@@ -930,22 +937,7 @@ async fn logs_and_dead_letters_are_read_through_the_api_per_namespace(
         "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},
         "outputs": ["fixture.out"], "retry": {"max_attempts": 1},
     });
-    assert_eq!(
-        call(address, "PUT", function, ADMIN, &binding)
-            .await?
-            .status,
-        201
-    );
-    let version = serde_json::json!({"module": module});
-    let made = call(
-        address,
-        "POST",
-        &format!("{function}/versions"),
-        ADMIN,
-        &version,
-    )
-    .await?;
-    assert_eq!(made.status, 201, "{made:?}");
+    deploy_new(address, function, &binding, &module).await?;
     let event = |id: u64, action: &str| {
         serde_json::json!({"key": "k", "id": id, "do": action})
             .to_string()

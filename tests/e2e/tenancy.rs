@@ -14,7 +14,7 @@ use anyhow::{Context, Result, ensure};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 
-use crate::api::{ADMIN, api_host_with};
+use crate::api::{ADMIN, api_host_with, request};
 
 /// A token of `namespace` with `role`: the token and its id.
 async fn token(address: SocketAddr, namespace: &str, role: &str) -> Result<(String, String)> {
@@ -27,23 +27,6 @@ async fn token(address: SocketAddr, namespace: &str, role: &str) -> Result<(Stri
             .with_context(|| format!("{name} of {made}"))
     };
     Ok((field("token")?, field("id")?))
-}
-
-/// Calls the API as `token`; the status and body.
-async fn call(
-    address: SocketAddr,
-    token: &str,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &[u8],
-) -> Result<HttpResponse> {
-    let auth = format!("Bearer {token}");
-    let headers = [
-        ("Authorization", auth.as_str()),
-        ("Content-Type", content_type),
-    ];
-    http_request(address, method, path, &headers, body).await
 }
 
 /// Checks that `method path` as `token` is refused with one of `allowed`.
@@ -59,7 +42,7 @@ async fn refused(
     } else {
         body.to_string().into_bytes()
     };
-    let answer = call(address, token, method, path, "application/json", &body).await?;
+    let answer = request(address, token, method, path, "application/json", &body).await?;
     ensure!(
         allowed.contains(&answer.status),
         "{method} {path} as shop: expected one of {allowed:?}, got {answer:?}"
@@ -72,7 +55,7 @@ async fn refused(
 /// outputs on `counter.out`) as billing's deployer; the module's digest.
 async fn deploy_ledger(address: SocketAddr, deployer: &str) -> Result<String> {
     let module = std::fs::read(component("counter")?)?;
-    let uploaded = call(
+    let uploaded = request(
         address,
         deployer,
         "POST",
@@ -264,7 +247,7 @@ async fn one_tenant_reaches_nothing_of_another(
         let path = spy_versions.clone();
         let shop = shop.clone();
         async move {
-            let answer = call(address, &shop, "POST", &path, "application/json", &body).await?;
+            let answer = request(address, &shop, "POST", &path, "application/json", &body).await?;
             anyhow::Ok(answer.body.replace(module.as_str(), "<digest>"))
         }
     });
@@ -286,7 +269,7 @@ async fn one_tenant_reaches_nothing_of_another(
             .map(|m| m.subject.to_string())
             .collect::<Vec<_>>()
     );
-    let module_answer = call(address, &billing, "GET", &module, "", &[]).await?;
+    let module_answer = request(address, &billing, "GET", &module, "", &[]).await?;
     ensure!(module_answer.status == 200, "{module_answer:?}");
     let function = api_call(address, &billing, "GET", ledger, null).await?;
     ensure!(function["stable"] == 1, "{function}");
@@ -311,9 +294,9 @@ async fn a_token_revoked_on_one_host_is_refused_on_every_host(
     let (reader, id) = token(first_address, "shop", "read").await?;
     let list = "/v1/namespaces/shop/functions";
     // The second host looks the token up and believes it for a while.
-    let believed = call(second_address, &reader, "GET", list, "", &[]).await?;
+    let believed = request(second_address, &reader, "GET", list, "", &[]).await?;
     ensure!(believed.status == 200, "{believed:?}");
-    let revoked = call(
+    let revoked = request(
         first_address,
         ADMIN,
         "DELETE",
@@ -329,7 +312,7 @@ async fn a_token_revoked_on_one_host_is_refused_on_every_host(
         Duration::from_secs(3),
         "the second host to refuse the token",
         || async {
-            Ok(call(second_address, &reader, "GET", list, "", &[])
+            Ok(request(second_address, &reader, "GET", list, "", &[])
                 .await?
                 .status
                 == 401)

@@ -229,17 +229,19 @@ impl WindowCore {
             self.last_arrival_ms
                 .map_or(arrival_ms, |l| l.max(arrival_ms)),
         );
-        let (settings, watermark) = (&self.settings, self.watermark_ms);
-        let windows = self
-            .keys
-            .entry(key.to_string())
-            .or_insert_with(|| match settings.kind {
+        // The key is copied only for its first window, not per event.
+        if !self.keys.contains_key(key) {
+            let fresh = match self.settings.kind {
                 WindowKind::Session { .. } => KeyWindows::Sessions(Default::default()),
                 _ => KeyWindows::Panes(Default::default()),
-            });
-        let placement = match windows {
-            KeyWindows::Panes(panes) => panes.place(settings, event_ms, watermark),
-            KeyWindows::Sessions(sessions) => sessions.place(settings, event_ms, watermark),
+            };
+            self.keys.insert(key.to_string(), fresh);
+        }
+        let (settings, watermark) = (&self.settings, self.watermark_ms);
+        let placement = match self.keys.get_mut(key) {
+            Some(KeyWindows::Panes(panes)) => panes.place(settings, event_ms, watermark),
+            Some(KeyWindows::Sessions(sessions)) => sessions.place(settings, event_ms, watermark),
+            None => unreachable!("the key's windows were made above"),
         };
         if matches!(placement, Placement::TooLate { .. }) {
             if self.keys.get(key).is_some_and(KeyWindows::is_empty) {
