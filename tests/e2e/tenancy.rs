@@ -282,7 +282,8 @@ async fn one_tenant_reaches_nothing_of_another(
 }
 
 /// A token revoked through one host is refused by another that has just
-/// believed it, long before that host's lookup would have lapsed.
+/// believed it, long before that host's lookup would have lapsed — also
+/// when the hosts' listeners lost their connections just before.
 #[sqlx::test(migrations = false)]
 async fn a_token_revoked_on_one_host_is_refused_on_every_host(
     _pool: PgPoolOptions,
@@ -291,35 +292,43 @@ async fn a_token_revoked_on_one_host_is_refused_on_every_host(
     let stack = Stack::start(&db).await?;
     let (first, first_address) = api_host_with(&stack, vec![], |_| {}).await?;
     let (second, second_address) = api_host_with(&stack, vec![], |_| {}).await?;
-    let (reader, id) = token(first_address, "shop", "read").await?;
     let list = "/v1/namespaces/shop/functions";
-    // The second host looks the token up and believes it for a while.
-    let believed = request(second_address, &reader, "GET", list, "", &[]).await?;
-    ensure!(believed.status == 200, "{believed:?}");
-    let revoked = request(
-        first_address,
-        ADMIN,
-        "DELETE",
-        &format!("/v1/tokens/{id}"),
-        "",
-        &[],
-    )
-    .await?;
-    ensure!(revoked.status == 204, "{revoked:?}");
-    let started = std::time::Instant::now();
-    // Well under the 10 s a lookup is believed for.
-    eventually(
-        Duration::from_secs(3),
-        "the second host to refuse the token",
-        || async {
-            Ok(request(second_address, &reader, "GET", list, "", &[])
-                .await?
-                .status
-                == 401)
-        },
-    )
-    .await?;
-    ensure!(started.elapsed() < weir_host::control::admission::LOOKUP_TTL);
+    let pool = stack.pool().await?;
+    // Twice: once with the hosts listening, once revoked just after their
+    // listeners' connections were killed (the announcement goes out while
+    // no one listens).
+    for listeners_lost in [false, true] {
+        let (reader, id) = token(first_address, "shop", "read").await?;
+        // The second host looks the token up and believes it for a while.
+        let believed = request(second_address, &reader, "GET", list, "", &[]).await?;
+        ensure!(believed.status == 200, "{believed:?}");
+        if listeners_lost {
+            let killed: i64 = sqlx::query_scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'weir-api-revocations'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            ensure!(killed == 2, "{killed} listeners");
+        }
+        let revoke = format!("/v1/tokens/{id}");
+        let revoked = request(first_address, ADMIN, "DELETE", &revoke, "", &[]).await?;
+        ensure!(revoked.status == 204, "{revoked:?}");
+        let started = std::time::Instant::now();
+        // Well under the 10 s a lookup is believed for.
+        eventually(
+            Duration::from_secs(3),
+            "the second host to refuse the token",
+            || async {
+                Ok(request(second_address, &reader, "GET", list, "", &[])
+                    .await?
+                    .status
+                    == 401)
+            },
+        )
+        .await?;
+        ensure!(started.elapsed() < weir_host::control::admission::LOOKUP_TTL);
+    }
     first.stop().await?;
     second.stop().await
 }
