@@ -326,6 +326,9 @@ pub struct FunctionSpec {
     /// after a host crash, the events it held come back after this long.
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
+    /// Event-time windows, for a component of a `weir:window` world.
+    #[serde(default)]
+    pub window: Option<crate::windows::WindowSettings>,
     /// `(namespace, name)` of a function deployed through the API, which
     /// runs as `name` = `<namespace>_<name>`; none for a config-file
     /// function. Set by the control plane only.
@@ -395,6 +398,9 @@ impl FunctionSpec {
         }
         if let Some(breaker) = self.breaker.problem() {
             return Some(breaker);
+        }
+        if let Some(window) = self.window.as_ref().and_then(|w| w.problem()) {
+            return Some(window);
         }
         if self.outputs.iter().any(|s| s.is_empty() || s.contains(' ')) {
             return Some("outputs must be NATS subjects");
@@ -508,6 +514,7 @@ impl FunctionSpec {
             breaker: crate::breaker::BreakerConfig::default(),
             batch_size: default_batch_size(),
             ack_wait_ms: default_ack_wait_ms(),
+            window: None,
             deployed_as: None,
         }
     }

@@ -32,6 +32,9 @@ pub enum FailureKind {
     /// The database or the broker refused the event's effects for good
     /// (data Postgres will not store, an output JetStream will not take).
     Refused,
+    /// The event came past the allowed lateness of every window it falls
+    /// in, and the function has no late-data subject.
+    TooLate,
 }
 
 impl FailureKind {
@@ -49,7 +52,10 @@ impl FailureKind {
     pub fn counts_against_function(self) -> bool {
         !matches!(
             self,
-            FailureKind::GuestReject | FailureKind::BadEvent | FailureKind::Refused
+            FailureKind::GuestReject
+                | FailureKind::BadEvent
+                | FailureKind::Refused
+                | FailureKind::TooLate
         )
     }
 
@@ -67,6 +73,7 @@ impl FailureKind {
             FailureKind::OutputLimit => "output-limit",
             FailureKind::StateLimit => "state-limit",
             FailureKind::Refused => "refused",
+            FailureKind::TooLate => "too-late",
         }
     }
 }

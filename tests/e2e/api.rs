@@ -172,7 +172,7 @@ async fn uploads_are_checked_compiled_ahead_and_stored_once(
             "wrong world",
             wat::parse_str("(component)")?,
             422,
-            "does not export Weir's `event-handler` world",
+            "exports none of Weir's worlds: `weir:function/event-handler` (a `handle` function)",
         ),
         (
             "imports wasi:http",

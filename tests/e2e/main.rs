@@ -24,3 +24,4 @@ mod state;
 mod tenancy;
 mod tracing;
 mod uploads;
+mod windows;

@@ -20,6 +20,8 @@ const COMPONENTS: &[&str] = &[
     "passthrough",
     "misbehave",
     "counter",
+    "window-sum",
+    "window-events",
 ];
 
 fn main() -> Result<()> {

@@ -43,7 +43,7 @@ pub enum ModuleError {
     #[error("the component imports what Weir does not provide: {0}")]
     UnknownImport(String),
     #[error(
-        "the component does not export Weir's `event-handler` world (a `handle` function): {0}"
+        "the component exports none of Weir's worlds: `weir:function/event-handler` (a `handle` function), `weir:window/incremental-window-handler` (`fold`, `merge`, `fire`) or `weir:window/buffered-window-handler` (`on-window`): {0}"
     )]
     WrongWorld(String),
     #[error(transparent)]

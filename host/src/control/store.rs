@@ -37,6 +37,9 @@ pub struct Binding {
     #[serde(default)]
     #[schema(minimum = 100, maximum = 86_400_000)]
     pub ack_wait_ms: Option<u64>,
+    /// Event-time windows, for a component of a `weir:window` world.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::windows::WindowSettings>,
 }
 
 impl Binding {
@@ -57,6 +60,7 @@ impl Binding {
             breaker: self.breaker.clone(),
             batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             ack_wait_ms: self.ack_wait_ms.unwrap_or(defaults.ack_wait_ms),
+            window: self.window.clone(),
             deployed_as: Some((namespace.to_string(), name.to_string())),
             ..defaults
         }

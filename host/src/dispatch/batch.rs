@@ -206,9 +206,25 @@ pub struct Batch {
     now: Instant,
     /// How long after its retry delay a key's wait lapses.
     wait_grace: Duration,
+    /// Windows that fired or expired after the events ran.
+    window_work: Option<WindowWork>,
 }
 
-/// How a batch is planned.
+/// What a windowed function's watermark advance left to commit and
+/// publish beside the events' own effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowWork {
+    /// The outbox batch id to commit under when no event commits (an idle
+    /// advance, or a batch of events that changed nothing): unique per
+    /// function, and above every stream sequence.
+    pub commit_id: u64,
+    /// Whether firings have records to publish.
+    pub publishes: bool,
+}
+
+/// The `through_seq` of a commit made for window work alone: never at or
+/// below an ack floor, so its rows are published by whoever finds them.
+pub const WINDOW_THROUGH_SEQ: u64 = i64::MAX as u64;
 #[derive(Debug, Clone)]
 pub struct PlanSettings {
     pub policy: RetryPolicy,
@@ -279,6 +295,7 @@ impl Batch {
             policy: settings.policy.clone(),
             now,
             wait_grace: settings.wait_grace,
+            window_work: None,
         };
         batch.hold_guarded_keys(guard);
         (batch, lookup)
@@ -405,6 +422,16 @@ impl Batch {
         self.next = self.order.len();
     }
 
+    /// Window work to commit (and publish) with the batch.
+    pub fn add_window_work(&mut self, work: WindowWork) {
+        self.window_work = Some(work);
+    }
+
+    /// The window work the batch commits, if any.
+    pub fn window_work(&self) -> Option<WindowWork> {
+        self.window_work
+    }
+
     /// The records, by delivery position.
     pub fn records(&self) -> &[Record] {
         &self.records
@@ -472,8 +499,15 @@ impl Batch {
                 through_seq: sequences().max().unwrap_or(0),
                 applied: wrote.iter().map(|&i| self.records[i].sequence).collect(),
             });
+        } else if let Some(work) = self.window_work {
+            effects.push(Effect::Commit {
+                batch_id: work.commit_id,
+                through_seq: WINDOW_THROUGH_SEQ,
+                applied: Vec::new(),
+            });
         }
-        if !with_outputs.is_empty() || !dead_letters.is_empty() {
+        let window_publishes = self.window_work.is_some_and(|w| w.publishes);
+        if !with_outputs.is_empty() || !dead_letters.is_empty() || window_publishes {
             effects.push(Effect::Publish {
                 outputs: with_outputs,
                 dead_letters,
@@ -546,7 +580,10 @@ impl Batch {
     /// With one writer in the batch, that event is the cause: it fails for
     /// good and the batch settles again without it. With several, `None`:
     /// hand the batch back and run it one event at a time.
+    /// Window work goes too: a later batch does it again from the
+    /// committed bookkeeping.
     pub fn commit_refused(&mut self, reason: &str) -> Option<Settlement> {
+        self.window_work = None;
         let writers = self.indices(|o| matches!(o, Outcome::Applied { wrote: true, .. }));
         let [writer] = writers[..] else {
             return None;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Batch, Effect, Intake, Outcome, PlanSettings, REDELIVER_DELAY, Settlement};
 use super::lanes::{self, LaneRun, Ran, lane_for};
 use super::support::{DeferralChange, deferral_changes, extend_deadlines, note_deferrals, pause};
+use super::windowed::{BOOK_KEY, WindowRun, firing_records};
 use super::{BATCH_BYTE_BUDGET, FunctionWorker, InHand, Stop, hold, observe};
 use crate::ack::AckDecision;
 use crate::breaker::{Breaker, SystemClock};
@@ -32,7 +33,10 @@ impl FunctionWorker {
     ) -> Result<(), Stop> {
         let metrics = &self.lanes[0].metrics;
         metrics.in_flight.set(deliveries.len() as f64);
-        metrics.batch_size.record(deliveries.len() as f64);
+        // A windowed function's idle tick is no batch.
+        if !deliveries.is_empty() {
+            metrics.batch_size.record(deliveries.len() as f64);
+        }
         if let Some(last) = deliveries.last() {
             self.pending = last.pending;
             metrics.consumer_pending.set(last.pending as f64);
@@ -51,19 +55,35 @@ impl FunctionWorker {
         let Some(ran) = self.run_events(batch, view, &mut hand, cancel).await? else {
             return Ok(());
         };
+        let Some(ran) = self.run_windows(ran, &mut hand, cancel).await? else {
+            return Ok(());
+        };
         let Ran {
             mut batch,
             view,
             mut invocations,
+            windows,
             ..
         } = ran;
         self.observe_run(&batch, &hand, &invocations).await;
+        let window_records = match windows {
+            Some(mut windows) => firing_records(
+                &mut windows.fired,
+                &self.msg_scope,
+                &self.name,
+                &self.dead_letter_subject,
+            ),
+            None => Vec::new(),
+        };
         let settlement = batch.settle();
         let result = self
             .perform(
                 &mut batch,
-                settlement,
-                view,
+                Settled {
+                    settlement,
+                    view,
+                    window_records,
+                },
                 &mut invocations,
                 &mut hand,
                 cancel,
@@ -105,12 +125,15 @@ impl FunctionWorker {
         if batch.has_already_applied() {
             self.flush_outbox(None, cancel).await?;
         }
-        let keys: Vec<&str> = batch
+        let mut keys: Vec<&str> = batch
             .records()
             .iter()
             .filter(|r| r.outcome == Outcome::ToRun)
             .filter_map(|r| r.key.as_deref())
             .collect();
+        if self.spec.window.is_some() {
+            keys.push(BOOK_KEY);
+        }
         let load_started = SystemTime::now();
         let (state, name, epoch) = (&self.state, &self.name, self.epoch);
         let view = hold(
@@ -191,11 +214,44 @@ impl FunctionWorker {
                 event.take().map(|e| (e, traced))
             })
             .collect();
+        let windows = self
+            .spec
+            .window
+            .clone()
+            .map(|settings| WindowRun::new(settings, self.lanes[0].code.world()));
         let stop = cancel.child_token();
         let stop_run = stop.clone();
-        let mut task = tokio::task::spawn_blocking(move || {
-            lanes::run_batch(batch, lanes, view, events, &stop_run)
+        let task = tokio::task::spawn_blocking(move || {
+            lanes::run_batch(batch, lanes, view, events, windows, &stop_run)
         });
+        let (joined, fenced) = self.keep_alive(task, hand, &stop).await;
+        let mut ran = match joined {
+            Ok(ran) => ran,
+            Err(error) => {
+                self.recover_from_failed_run(&error.to_string(), hand, cancel)
+                    .await;
+                return Ok(None);
+            }
+        };
+        self.return_lanes(&mut ran);
+        for (lane, transition) in std::mem::take(&mut ran.transitions) {
+            self.observe_transition(lane, &transition);
+        }
+        if fenced {
+            return Err(Stop::Fenced);
+        }
+        Ok(Some(ran))
+    }
+
+    /// Waits for a blocking `task` of the batch, extending the messages'
+    /// ack deadlines and renewing the lease meanwhile; a lost lease fires
+    /// `stop` (the task stops between calls). Also says whether it was lost.
+    async fn keep_alive<T>(
+        &mut self,
+        mut task: tokio::task::JoinHandle<T>,
+        hand: &InHand,
+        stop: &CancellationToken,
+    ) -> (Result<T, tokio::task::JoinError>, bool) {
         let ack_wait = Duration::from_millis(self.spec.ack_wait_ms);
         let tick = (ack_wait / 3).min(self.owner_lease / 3);
         let mut fenced = false;
@@ -211,23 +267,98 @@ impl FunctionWorker {
                 }
             }
         };
-        let mut ran = match joined {
-            Ok(ran) => ran,
-            Err(error) => {
-                self.recover_from_failed_run(&error.to_string(), hand, cancel)
-                    .await;
-                return Ok(None);
-            }
-        };
+        (joined, fenced)
+    }
+
+    /// Puts the instances and breakers a run took back on the lanes.
+    fn return_lanes(&mut self, ran: &mut Ran) {
         for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
             lane.instance = run.instance.take();
             lane.breaker = run.breaker.take();
         }
-        for (lane, transition) in std::mem::take(&mut ran.transitions) {
-            self.observe_transition(lane, &transition);
+    }
+
+    /// A windowed function's work after its events: the watermark moves
+    /// on, due windows fire (their keys' state loaded first), expired parts
+    /// go, and the batch is told what to commit for it. `None`: stopped or
+    /// short of an instance, the batch was handed back.
+    async fn run_windows(
+        &mut self,
+        mut ran: Ran,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ran>, Stop> {
+        let Some(windows) = ran.windows.as_mut() else {
+            return Ok(Some(ran));
+        };
+        if let Some(reason) = windows.broken().map(str::to_string) {
+            self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+            return Err(Stop::Refused(reason));
         }
-        if fenced {
-            return Err(Stop::Fenced);
+        let advance = match cancel.is_cancelled() {
+            true => Default::default(),
+            false => windows.advance(),
+        };
+        let mut missing: Vec<&str> = advance
+            .firings
+            .iter()
+            .map(|f| f.key.as_str())
+            .chain(advance.expired.iter().map(|(key, _)| key.as_str()))
+            .filter(|key| !ran.view.has_key(key))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let (state, name, epoch) = (&self.state, &self.name, self.epoch);
+            let loaded = hold(
+                &self.name,
+                self.ack_wait(),
+                "loading the state of windows that fire",
+                &hand.messages,
+                cancel,
+                || state.view(name, epoch, &missing),
+            )
+            .await;
+            match loaded {
+                Ok(loaded) => ran.view.include(loaded),
+                Err(Stop::Cancelled) => {
+                    self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+                    return Ok(None);
+                }
+                Err(stop) => return Err(stop),
+            }
+        }
+        let firings = advance.firings;
+        if !firings.is_empty() {
+            ran.lanes = self.lanes.iter_mut().map(LaneRun::take).collect();
+            let weight = self.canary_weight;
+            let task = tokio::task::spawn_blocking(move || {
+                let fired = ran.fire(firings, weight);
+                (ran, fired)
+            });
+            let (joined, fenced) = self.keep_alive(task, hand, &cancel.child_token()).await;
+            let (mut fired_ran, fired) = match joined {
+                Ok(done) => done,
+                Err(error) => {
+                    self.recover_from_failed_run(&error.to_string(), hand, cancel)
+                        .await;
+                    return Ok(None);
+                }
+            };
+            self.return_lanes(&mut fired_ran);
+            if fenced {
+                return Err(Stop::Fenced);
+            }
+            if !fired {
+                tracing::warn!(function = %self.name, "no instance for a window that fires; the batch waits");
+                self.hand_back_batch(&mut fired_ran.batch, hand, cancel)
+                    .await?;
+                return Ok(None);
+            }
+            ran = fired_ran;
+        }
+        if let Some(work) = ran.close_windows(&advance.expired) {
+            ran.batch.add_window_work(work);
         }
         Ok(Some(ran))
     }
@@ -294,12 +425,16 @@ impl FunctionWorker {
     async fn perform(
         &mut self,
         batch: &mut Batch,
-        settlement: Settlement,
-        view: BatchView,
+        settled: Settled,
         invocations: &mut [Option<Invocation>],
         hand: &mut InHand,
         cancel: &CancellationToken,
     ) -> Result<(), Stop> {
+        let Settled {
+            settlement,
+            view,
+            mut window_records,
+        } = settled;
         let mut effects = settlement.effects;
         let mut view = Some(view);
         let mut committed = None;
@@ -314,7 +449,10 @@ impl FunctionWorker {
                 } => {
                     let (batch_id, through_seq) = (*batch_id, *through_seq);
                     let applied = std::mem::take(applied);
-                    let outbox = self.gather(batch, &effects, invocations, hand, false).0;
+                    let mut outbox = self.gather(batch, &effects, invocations, hand, false).0;
+                    if batch.window_work().is_some() {
+                        outbox.extend(window_records.iter().cloned());
+                    }
                     let commit = BatchCommit {
                         epoch: self.epoch,
                         batch_id,
@@ -341,7 +479,12 @@ impl FunctionWorker {
                         self.gather(batch, &effects, invocations, hand, true);
                     let dead = self.dead_letters(batch, &effects, hand);
                     records.extend(dead.0);
-                    let parents = parents.into_iter().chain(dead.1).collect();
+                    let mut parents: Vec<Option<Context>> =
+                        parents.into_iter().chain(dead.1).collect();
+                    if batch.window_work().is_some() {
+                        parents.extend(window_records.iter().map(|_| None));
+                        records.append(&mut window_records);
+                    }
                     if !self
                         .publish_settled(&mut records, parents, committed, batch, hand, cancel)
                         .await?
@@ -597,6 +740,14 @@ impl FunctionWorker {
         pause(cancel, REDELIVER_DELAY).await;
         Ok(())
     }
+}
+
+/// A settled batch and what its effects carry.
+struct Settled {
+    settlement: Settlement,
+    view: BatchView,
+    /// The records of the windows it fired.
+    window_records: Vec<crate::output::OutputRecord>,
 }
 
 /// Why a commit did not happen.

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, RunResult};
+use super::windowed::WindowRun;
 use crate::breaker::{Breaker, CallResult, Permit, SystemClock, Transition};
 use crate::config::FunctionSpec;
 use crate::outcome::{Failure, FailureKind};
@@ -178,16 +179,20 @@ pub(super) struct Ran {
     pub invocations: Vec<Option<Invocation>>,
     /// Breaker transitions, with the lane they happened in.
     pub transitions: Vec<(usize, Transition)>,
+    /// A windowed function's bookkeeping and firings.
+    pub windows: Option<WindowRun>,
 }
 
 /// Runs the batch's events in the order the batch gives them, on the
-/// current thread (a blocking one). Stops between events once `stop`
-/// fires; the rest is handed back by the batch.
+/// current thread (a blocking one): each one handled, or (`windows`)
+/// placed in its window. Stops between events once `stop` fires; the rest
+/// is handed back by the batch.
 pub(super) fn run_batch(
     batch: Batch,
     lanes: Vec<LaneRun>,
     view: BatchView,
     mut events: Vec<Option<(Event, bool)>>,
+    windows: Option<WindowRun>,
     stop: &CancellationToken,
 ) -> Ran {
     let mut ran = Ran {
@@ -196,7 +201,11 @@ pub(super) fn run_batch(
         lanes,
         view,
         transitions: Vec::new(),
+        windows,
     };
+    if let Some(windows) = &mut ran.windows {
+        windows.open_book(&mut ran.view);
+    }
     while let Some(index) = ran.batch.next_run() {
         if stop.is_cancelled() {
             ran.batch.stop_running();
@@ -207,16 +216,24 @@ pub(super) fn run_batch(
             continue;
         };
         let lane = ran.batch.records()[index].lane;
-        let result = ran.run_guarded(index, lane, &event, traced);
+        let result = match ran.windows.is_some() {
+            true => ran.place_in_window(index, lane, &event, traced),
+            false => ran.run_guarded(index, lane, |live| live.handle(&event, traced)),
+        };
         ran.batch.ran(index, result);
     }
     ran
 }
 
 impl Ran {
-    /// Asks the lane's breaker, runs the event, and tells the breaker how it
-    /// went.
-    fn run_guarded(&mut self, index: usize, lane: usize, event: &Event, traced: bool) -> RunResult {
+    /// Asks the lane's breaker, makes the call, and tells the breaker how
+    /// it went.
+    pub(super) fn run_guarded(
+        &mut self,
+        index: usize,
+        lane: usize,
+        call: impl FnOnce(&mut FunctionInstance) -> Invocation,
+    ) -> RunResult {
         if let Some(breaker) = &mut self.lanes[lane].breaker {
             let (permit, transition) = breaker.try_acquire();
             self.transitions.extend(transition.map(|t| (lane, t)));
@@ -224,7 +241,7 @@ impl Ran {
                 return RunResult::Refused { retry_after };
             }
         }
-        let Some(invocation) = self.run_one(lane, event, traced) else {
+        let Some(invocation) = self.run_one(lane, call) else {
             if let Some(breaker) = &mut self.lanes[lane].breaker {
                 breaker.release();
             }
@@ -258,10 +275,14 @@ impl Ran {
         RunResult::Invoked(result)
     }
 
-    /// Runs one event on the lane's warm instance, or a new one if there is
+    /// Makes one call on the lane's warm instance, or a new one if there is
     /// none or the last one trapped. `None` when the host could not provide
     /// an instance (no pool slot): not the guest's doing.
-    fn run_one(&mut self, lane: usize, event: &Event, traced: bool) -> Option<Invocation> {
+    pub(super) fn run_one(
+        &mut self,
+        lane: usize,
+        call: impl FnOnce(&mut FunctionInstance) -> Invocation,
+    ) -> Option<Invocation> {
         let run = &mut self.lanes[lane];
         let live = match run.instance.take() {
             Some(live) if !live.is_poisoned() => Ok(live),
@@ -283,7 +304,7 @@ impl Ran {
             }
         };
         live.begin_batch(std::mem::take(&mut self.view));
-        let invocation = live.handle(event, traced);
+        let invocation = call(&mut live);
         self.view = live.end_batch();
         self.lanes[lane].instance = Some(live);
         Some(invocation)

@@ -41,6 +41,7 @@ mod observe;
 mod sim;
 mod support;
 mod turn;
+mod windowed;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,7 @@ pub use deliver::is_broker_header;
 use lanes::Lane;
 pub use lanes::{VersionCode, instance_settings, lane_for, version_of};
 use support::{Held, hold_until_done};
+pub use windowed::window_headers;
 
 /// Output bytes one batch may hold before the rest of it waits for the next.
 const BATCH_BYTE_BUDGET: usize = 64 << 20;

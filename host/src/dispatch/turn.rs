@@ -55,6 +55,9 @@ impl FunctionWorker {
             Ok(ingest) => ingest,
             Err(stop) => return stop,
         };
+        if let Some(reason) = self.world_problem() {
+            return Stop::Refused(reason);
+        }
         if let Err(stop) = self.flush_outbox(Some(&mut ingest), cancel).await {
             return stop;
         }
@@ -82,6 +85,12 @@ impl FunctionWorker {
                 return Stop::Reopen;
             }
             if deliveries.is_empty() {
+                // An idle stream still closes its windows.
+                if self.spec.window.is_some()
+                    && let Err(stop) = self.process(Vec::new(), cancel).await
+                {
+                    return stop;
+                }
                 self.tidy_outbox().await;
                 continue;
             }
@@ -89,6 +98,27 @@ impl FunctionWorker {
                 return stop;
             }
             self.after_batch(&mut ingest, cancel).await;
+        }
+    }
+
+    /// Why the function's versions cannot run on its binding: a window
+    /// function without window settings, or the other way round, or a
+    /// canary of another world than the stable version's.
+    fn world_problem(&self) -> Option<String> {
+        let world = self.lanes[0].code.world();
+        if self.lanes.iter().any(|lane| lane.code.world() != world) {
+            return Some(format!(
+                "the canary implements another world than the stable version ({world:?}); deploy it as a new function"
+            ));
+        }
+        match (world.is_windowed(), self.spec.window.is_some()) {
+            (true, false) => Some(format!(
+                "the component implements a `weir:window` world ({world:?}) but the binding has no `window` settings"
+            )),
+            (false, true) => Some(
+                "the binding has `window` settings but the component implements the per-event `weir:function/event-handler` world; build it against `weir:window`".to_string(),
+            ),
+            _ => None,
         }
     }
 

@@ -75,7 +75,14 @@ pub struct InvocationState {
     pub(crate) outputs: Vec<PendingOutput>,
     pub(crate) violation: Option<Violation>,
     pub(crate) diagnostics: Diagnostics,
+    /// A window function's state names starting with
+    /// [`HOST_ENTRY_PREFIX`] are the host's (window contents).
+    pub(crate) host_entries: bool,
 }
+
+/// What the names of the host's own entries in a window function's state
+/// start with: its guests cannot read, write or delete them.
+pub const HOST_ENTRY_PREFIX: char = '\u{1}';
 
 impl InvocationState {
     pub(crate) fn new(
@@ -109,7 +116,19 @@ impl InvocationState {
             outputs: Vec::new(),
             violation: None,
             diagnostics,
+            host_entries: false,
         }
+    }
+
+    /// Why the guest may not use state entry `name`, if it may not.
+    fn name_problem(&self, name: &str) -> Option<String> {
+        if self.host_entries && name.starts_with(HOST_ENTRY_PREFIX) {
+            return Some(format!(
+                "state entry name {} starts with U+0001, which a window function's host keeps for window contents",
+                quoted(name)
+            ));
+        }
+        entry_name_problem(name)
     }
 
     fn deny(&mut self, message: String) -> wasmtime::Error {
@@ -297,14 +316,14 @@ fn without_jetstream_headers(mut headers: Vec<(String, String)>) -> Vec<(String,
 /// deletes nothing, so no such name ever reaches Postgres.
 impl state::Host for InvocationState {
     fn get(&mut self, name: String) -> Option<Vec<u8>> {
-        if entry_name_problem(&name).is_some() {
+        if self.name_problem(&name).is_some() {
             return None;
         }
         self.view.get(&name).map(|value| value.to_vec())
     }
 
     fn set(&mut self, name: String, value: Vec<u8>) -> WasmResult<()> {
-        if let Some(problem) = entry_name_problem(&name) {
+        if let Some(problem) = self.name_problem(&name) {
             return Err(self.violate(Violation::StateLimit(problem)));
         }
         let limit = self.limits.state_value_bytes;
@@ -327,7 +346,7 @@ impl state::Host for InvocationState {
     }
 
     fn delete(&mut self, name: String) {
-        if entry_name_problem(&name).is_none() {
+        if self.name_problem(&name).is_none() {
             self.view.delete(name);
         }
     }

@@ -7,10 +7,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::{Store, Trap};
 
+use bytes::Bytes;
+
+use super::bindings::buffered::BufferedWindowHandler;
+use super::bindings::incremental::IncrementalWindowHandler;
 use super::bindings::weir::function::types::Error as GuestError;
 use super::diagnostics::InvocationDiagnostics;
 use super::host::{PendingOutput, Violation};
-use super::{EPOCH_TICK, Event, EventHandler, FunctionCode, InvocationState, SandboxError};
+use super::{
+    EPOCH_TICK, Event, EventHandler, FunctionCode, GuestFiring, HandlerPre, InvocationState,
+    SandboxError,
+};
 use crate::outcome::{Failure, FailureKind};
 use crate::state::BatchView;
 
@@ -31,10 +38,30 @@ pub struct Invocation {
     pub diagnostics: InvocationDiagnostics,
 }
 
+/// An instantiated component, by the world it implements.
+enum Handler {
+    Event(EventHandler),
+    Incremental(IncrementalWindowHandler),
+    Buffered(BufferedWindowHandler),
+}
+
+/// Where a window event goes in an incremental function's state: the
+/// accumulators of `absorbed` (state entries, in event-time order) are
+/// merged and removed, the event is folded into the result, and that is
+/// stored under `part`.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowFold<'a> {
+    pub part: &'a str,
+    pub absorbed: &'a [String],
+}
+
+/// A guest call's result before it is classified.
+type Called<T> = wasmtime::Result<Result<T, GuestError>>;
+
 /// A live instance with its own store.
 pub struct FunctionInstance {
     store: Store<InvocationState>,
-    handler: EventHandler,
+    handler: Handler,
     deadline: Duration,
     deadline_ticks: u64,
     /// Set after a trap: the guest's memory may be inconsistent, so the
@@ -76,12 +103,18 @@ impl FunctionInstance {
         // The start function runs under the invocation deadline, sleeps
         // included.
         state.deadline_at = Instant::now() + settings.deadline;
+        state.host_entries = code.world().is_windowed();
         let mut store = Store::new(&code.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_trap();
         let deadline_ticks = (settings.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(deadline_ticks);
-        let handler = code.pre.instantiate(&mut store).map_err(|e| {
+        let handler = match &code.pre {
+            HandlerPre::Event(pre) => pre.instantiate(&mut store).map(Handler::Event),
+            HandlerPre::Incremental(pre) => pre.instantiate(&mut store).map(Handler::Incremental),
+            HandlerPre::Buffered(pre) => pre.instantiate(&mut store).map(Handler::Buffered),
+        };
+        let handler = handler.map_err(|e| {
             // No pool slot is the host's shortage, not the guest's fault.
             if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
                 .is_some()
@@ -122,17 +155,113 @@ impl FunctionInstance {
     /// the batch view; on failure its writes and outputs are discarded. Guest
     /// spans are recorded only if `traced`.
     pub fn handle(&mut self, event: &Event, traced: bool) -> Invocation {
+        self.invoke(&event.key, traced, |store, handler| match handler {
+            Handler::Event(handler) => handler.call_handle(store, event),
+            _ => Err(wasmtime::format_err!(
+                "the component has no `handle` export"
+            )),
+        })
+    }
+
+    /// Folds `event` into its window part as `into` says (an incremental
+    /// window function): merges the absorbed parts, folds, stores the
+    /// accumulator. All or nothing, like [`Self::handle`].
+    pub fn fold(&mut self, event: &Event, into: WindowFold<'_>, traced: bool) -> Invocation {
+        self.invoke(&event.key, traced, |store, handler| {
+            let Handler::Incremental(handler) = handler else {
+                return Err(wasmtime::format_err!("the component has no `fold` export"));
+            };
+            let mut accumulator: Option<Vec<u8>> = None;
+            for part in into.absorbed {
+                let Some(content) = take_entry(store, part) else {
+                    continue;
+                };
+                accumulator = match accumulator {
+                    None => Some(content),
+                    Some(earlier) => match handler.call_merge(&mut *store, &earlier, &content)? {
+                        Ok(merged) => Some(merged),
+                        Err(error) => return Ok(Err(error)),
+                    },
+                };
+            }
+            if into.absorbed.is_empty() {
+                accumulator = store.data().view.get(into.part).map(|b| b.to_vec());
+            }
+            match handler.call_fold(&mut *store, accumulator.as_deref(), event)? {
+                Ok(folded) => {
+                    store
+                        .data_mut()
+                        .view
+                        .set(into.part.to_string(), Bytes::from(folded));
+                    Ok(Ok(()))
+                }
+                Err(error) => Ok(Err(error)),
+            }
+        })
+    }
+
+    /// Hands a window that fired to an incremental function: the
+    /// accumulators of its parts (state entries of its key, in event-time
+    /// order) merged into one, then `fire`. Its state writes and outputs
+    /// count only if it succeeds.
+    pub fn fire(&mut self, firing: &GuestFiring, parts: &[String], traced: bool) -> Invocation {
+        self.invoke(&firing.key, traced, |store, handler| {
+            let Handler::Incremental(handler) = handler else {
+                return Err(wasmtime::format_err!("the component has no `fire` export"));
+            };
+            let mut accumulator: Option<Bytes> = None;
+            for part in parts {
+                let Some(content) = store.data().view.get(part) else {
+                    continue;
+                };
+                accumulator = match accumulator {
+                    None => Some(content),
+                    Some(earlier) => match handler.call_merge(&mut *store, &earlier, &content)? {
+                        Ok(merged) => Some(Bytes::from(merged)),
+                        Err(error) => return Ok(Err(error)),
+                    },
+                };
+            }
+            let accumulator = accumulator.unwrap_or_default();
+            handler.call_fire(&mut *store, firing, &accumulator)
+        })
+    }
+
+    /// Hands a window that fired to a buffered function, with its events.
+    pub fn on_window(
+        &mut self,
+        firing: &GuestFiring,
+        events: &[Event],
+        traced: bool,
+    ) -> Invocation {
+        self.invoke(&firing.key, traced, |store, handler| match handler {
+            Handler::Buffered(handler) => handler.call_on_window(store, firing, events),
+            _ => Err(wasmtime::format_err!(
+                "the component has no `on-window` export"
+            )),
+        })
+    }
+
+    /// One invocation scoped to `key`: the guest calls in `call` run under
+    /// one deadline; their state writes join the batch view and their
+    /// outputs are kept only if it succeeds.
+    fn invoke(
+        &mut self,
+        key: &str,
+        traced: bool,
+        call: impl FnOnce(&mut Store<InvocationState>, &Handler) -> Called<()>,
+    ) -> Invocation {
         debug_assert!(!self.poisoned, "a poisoned instance was reused");
         {
             let deadline = self.deadline;
             let data = self.store.data_mut();
-            data.view.begin_event(&event.key);
+            data.view.begin_event(key);
             data.begin_invocation(deadline, traced);
         }
         self.store.set_epoch_deadline(self.deadline_ticks);
         let started = SystemTime::now();
         let clock = Instant::now();
-        let result = self.handler.call_handle(&mut self.store, event);
+        let result = call(&mut self.store, &self.handler);
         let took = clock.elapsed();
         let outcome = match result {
             Ok(Ok(())) => Ok(Ok(std::mem::take(&mut self.store.data_mut().outputs))),
@@ -207,6 +336,14 @@ impl FunctionInstance {
             None => Failure::new(FailureKind::Trap, format!("{error:#}")),
         }
     }
+}
+
+/// Reads and removes state entry `name` of the invocation's key.
+fn take_entry(store: &mut Store<InvocationState>, name: &str) -> Option<Vec<u8>> {
+    let view = &mut store.data_mut().view;
+    let content = view.get(name)?;
+    view.delete(name.to_string());
+    Some(content.to_vec())
 }
 
 /// A trap's reason without the wasm backtrace, led by the guest's panic

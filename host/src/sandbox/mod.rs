@@ -13,7 +13,7 @@ mod diagnostics;
 mod host;
 mod instance;
 pub use diagnostics::{GuestLogLine, GuestSpan, InvocationDiagnostics, LogLevel, LogSource};
-pub use instance::{Handled, InstanceSettings, Invocation};
+pub use instance::{Handled, InstanceSettings, Invocation, WindowFold};
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -26,11 +26,15 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use bindings::weir::function::types::Event;
-pub use host::{InvocationState, PendingOutput};
+pub use bindings::weir::function::types::{Event, Window};
+pub use host::{HOST_ENTRY_PREFIX, InvocationState, PendingOutput};
 pub use instance::FunctionInstance;
 
+use bindings::buffered::BufferedWindowHandlerPre;
+use bindings::incremental::IncrementalWindowHandlerPre;
 use bindings::{EventHandler, EventHandlerPre};
+
+pub use bindings::incremental::weir::window::types::Firing as GuestFiring;
 
 /// How often the epoch advances; invocation deadlines are counted in ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -55,7 +59,7 @@ pub enum SandboxError {
     #[error("module {digest} imports what Weir does not provide: {reason}")]
     UnknownImport { digest: String, reason: String },
     #[error(
-        "module {digest} does not export Weir's `event-handler` world (a `handle` function): {reason}"
+        "module {digest} exports none of Weir's worlds: `weir:function/event-handler` (a `handle` function), `weir:window/incremental-window-handler` (`fold`, `merge`, `fire`) or `weir:window/buffered-window-handler` (`on-window`): {reason}"
     )]
     WrongWorld { digest: String, reason: String },
     #[error("instantiating module {digest} failed: {reason}")]
@@ -116,11 +120,37 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// Which of Weir's worlds a component implements: how it is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// `handle`, once per event.
+    Event,
+    /// `fold` per event, `merge` and `fire` per window.
+    IncrementalWindow,
+    /// `on-window` per window, with its events.
+    BufferedWindow,
+}
+
+impl World {
+    /// Whether the component is called per window.
+    pub fn is_windowed(self) -> bool {
+        self != World::Event
+    }
+}
+
+/// A component linked against one of the worlds.
+#[derive(Clone)]
+enum HandlerPre {
+    Event(EventHandlerPre<InvocationState>),
+    Incremental(IncrementalWindowHandlerPre<InvocationState>),
+    Buffered(BufferedWindowHandlerPre<InvocationState>),
+}
+
 /// A loaded component, ready to instantiate.
 #[derive(Clone)]
 pub struct FunctionCode {
     digest: String,
-    pre: EventHandlerPre<InvocationState>,
+    pre: HandlerPre,
     engine: Engine,
     /// Keeps the epoch ticking for as long as code of this engine can run:
     /// without it a looping guest would never be interrupted.
@@ -139,6 +169,15 @@ impl FunctionCode {
     /// The sha256 of the component bytes, hex-encoded.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The world the component implements.
+    pub fn world(&self) -> World {
+        match self.pre {
+            HandlerPre::Event(_) => World::Event,
+            HandlerPre::Incremental(_) => World::IncrementalWindow,
+            HandlerPre::Buffered(_) => World::BufferedWindow,
+        }
     }
 }
 
@@ -236,10 +275,23 @@ impl Sandbox {
                     digest: digest.clone(),
                     reason: format!("{e:#}"),
                 })?;
-        let pre = EventHandlerPre::new(pre).map_err(|e| SandboxError::WrongWorld {
-            digest: digest.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        // A component exports one world's functions; the event handler's
+        // error says what is missing for the commonest case.
+        let pre = match EventHandlerPre::new(pre.clone()) {
+            Ok(event) => HandlerPre::Event(event),
+            Err(missing) => {
+                if let Ok(incremental) = IncrementalWindowHandlerPre::new(pre.clone()) {
+                    HandlerPre::Incremental(incremental)
+                } else if let Ok(buffered) = BufferedWindowHandlerPre::new(pre) {
+                    HandlerPre::Buffered(buffered)
+                } else {
+                    return Err(SandboxError::WrongWorld {
+                        digest,
+                        reason: format!("{missing:#}"),
+                    });
+                }
+            }
+        };
         Ok(FunctionCode {
             digest,
             pre,

@@ -62,6 +62,19 @@ impl BatchView {
         }
     }
 
+    /// Whether the view holds `key` (loaded, or written by this batch).
+    pub fn has_key(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// Adds the keys of `loaded` this view does not hold yet: state read
+    /// after the batch started (the keys of windows that fire).
+    pub fn include(&mut self, loaded: BatchView) {
+        for (key, view) in loaded.keys {
+            self.keys.entry(key).or_insert(view);
+        }
+    }
+
     /// Scopes the following reads and writes to `key`.
     pub fn begin_event(&mut self, key: &str) {
         self.current_key.clear();

@@ -58,6 +58,10 @@ pub struct WindowSettings {
     /// time, so that an idle stream still closes its windows.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: i64,
+    /// Where events too late for every window go, with headers saying how
+    /// late; without it they are dead-lettered.
+    #[serde(default)]
+    pub late_subject: Option<String>,
 }
 
 fn default_idle_timeout_ms() -> i64 {
@@ -100,6 +104,13 @@ impl WindowSettings {
         }
         if !span(self.idle_timeout_ms) {
             return Some("idle_timeout_ms must be between 1 ms and a year");
+        }
+        if let Some(subject) = &self.late_subject
+            && (!crate::output::is_publishable_subject(subject)
+                || subject.contains(['*', '>'])
+                || subject.starts_with('$'))
+        {
+            return Some("late_subject must be a NATS subject without wildcards or `$`");
         }
         None
     }
@@ -165,6 +176,12 @@ pub struct Firing {
     pub firing: u32,
 }
 
+impl Advance {
+    pub fn is_empty(&self) -> bool {
+        self.firings.is_empty() && self.expired.is_empty()
+    }
+}
+
 impl Firing {
     /// Whether this firing updates an earlier one after late data.
     pub fn is_update(&self) -> bool {
@@ -179,6 +196,17 @@ pub struct Advance {
     pub firings: Vec<Firing>,
     /// (key, part start) of contents to delete.
     pub expired: Vec<(String, i64)>,
+}
+
+/// The bookkeeping one [`WindowCore::place`] may change: put back with
+/// [`WindowCore::undo`] when the event it placed fails after all.
+#[derive(Debug)]
+pub struct Undo {
+    key: String,
+    windows: Option<KeyWindows>,
+    max_event_ms: Option<i64>,
+    watermark_ms: i64,
+    last_arrival_ms: Option<i64>,
 }
 
 /// One function's window bookkeeping, for all its keys.
@@ -219,6 +247,21 @@ impl WindowCore {
         &self.settings
     }
 
+    /// Takes new settings of the same window kind (a new version's
+    /// binding): bounds, lateness, idleness and the late subject apply
+    /// from now on. A different kind is refused, with why: the windows
+    /// already open could not be read as the new kind's.
+    pub fn retune(&mut self, settings: &WindowSettings) -> Result<(), String> {
+        if settings.kind != self.settings.kind {
+            return Err(format!(
+                "the window kind changed from {:?} to {:?}; windows already open cannot be read as the new kind: bind the new kind as a new function",
+                self.settings.kind, settings.kind
+            ));
+        }
+        self.settings = settings.clone();
+        Ok(())
+    }
+
     /// Places an event of `key` at `event_ms` that arrived at processing
     /// time `arrival_ms`, and moves the watermark on past it.
     pub fn place(&mut self, key: &str, event_ms: i64, arrival_ms: i64) -> Placement {
@@ -253,6 +296,29 @@ impl WindowCore {
         let target = event_ms.saturating_sub(self.settings.out_of_orderness_ms);
         self.watermark_ms = self.watermark_ms.max(target);
         placement
+    }
+
+    /// What placing an event of `key` may change, as it is now.
+    pub fn undo_point(&self, key: &str) -> Undo {
+        Undo {
+            key: key.to_string(),
+            windows: self.keys.get(key).cloned(),
+            max_event_ms: self.max_event_ms,
+            watermark_ms: self.watermark_ms,
+            last_arrival_ms: self.last_arrival_ms,
+        }
+    }
+
+    /// Puts back what an event placed since `undo` was taken changed: the
+    /// event failed, and its contents were not stored.
+    pub fn undo(&mut self, undo: Undo) {
+        match undo.windows {
+            Some(windows) => self.keys.insert(undo.key, windows),
+            None => self.keys.remove(&undo.key),
+        };
+        self.max_event_ms = undo.max_event_ms;
+        self.watermark_ms = undo.watermark_ms;
+        self.last_arrival_ms = undo.last_arrival_ms;
     }
 
     /// Moves the watermark on for idleness at processing time `now_ms`,

@@ -1,0 +1,557 @@
+//! Windowed functions on the batch protocol: each event is placed by the
+//! window core ([`crate::windows`]) and folded into its window part (or
+//! buffered there); after the batch's events the watermark advances, due
+//! windows fire, and what no window reads again is deleted.
+//!
+//! Everything lives in the function's state and rides on the batch's one
+//! commit: the parts as entries of their key (names starting with
+//! [`HOST_ENTRY_PREFIX`], which the guest cannot touch), and the core's
+//! bookkeeping (watermark, open windows, firing numbers) under
+//! [`BOOK_KEY`]. Firing outputs join the batch's outbox under message ids
+//! made of (function, window, firing number, position, key), so a firing
+//! published again after a crash is the same record. An event that fails
+//! leaves the bookkeeping as it found it ([`crate::windows::Undo`]).
+
+use std::time::SystemTime;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::batch::{RunResult, WindowWork};
+use super::lanes::{Ran, lane_for};
+use crate::outcome::{Failure, FailureKind};
+use crate::output::{OutputRecord, dead_letter_headers as dlq, header_text};
+use crate::sandbox::{
+    Event, GuestFiring, HOST_ENTRY_PREFIX, Handled, Invocation, InvocationDiagnostics,
+    PendingOutput, WindowFold, World,
+};
+use crate::state::BatchView;
+use crate::windows::{Advance, Firing, Placement, Window, WindowCore, WindowSettings};
+
+/// The key the function's window bookkeeping is stored under. Event keys
+/// of a windowed function may not start with U+0001.
+pub(super) const BOOK_KEY: &str = "\u{1}windows";
+const BOOK_ENTRY: &str = "\u{1}book";
+/// Outbox ids of commits made for window work alone start above every
+/// stream sequence.
+const ALONE_ID_BASE: u64 = 1 << 62;
+
+/// Header names on the records of a firing and on late events.
+pub mod window_headers {
+    pub const WINDOW_START: &str = "Weir-Window-Start-Ms";
+    pub const WINDOW_END: &str = "Weir-Window-End-Ms";
+    pub const WINDOW_KEY: &str = "Weir-Window-Key";
+    /// 0 for the first firing, then 1, 2, ... for updates after late data.
+    pub const FIRING: &str = "Weir-Window-Firing";
+    pub const LATE_BEHIND: &str = "Weir-Late-Behind-Watermark-Ms";
+    pub const LATE_WATERMARK: &str = "Weir-Late-Watermark-Ms";
+    pub const LATE_REASON: &str = "Weir-Late-Reason";
+}
+use window_headers as wh;
+
+/// The state entry holding the contents of the part starting at `start`.
+fn part_entry(start: i64) -> String {
+    format!("{HOST_ENTRY_PREFIX}w{start}")
+}
+
+/// What is committed of a function's windows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WindowBook {
+    core: WindowCore,
+    /// Window-work commits so far: the next one's outbox id.
+    commits: u64,
+}
+
+/// The window side of one batch: the bookkeeping as committed, changed by
+/// the events placed and the windows fired.
+pub(super) struct WindowRun {
+    settings: WindowSettings,
+    world: World,
+    /// Processing time of the batch.
+    now_ms: i64,
+    book: Option<WindowBook>,
+    /// Why the bookkeeping cannot be used; every event waits.
+    broken: Option<String>,
+    /// Some event was placed: the bookkeeping changed.
+    placed: bool,
+    /// The windows fired, and how each call went.
+    pub fired: Vec<(Firing, Invocation)>,
+}
+
+impl WindowRun {
+    pub fn new(settings: WindowSettings, world: World) -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            settings,
+            world,
+            now_ms,
+            book: None,
+            broken: None,
+            placed: false,
+            fired: Vec::new(),
+        }
+    }
+
+    /// Reads the committed bookkeeping from `view` (which must hold
+    /// [`BOOK_KEY`]), or starts it.
+    pub fn open_book(&mut self, view: &mut BatchView) {
+        view.begin_event(BOOK_KEY);
+        let stored = view.get(BOOK_ENTRY);
+        let book = match stored {
+            None => Ok(WindowBook {
+                core: WindowCore::new(self.settings.clone()),
+                commits: 0,
+            }),
+            Some(bytes) => serde_json::from_slice::<WindowBook>(&bytes)
+                .map_err(|e| format!("the stored window bookkeeping is unreadable: {e}"))
+                .and_then(|mut book| book.core.retune(&self.settings).map(|()| book)),
+        };
+        view.finish_event(false);
+        match book {
+            Ok(book) => self.book = Some(book),
+            Err(reason) => self.broken = Some(reason),
+        }
+    }
+
+    /// Why the function cannot run its windows, if it cannot.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Moves the watermark on to now and takes what is due.
+    pub fn advance(&mut self) -> Advance {
+        match &mut self.book {
+            Some(book) => book.core.advance(self.now_ms),
+            None => Advance::default(),
+        }
+    }
+}
+
+impl Ran {
+    /// Places record `index`'s event in its window and stores it there
+    /// (folded by the guest, or buffered). A failed event leaves the
+    /// bookkeeping as it was.
+    pub(super) fn place_in_window(
+        &mut self,
+        index: usize,
+        lane: usize,
+        event: &Event,
+        traced: bool,
+    ) -> RunResult {
+        let Some(windows) = self.windows.as_mut() else {
+            return RunResult::HostFailed;
+        };
+        let (Some(book), world, now_ms) = (&mut windows.book, windows.world, windows.now_ms) else {
+            return RunResult::HostFailed;
+        };
+        if event.key.starts_with(HOST_ENTRY_PREFIX) {
+            return RunResult::Invoked(Err(Failure::new(
+                FailureKind::BadEvent,
+                "the key starts with U+0001, which a window function's host keeps for itself",
+            )));
+        }
+        let undo = book.core.undo_point(&event.key);
+        let (part, absorbed) = match book.core.place(&event.key, event.event_time_ms, now_ms) {
+            Placement::Pane { pane } => (part_entry(pane), Vec::new()),
+            Placement::Session { window, absorbed } => (
+                part_entry(window.start_ms),
+                absorbed.iter().map(|w| part_entry(w.start_ms)).collect(),
+            ),
+            Placement::OutOfRange => {
+                book.core.undo(undo);
+                return RunResult::Invoked(Err(Failure::new(
+                    FailureKind::BadEvent,
+                    format!(
+                        "event time {} ms is outside the years 1 to 9999, which windows take",
+                        event.event_time_ms
+                    ),
+                )));
+            }
+            Placement::TooLate {
+                behind_watermark_ms,
+                watermark_ms,
+            } => {
+                book.core.undo(undo);
+                let late = self.late(index, event, behind_watermark_ms, watermark_ms);
+                return late;
+            }
+        };
+        let result = match world {
+            World::BufferedWindow => {
+                buffer(&mut self.view, event, &part, &absorbed);
+                RunResult::Invoked(Ok((true, 0, 0)))
+            }
+            _ => {
+                let into = WindowFold {
+                    part: &part,
+                    absorbed: &absorbed,
+                };
+                self.run_guarded(index, lane, |live| live.fold(event, into, traced))
+            }
+        };
+        let Some(windows) = self.windows.as_mut() else {
+            return RunResult::HostFailed;
+        };
+        match (&result, &mut windows.book) {
+            (RunResult::Invoked(Ok(_)), _) => windows.placed = true,
+            (_, Some(book)) => book.core.undo(undo),
+            (_, None) => {}
+        }
+        result
+    }
+
+    /// An event too late for every window: a record on the late subject
+    /// (its payload and headers, and how late it was), or without one a
+    /// dead letter saying the same.
+    fn late(
+        &mut self,
+        index: usize,
+        event: &Event,
+        behind_watermark_ms: i64,
+        watermark_ms: i64,
+    ) -> RunResult {
+        let reason = format!(
+            "{behind_watermark_ms} ms behind the watermark ({watermark_ms}), past the allowed lateness of every window it falls in"
+        );
+        let subject = self
+            .windows
+            .as_ref()
+            .and_then(|w| w.settings.late_subject.clone());
+        let Some(subject) = subject else {
+            return RunResult::Invoked(Err(Failure::new(FailureKind::TooLate, reason)));
+        };
+        let mut headers = event.headers.clone();
+        headers.extend([
+            (wh::LATE_BEHIND.to_string(), behind_watermark_ms.to_string()),
+            (wh::LATE_WATERMARK.to_string(), watermark_ms.to_string()),
+            (wh::LATE_REASON.to_string(), reason),
+        ]);
+        let output = PendingOutput {
+            subject,
+            payload: Bytes::from(event.payload.clone()),
+            headers,
+        };
+        let bytes = output.payload.len() + output.subject.len();
+        self.invocations[index] = Some(Invocation {
+            result: Ok(Handled {
+                outputs: vec![output],
+                wrote: false,
+            }),
+            started: SystemTime::now(),
+            took: std::time::Duration::ZERO,
+            diagnostics: InvocationDiagnostics::default(),
+        });
+        RunResult::Invoked(Ok((false, 1, bytes)))
+    }
+
+    /// Hands each firing to the guest, in order, on its key's lane.
+    /// `false` when the host could not provide an instance: nothing of the
+    /// batch may be committed then.
+    pub(super) fn fire(&mut self, firings: Vec<Firing>, canary_weight: u8) -> bool {
+        let Some(world) = self.windows.as_ref().map(|w| w.world) else {
+            return true;
+        };
+        for firing in firings {
+            let lane = lane_for(&firing.key, canary_weight);
+            let guest = GuestFiring {
+                key: firing.key.clone(),
+                window: crate::sandbox::Window {
+                    start_ms: firing.window.start_ms,
+                    end_ms: firing.window.end_ms,
+                },
+                number: firing.firing,
+            };
+            let parts: Vec<String> = firing.parts.iter().map(|p| part_entry(*p)).collect();
+            let invocation = match world {
+                World::BufferedWindow => match buffered_events(&mut self.view, &firing.key, &parts)
+                {
+                    Ok(events) => self.run_one(lane, |live| live.on_window(&guest, &events, false)),
+                    Err(reason) => Some(Invocation {
+                        result: Err(Failure::new(FailureKind::Refused, reason)),
+                        started: SystemTime::now(),
+                        took: std::time::Duration::ZERO,
+                        diagnostics: InvocationDiagnostics::default(),
+                    }),
+                },
+                _ => self.run_one(lane, |live| live.fire(&guest, &parts, false)),
+            };
+            let Some(invocation) = invocation else {
+                return false;
+            };
+            if let Some(windows) = self.windows.as_mut() {
+                windows.fired.push((firing, invocation));
+            }
+        }
+        true
+    }
+
+    /// Ends the batch's window work: deletes the parts `expired` names,
+    /// stores the bookkeeping if it changed, and says what the batch must
+    /// commit and publish for it.
+    pub(super) fn close_windows(&mut self, expired: &[(String, i64)]) -> Option<WindowWork> {
+        let windows = self.windows.as_mut()?;
+        let book = windows.book.as_mut()?;
+        if !windows.placed && windows.fired.is_empty() && expired.is_empty() {
+            return None;
+        }
+        for (key, part) in expired {
+            self.view.begin_event(key);
+            self.view.delete(part_entry(*part));
+            self.view.finish_event(true);
+        }
+        book.commits += 1;
+        let commit_id = ALONE_ID_BASE + book.commits;
+        let stored = serde_json::to_vec(&*book).ok()?;
+        self.view.begin_event(BOOK_KEY);
+        self.view.set(BOOK_ENTRY.to_string(), Bytes::from(stored));
+        self.view.finish_event(true);
+        Some(WindowWork {
+            commit_id,
+            publishes: !windows.fired.is_empty(),
+        })
+    }
+}
+
+/// The message id of output `index` of a firing: the key last, after the
+/// fixed number of fields, so that no two firings share one.
+fn firing_msg_id(scope: &str, firing: &Firing, index: &str) -> String {
+    let Window { start_ms, end_ms } = firing.window;
+    format!(
+        "weir:{scope}:w:{start_ms}:{end_ms}:{}:{index}:{}",
+        firing.firing, firing.key
+    )
+}
+
+/// The records of the windows fired: each firing's outputs with its
+/// window in headers, or a dead letter saying why it failed.
+pub(super) fn firing_records(
+    fired: &mut [(Firing, Invocation)],
+    scope: &str,
+    function: &str,
+    dead_letter_subject: &str,
+) -> Vec<OutputRecord> {
+    let mut records = Vec::new();
+    for (firing, invocation) in fired {
+        let window_headers = [
+            (wh::WINDOW_KEY.to_string(), header_text(&firing.key)),
+            (
+                wh::WINDOW_START.to_string(),
+                firing.window.start_ms.to_string(),
+            ),
+            (wh::WINDOW_END.to_string(), firing.window.end_ms.to_string()),
+            (wh::FIRING.to_string(), firing.firing.to_string()),
+        ];
+        match &mut invocation.result {
+            Ok(handled) => {
+                for (index, output) in std::mem::take(&mut handled.outputs).into_iter().enumerate()
+                {
+                    let mut headers: Vec<(String, String)> = output
+                        .headers
+                        .into_iter()
+                        .filter(|(name, _)| !super::is_broker_header(name))
+                        .collect();
+                    headers.extend(window_headers.iter().cloned());
+                    records.push(OutputRecord {
+                        msg_id: firing_msg_id(scope, firing, &index.to_string()),
+                        subject: output.subject,
+                        payload: output.payload,
+                        headers,
+                    });
+                }
+            }
+            Err(failure) => {
+                let mut headers = vec![
+                    (dlq::FUNCTION.to_string(), function.to_string()),
+                    (dlq::KIND.to_string(), failure.kind.as_str().to_string()),
+                    (dlq::REASON.to_string(), header_text(&failure.message)),
+                ];
+                headers.extend(window_headers.iter().cloned());
+                records.push(OutputRecord {
+                    msg_id: firing_msg_id(scope, firing, "dlq"),
+                    subject: dead_letter_subject.to_string(),
+                    payload: Bytes::new(),
+                    headers,
+                });
+            }
+        }
+    }
+    records
+}
+
+/// Appends `event` to the buffered part `part` of its key, after moving
+/// into it the events of the parts it `absorbed` (sessions it bridged).
+fn buffer(view: &mut BatchView, event: &Event, part: &str, absorbed: &[String]) {
+    view.begin_event(&event.key);
+    let mut contents = BytesMut::new();
+    if absorbed.is_empty() {
+        if let Some(held) = view.get(part) {
+            contents.extend_from_slice(&held);
+        }
+    } else {
+        for old in absorbed {
+            if let Some(held) = view.get(old) {
+                contents.extend_from_slice(&held);
+            }
+            view.delete(old.clone());
+        }
+    }
+    encode_event(event, &mut contents);
+    view.set(part.to_string(), contents.freeze());
+    view.finish_event(true);
+}
+
+/// The events of `parts` of `key`, in event-time order (stream order
+/// among equal times).
+fn buffered_events(
+    view: &mut BatchView,
+    key: &str,
+    parts: &[String],
+) -> Result<Vec<Event>, String> {
+    view.begin_event(key);
+    let mut events = Vec::new();
+    for part in parts {
+        let Some(mut held) = view.get(part) else {
+            continue;
+        };
+        while held.has_remaining() {
+            events.push(decode_event(&mut held).ok_or_else(|| {
+                format!("the buffered contents of window part {part:?} are unreadable")
+            })?);
+        }
+    }
+    view.finish_event(false);
+    events.sort_by_key(|e| (e.event_time_ms, e.sequence));
+    Ok(events)
+}
+
+fn put_bytes(into: &mut BytesMut, bytes: &[u8]) {
+    into.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    into.put_slice(bytes);
+}
+
+fn encode_event(event: &Event, into: &mut BytesMut) {
+    put_bytes(into, event.subject.as_bytes());
+    put_bytes(into, event.key.as_bytes());
+    put_bytes(into, &event.payload);
+    into.put_u32(u32::try_from(event.headers.len()).unwrap_or(u32::MAX));
+    for (name, value) in &event.headers {
+        put_bytes(into, name.as_bytes());
+        put_bytes(into, value.as_bytes());
+    }
+    into.put_i64(event.event_time_ms);
+    into.put_u64(event.sequence);
+}
+
+fn take_bytes(from: &mut Bytes) -> Option<Bytes> {
+    if from.remaining() < 4 {
+        return None;
+    }
+    let len = from.get_u32() as usize;
+    (from.remaining() >= len).then(|| from.split_to(len))
+}
+
+fn take_text(from: &mut Bytes) -> Option<String> {
+    String::from_utf8(take_bytes(from)?.to_vec()).ok()
+}
+
+fn decode_event(from: &mut Bytes) -> Option<Event> {
+    let subject = take_text(from)?;
+    let key = take_text(from)?;
+    let payload = take_bytes(from)?.to_vec();
+    if from.remaining() < 4 {
+        return None;
+    }
+    let count = from.get_u32();
+    let mut headers = Vec::new();
+    for _ in 0..count {
+        headers.push((take_text(from)?, take_text(from)?));
+    }
+    if from.remaining() < 16 {
+        return None;
+    }
+    Some(Event {
+        subject,
+        key,
+        payload,
+        headers,
+        event_time_ms: from.get_i64(),
+        sequence: from.get_u64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, time: i64) -> Event {
+        Event {
+            subject: "s.a".into(),
+            key: "k".into(),
+            payload: vec![sequence as u8; 3],
+            headers: vec![("h".into(), "v".into())],
+            event_time_ms: time,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn buffered_parts_hand_back_their_events_in_time_order_and_merge() {
+        let mut view = BatchView::default();
+        buffer(&mut view, &event(1, 30), "\u{1}w0", &[]);
+        buffer(&mut view, &event(2, 10), "\u{1}w0", &[]);
+        buffer(&mut view, &event(3, 50), "\u{1}w40", &[]);
+        // An event that bridges both sessions takes their events along.
+        buffer(
+            &mut view,
+            &event(4, 10),
+            "\u{1}w0",
+            &["\u{1}w0".to_string(), "\u{1}w40".to_string()],
+        );
+        let events = buffered_events(&mut view, "k", &["\u{1}w0".to_string()]).expect("reads");
+        let order: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+        assert_eq!(order, vec![2, 4, 1, 3]);
+        assert_eq!(
+            (
+                &events[0].payload,
+                &events[0].headers,
+                events[0].event_time_ms
+            ),
+            (&event(2, 10).payload, &event(2, 10).headers, 10)
+        );
+        view.begin_event("k");
+        assert_eq!(view.get("\u{1}w40"), None);
+    }
+
+    #[test]
+    fn unreadable_buffered_contents_are_an_error_not_a_panic() {
+        let mut view = BatchView::default();
+        view.begin_event("k");
+        view.set("\u{1}w0".into(), Bytes::from_static(&[0, 0, 0, 9, 1]));
+        view.finish_event(true);
+        assert!(buffered_events(&mut view, "k", &["\u{1}w0".to_string()]).is_err());
+    }
+
+    #[test]
+    fn firing_ids_differ_per_window_firing_and_key() {
+        let firing = |key: &str, start: i64, number: u32| Firing {
+            key: key.into(),
+            window: Window {
+                start_ms: start,
+                end_ms: start + 10,
+            },
+            parts: vec![start],
+            firing: number,
+        };
+        let ids = [
+            firing_msg_id("f", &firing("a", 0, 0), "0"),
+            firing_msg_id("f", &firing("a", 0, 1), "0"),
+            firing_msg_id("f", &firing("a", 10, 0), "0"),
+            firing_msg_id("f", &firing("a:0", 0, 0), "0"),
+            firing_msg_id("f", &firing("a", 0, 0), "1"),
+        ];
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+    }
+}
