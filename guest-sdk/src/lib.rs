@@ -3,7 +3,8 @@
 //! A function is one `#[weir_sdk::handler]` fn that takes an [`Event`] and returns
 //! `Result<(), Error>`. It reads and writes the current key's entries through [`state`],
 //! publishes records through [`emit`], writes log lines through [`log`] and opens
-//! spans of its own work through [`trace`].
+//! spans of its own work through [`trace`]. A function called per event-time window
+//! instead implements [`window::IncrementalWindow`] or [`window::BufferedWindow`].
 //!
 //! Built for `wasm32-wasip2`, those modules call the host through the
 //! `weir:function/event-handler` world. Built natively, they talk to the in-process
@@ -17,6 +18,7 @@ pub mod state;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 pub mod trace;
+pub mod window;
 
 pub use error::Error;
 pub use event::Event;

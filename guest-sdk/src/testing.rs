@@ -15,6 +15,10 @@ use serde::de::DeserializeOwned;
 use crate::log::Level;
 use crate::{Error, Event};
 
+mod windows;
+pub use weir_window_core::{WindowKind, WindowSettings};
+pub use windows::{Buffered, Incremental, Parts, Placed, WindowHarness};
+
 /// An event on `subject` for `key` carrying `payload`, with time 0, sequence 0 and no
 /// headers; adjust it with [`Event::with_time`], [`Event::with_header`] and
 /// [`Event::with_sequence`].
@@ -101,8 +105,18 @@ impl Harness {
         event: Event,
     ) -> Result<(), Error> {
         let key = event.key.clone();
-        let call = Call {
-            state: self.state.get(&key).cloned().unwrap_or_default(),
+        self.call_as(&key, || handler(event))
+    }
+
+    /// Runs `call` as one host call scoped to `key`: its state writes and emitted
+    /// records are kept only if it returns `Ok`; log lines and spans either way.
+    pub fn call_as<T>(
+        &mut self,
+        key: &str,
+        call: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let context = Call {
+            state: self.state.get(key).cloned().unwrap_or_default(),
             emitted: Vec::new(),
             logs: Vec::new(),
             spans: Vec::new(),
@@ -111,9 +125,9 @@ impl Harness {
         if CURRENT.with_borrow(Option::is_some) {
             panic!("Harness::call cannot be nested inside another handler call");
         }
-        CURRENT.set(Some(call));
+        CURRENT.set(Some(context));
         let _clear = ClearOnDrop; // also clears the context if the handler panics
-        let result = handler(event);
+        let result = call();
         let call = CURRENT
             .take()
             .expect("the call context is set for the whole handler call");
@@ -127,9 +141,9 @@ impl Harness {
             }));
         if result.is_ok() {
             if call.state.is_empty() {
-                self.state.remove(&key);
+                self.state.remove(key);
             } else {
-                self.state.insert(key, call.state);
+                self.state.insert(key.to_owned(), call.state);
             }
             self.emitted.extend(call.emitted);
         }

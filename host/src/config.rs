@@ -399,8 +399,17 @@ impl FunctionSpec {
         if let Some(breaker) = self.breaker.problem() {
             return Some(breaker);
         }
-        if let Some(window) = self.window.as_ref().and_then(|w| w.problem()) {
-            return Some(window);
+        if let Some(window) = &self.window {
+            if let Some(problem) = window.problem() {
+                return Some(problem);
+            }
+            if let Some(subject) = &window.late_subject
+                && (!crate::output::is_publishable_subject(subject)
+                    || subject.contains(['*', '>'])
+                    || subject.starts_with('$'))
+            {
+                return Some("window.late_subject must be a NATS subject without wildcards or `$`");
+            }
         }
         if self.outputs.iter().any(|s| s.is_empty() || s.contains(' ')) {
             return Some("outputs must be NATS subjects");

@@ -33,7 +33,6 @@ pub mod serve;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
-#[cfg(test)]
-mod test_rng;
 pub mod traces;
-pub mod windows;
+/// Event-time window bookkeeping (the `weir-window-core` crate).
+pub use weir_window_core as windows;

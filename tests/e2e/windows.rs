@@ -537,3 +537,83 @@ async fn windows_survive_kills_at_every_crash_point_and_restarts_exactly(
     host.kill();
     Ok(())
 }
+
+/// The SDK-built example: per sensor and minute, the average of exactly
+/// the readings of that minute.
+#[sqlx::test(migrations = false)]
+async fn the_sensor_average_example_averages_each_minute(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let function = FunctionSpec {
+        event_time: TimeSource::JsonPointer("/ts".into()),
+        outputs: vec!["sensors.average".into()],
+        window: Some(settings(WindowKind::Tumbling { size_ms: 60_000 }, 5_000, 0)),
+        ..FunctionSpec::new(
+            "sensor-average",
+            component("sensor-average")?,
+            "READINGS",
+            "sensors.readings",
+            KeySource::JsonPointer("/sensor".into()),
+        )
+    };
+    let config = stack.config(
+        vec![
+            stream("READINGS", &["sensors.readings"]),
+            stream("AVERAGES", &["sensors.average", "windows.late"]),
+        ],
+        vec![function],
+    );
+    let host = stack.host(config).await?;
+    // Two sensors, a reading every 7 s for five minutes, then one far later.
+    let mut readings = Vec::new();
+    let mut expected: BTreeMap<(String, i64), (u64, f64)> = BTreeMap::new();
+    for (i, ts) in (0..300_000i64).step_by(7_000).enumerate() {
+        for sensor in ["s1", "s2"] {
+            let celsius = 15.0 + (i % 11) as f64 + if sensor == "s2" { 0.5 } else { 0.0 };
+            readings.push(serde_json::json!({"sensor": sensor, "ts": ts, "celsius": celsius}));
+            let minute = expected
+                .entry((sensor.to_string(), ts / 60_000 * 60_000))
+                .or_default();
+            minute.0 += 1;
+            minute.1 += celsius;
+        }
+    }
+    readings.push(serde_json::json!({"sensor": "s1", "ts": 10_000_000, "celsius": 0.0}));
+    publish_all(
+        &stack.js,
+        "sensors.readings",
+        readings.iter().map(|r| r.to_string().into_bytes()),
+    )
+    .await?;
+    let averages = || async {
+        let mut got: BTreeMap<(String, i64), (u64, f64)> = BTreeMap::new();
+        for message in read_stream(&stack.js, "AVERAGES").await? {
+            let average: serde_json::Value = serde_json::from_slice(&message.payload)?;
+            let sensor = average["sensor"].as_str().context("sensor")?.to_string();
+            let start = average["start_ms"].as_i64().context("start")?;
+            let count = average["readings"].as_u64().context("readings")?;
+            let celsius = average["celsius"].as_f64().context("celsius")?;
+            got.insert((sensor, start), (count, celsius));
+        }
+        anyhow::Ok(got)
+    };
+    eventually(
+        Duration::from_secs(60),
+        "every minute's average",
+        || async { Ok(averages().await?.len() == expected.len()) },
+    )
+    .await?;
+    let got = averages().await?;
+    for (minute, (count, sum)) in &expected {
+        let (got_count, got_average) = got[minute];
+        assert_eq!(got_count, *count, "{minute:?}");
+        assert!(
+            (got_average - sum / *count as f64).abs() < 1e-9,
+            "{minute:?}"
+        );
+    }
+    host.stop().await?;
+    Ok(())
+}

@@ -21,7 +21,7 @@ use super::support::{deferral_changes, note_deferrals, prune_bound};
 use crate::ack::AckDecision;
 use crate::config::RetryPolicy;
 use crate::outcome::{Failure, FailureKind};
-use crate::test_rng::Rng;
+use weir_window_core::test_rng::Rng;
 
 const ACK_WAIT: u64 = 5_000;
 const LEASE: u64 = 10_000;

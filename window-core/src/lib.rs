@@ -22,6 +22,8 @@
 
 mod panes;
 mod sessions;
+#[cfg(any(test, feature = "test-rng"))]
+pub mod test_rng;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +32,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The shape of a function's windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum WindowKind {
     /// Back-to-back windows of `size_ms`: [0, size), [size, 2·size), ...
@@ -43,7 +46,8 @@ pub enum WindowKind {
 }
 
 /// How a function's windows are made and closed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WindowSettings {
     pub kind: WindowKind,
@@ -59,7 +63,8 @@ pub struct WindowSettings {
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: i64,
     /// Where events too late for every window go, with headers saying how
-    /// late; without it they are dead-lettered.
+    /// late; without it they are dead-lettered. (The host checks it is a
+    /// subject it may publish to.)
     #[serde(default)]
     pub late_subject: Option<String>,
 }
@@ -104,13 +109,6 @@ impl WindowSettings {
         }
         if !span(self.idle_timeout_ms) {
             return Some("idle_timeout_ms must be between 1 ms and a year");
-        }
-        if let Some(subject) = &self.late_subject
-            && (!crate::output::is_publishable_subject(subject)
-                || subject.contains(['*', '>'])
-                || subject.starts_with('$'))
-        {
-            return Some("late_subject must be a NATS subject without wildcards or `$`");
         }
         None
     }
