@@ -410,6 +410,13 @@ impl FunctionSpec {
             {
                 return Some("window.late_subject must be a NATS subject without wildcards or `$`");
             }
+            if let Some(subject) = &window.late_subject
+                && crate::output::subject_matches(&self.subject, subject)
+            {
+                return Some(
+                    "window.late_subject must not be one the function reads: late events would come back to it",
+                );
+            }
         }
         if self.outputs.iter().any(|s| s.is_empty() || s.contains(' ')) {
             return Some("outputs must be NATS subjects");

@@ -617,3 +617,59 @@ async fn the_sensor_average_example_averages_each_minute(
     host.stop().await?;
     Ok(())
 }
+
+/// An event retried for a while (its fold asks for a retry until a wall
+/// clock time) holds the watermark: events of other keys flowing past it
+/// do not make it too late, and its window, when it closes, holds it.
+#[sqlx::test(migrations = false)]
+async fn a_retried_event_holds_the_watermark_until_it_is_applied(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let window = settings(WindowKind::Tumbling { size_ms: 1_000 }, 0, 0);
+    let mut config = window_config(&stack, "window-sum", window)?;
+    config.functions[0].retry = weir_host::config::RetryPolicy {
+        max_attempts: 10,
+        initial_backoff_ms: 200,
+        max_backoff_ms: 1_000,
+    };
+    let host = stack.host(config).await?;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        + 2_500;
+    let waits =
+        serde_json::json!({"id": 1, "key": "a", "ts": 1_500, "value": 5, "retry_until_ms": until});
+    let mut payloads = vec![waits.to_string().into_bytes()];
+    // Other keys move on by ten windows meanwhile.
+    for id in 2..=40u64 {
+        let ev = Ev {
+            id,
+            key: "b".into(),
+            ts: 1_000 + id as i64 * 250,
+            value: 1,
+        };
+        payloads.push(ev.payload());
+    }
+    publish_all(&stack.js, "events.in", payloads).await?;
+    let expected_a: Vec<u64> = vec![1];
+    eventually(
+        Duration::from_secs(60),
+        "the held event's window",
+        || async {
+            let (got, _) = final_results(&stack).await?;
+            Ok(got.get(&("a".to_string(), 1_000, 2_000)) == Some(&expected_a))
+        },
+    )
+    .await?;
+    assert!(late_ids(&stack).await?.is_empty(), "nothing was too late");
+    let (got, _) = final_results(&stack).await?;
+    // Key b's windows before the last are complete: 4 events each.
+    for start in (2_000..10_000).step_by(1_000) {
+        let ids = got.get(&("b".to_string(), start, start + 1_000));
+        assert_eq!(ids.map(Vec::len), Some(4), "window {start} of b: {ids:?}");
+    }
+    host.stop().await?;
+    Ok(())
+}

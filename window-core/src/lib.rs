@@ -216,6 +216,10 @@ pub struct WindowCore {
     watermark_ms: i64,
     /// Processing time of the last event placed.
     last_arrival_ms: Option<i64>,
+    /// The watermark does not advance past this while set: events that
+    /// will come again (deferred, retried) keep the fate they had.
+    #[serde(default)]
+    cap_ms: Option<i64>,
     keys: BTreeMap<String, KeyWindows>,
 }
 
@@ -233,8 +237,26 @@ impl WindowCore {
             max_event_ms: None,
             watermark_ms: i64::MIN,
             last_arrival_ms: None,
+            cap_ms: None,
             keys: BTreeMap::new(),
         }
+    }
+
+    /// Holds the watermark at or below `cap` (none: no hold), and moves
+    /// it up to what the events seen allow under the new cap.
+    pub fn cap_watermark(&mut self, cap: Option<i64>) {
+        self.cap_ms = cap;
+        if let Some(max) = self.max_event_ms {
+            let target = max.saturating_sub(self.settings.out_of_orderness_ms);
+            self.raise_watermark(target);
+        }
+    }
+
+    /// Raises the watermark towards `target`, never back and never past
+    /// the cap.
+    fn raise_watermark(&mut self, target: i64) {
+        let target = self.cap_ms.map_or(target, |cap| target.min(cap));
+        self.watermark_ms = self.watermark_ms.max(target);
     }
 
     pub fn watermark_ms(&self) -> i64 {
@@ -246,14 +268,22 @@ impl WindowCore {
     }
 
     /// Takes new settings of the same window kind (a new version's
-    /// binding): bounds, lateness, idleness and the late subject apply
-    /// from now on. A different kind is refused, with why: the windows
-    /// already open could not be read as the new kind's.
+    /// binding): bounds, a lower lateness, idleness and the late subject
+    /// apply from now on. A different kind or a higher lateness is
+    /// refused, with why.
     pub fn retune(&mut self, settings: &WindowSettings) -> Result<(), String> {
         if settings.kind != self.settings.kind {
             return Err(format!(
                 "the window kind changed from {:?} to {:?}; windows already open cannot be read as the new kind: bind the new kind as a new function",
                 self.settings.kind, settings.kind
+            ));
+        }
+        // Windows already expired under the old lateness are gone: a longer
+        // one would open them again as new windows with part of their events.
+        if settings.allowed_lateness_ms > self.settings.allowed_lateness_ms {
+            return Err(format!(
+                "allowed_lateness_ms rose from {} to {}; windows expired under the old lateness would open again without their events: lateness can only be lowered, or bind the new lateness as a new function",
+                self.settings.allowed_lateness_ms, settings.allowed_lateness_ms
             ));
         }
         self.settings = settings.clone();
@@ -292,7 +322,7 @@ impl WindowCore {
         }
         self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         let target = event_ms.saturating_sub(self.settings.out_of_orderness_ms);
-        self.watermark_ms = self.watermark_ms.max(target);
+        self.raise_watermark(target);
         placement
     }
 
@@ -328,7 +358,7 @@ impl WindowCore {
                 let flowing = max
                     .saturating_sub(self.settings.out_of_orderness_ms)
                     .saturating_add(idle_for - self.settings.idle_timeout_ms);
-                self.watermark_ms = self.watermark_ms.max(flowing);
+                self.raise_watermark(flowing);
             }
         }
         self.fire_due()

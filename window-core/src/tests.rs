@@ -516,3 +516,19 @@ fn an_undone_event_leaves_no_trace_in_the_results() {
         );
     }
 }
+
+#[test]
+fn a_cap_holds_the_watermark_and_lifting_it_catches_up() {
+    let mut core = WindowCore::new(settings(WindowKind::Tumbling { size_ms: 10 }, 0, 0));
+    core.cap_watermark(Some(15));
+    core.place("a", 12, 0);
+    core.place("b", 100, 0);
+    assert_eq!(core.watermark_ms(), 15, "held at the cap");
+    // An event at the cap's time is still on time for its window.
+    assert!(matches!(core.place("c", 15, 0), Placement::Pane { .. }));
+    // Idle flow stops at the cap too.
+    core.advance(1_000_000);
+    assert_eq!(core.watermark_ms(), 15);
+    core.cap_watermark(None);
+    assert_eq!(core.watermark_ms(), 100, "caught up with the events seen");
+}

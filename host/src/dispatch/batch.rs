@@ -208,6 +208,9 @@ pub struct Batch {
     wait_grace: Duration,
     /// Windows that fired or expired after the events ran.
     window_work: Option<WindowWork>,
+    /// Records that became deferrals or retries since last asked
+    /// ([`Batch::take_new_naks`]).
+    new_naks: Vec<usize>,
 }
 
 /// What a windowed function's watermark advance left to commit and
@@ -296,6 +299,7 @@ impl Batch {
             now,
             wait_grace: settings.wait_grace,
             window_work: None,
+            new_naks: Vec::new(),
         };
         batch.hold_guarded_keys(guard);
         (batch, lookup)
@@ -376,6 +380,7 @@ impl Batch {
                     retry_after,
                     reason,
                 };
+                self.new_naks.push(index);
                 continue;
             }
             return Some(index);
@@ -402,9 +407,18 @@ impl Batch {
             },
         };
         let comes_back = matches!(self.decision(index), AckDecision::Nak { .. });
-        if comes_back && let Some(key) = &self.records[index].key {
-            self.held.insert(key.clone());
+        if comes_back {
+            self.new_naks.push(index);
+            if let Some(key) = &self.records[index].key {
+                self.held.insert(key.clone());
+            }
         }
+    }
+
+    /// The records that will be delivered again (deferred, or failed and
+    /// to be retried) since the last call, in the order they became so.
+    pub fn take_new_naks(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.new_naks)
     }
 
     /// Stops running: what was not run yet is handed back (a stop or a
@@ -417,6 +431,7 @@ impl Batch {
                     retry_after: REDELIVER_DELAY,
                     reason: DeferReason::Stopping,
                 };
+                self.new_naks.push(index);
             }
         }
         self.next = self.order.len();
@@ -494,8 +509,14 @@ impl Batch {
                     .chain(&with_outputs)
                     .map(|&i| self.records[i].sequence)
             };
+            // A windowed batch commits under the book's own counter: its
+            // firings make it more than its events, which may come again.
+            let batch_id = match self.window_work {
+                Some(work) => work.commit_id,
+                None => sequences().min().unwrap_or(0),
+            };
             effects.push(Effect::Commit {
-                batch_id: sequences().min().unwrap_or(0),
+                batch_id,
                 through_seq: sequences().max().unwrap_or(0),
                 applied: wrote.iter().map(|&i| self.records[i].sequence).collect(),
             });

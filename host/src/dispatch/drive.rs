@@ -214,11 +214,18 @@ impl FunctionWorker {
                 event.take().map(|e| (e, traced))
             })
             .collect();
-        let windows = self
-            .spec
-            .window
-            .clone()
-            .map(|settings| WindowRun::new(settings, self.lanes[0].code.world()));
+        let windows = self.spec.window.clone().map(|settings| {
+            let times = events
+                .iter()
+                .map(|e| e.as_ref().map(|(e, _)| e.event_time_ms))
+                .collect();
+            // As long as a key waits for an event that is out.
+            let hold_for = self.ack_wait() * 2
+                + Duration::from_millis(self.spec.retry.max_backoff_ms)
+                + Duration::from_secs(5);
+            let hold_for_ms = i64::try_from(hold_for.as_millis()).unwrap_or(i64::MAX);
+            WindowRun::new(settings, self.lanes[0].code.world(), times, hold_for_ms)
+        });
         let stop = cancel.child_token();
         let stop_run = stop.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -357,8 +364,13 @@ impl FunctionWorker {
             }
             ran = fired_ran;
         }
-        if let Some(work) = ran.close_windows(&advance.expired) {
-            ran.batch.add_window_work(work);
+        match ran.close_windows(&advance.expired) {
+            Ok(Some(work)) => ran.batch.add_window_work(work),
+            Ok(None) => {}
+            Err(reason) => {
+                self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+                return Err(Stop::Refused(reason));
+            }
         }
         Ok(Some(ran))
     }
@@ -527,6 +539,13 @@ impl FunctionWorker {
             CommitEnd::Stop(stop) => return Err(stop),
             CommitEnd::Refused(reason) => reason,
         };
+        if batch.records().is_empty() {
+            // Window work alone (an idle advance): no event to blame, and
+            // handing nothing back would try again for ever.
+            return Err(Stop::Refused(format!(
+                "the database refused the window bookkeeping: {reason}"
+            )));
+        }
         if let Some(again) = batch.commit_refused(&reason) {
             return Ok(Some(again));
         }

@@ -12,6 +12,7 @@
 //! published again after a crash is the same record. An event that fails
 //! leaves the bookkeeping as it found it ([`crate::windows::Undo`]).
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -32,9 +33,14 @@ use crate::windows::{Advance, Firing, Placement, Window, WindowCore, WindowSetti
 /// of a windowed function may not start with U+0001.
 pub(super) const BOOK_KEY: &str = "\u{1}windows";
 const BOOK_ENTRY: &str = "\u{1}book";
-/// Outbox ids of commits made for window work alone start above every
-/// stream sequence.
+/// Outbox ids of windowed commits start above every stream sequence.
 const ALONE_ID_BASE: u64 = 1 << 62;
+/// Most bytes one buffered window part may hold: past it an event is
+/// refused (an incremental window keeps any number of events).
+const MAX_BUFFERED_PART_BYTES: usize = 64 << 20;
+/// Most bytes the bookkeeping may take; past it the function stops with
+/// a message instead of writing what the database would refuse.
+const MAX_BOOK_BYTES: usize = 256 << 20;
 
 /// Header names on the records of a firing and on late events.
 pub mod window_headers {
@@ -60,6 +66,32 @@ struct WindowBook {
     core: WindowCore,
     /// Window-work commits so far: the next one's outbox id.
     commits: u64,
+    /// How the parts are kept: `incremental` accumulators or `buffered`
+    /// events. A version of the other world could not read them.
+    parts: String,
+    /// Events that will be delivered again (deferred, or to be retried),
+    /// by stream sequence: the watermark waits for them.
+    #[serde(default)]
+    held: BTreeMap<u64, Hold>,
+}
+
+/// An event the watermark waits for.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Hold {
+    /// The watermark stays at or below this: the event's time, or the
+    /// watermark when it was handed back if that was higher already.
+    at_ms: i64,
+    /// Processing time after which it no longer holds (in case it never
+    /// comes back to this function).
+    until_ms: i64,
+}
+
+/// How a world keeps its window parts.
+fn parts_format(world: World) -> &'static str {
+    match world {
+        World::BufferedWindow => "buffered",
+        _ => "incremental",
+    }
 }
 
 /// The window side of one batch: the bookkeeping as committed, changed by
@@ -72,14 +104,25 @@ pub(super) struct WindowRun {
     book: Option<WindowBook>,
     /// Why the bookkeeping cannot be used; every event waits.
     broken: Option<String>,
-    /// Some event was placed: the bookkeeping changed.
+    /// Some event was placed or held: the bookkeeping changed.
     placed: bool,
+    /// Each record's event time, by record index.
+    times: Vec<Option<i64>>,
+    /// How long a hold lasts.
+    hold_for_ms: i64,
     /// The windows fired, and how each call went.
     pub fired: Vec<(Firing, Invocation)>,
 }
 
 impl WindowRun {
-    pub fn new(settings: WindowSettings, world: World) -> Self {
+    /// The window side of a batch whose records have event times `times`;
+    /// an event handed back holds the watermark for up to `hold_for_ms`.
+    pub fn new(
+        settings: WindowSettings,
+        world: World,
+        times: Vec<Option<i64>>,
+        hold_for_ms: i64,
+    ) -> Self {
         let now_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -90,6 +133,8 @@ impl WindowRun {
             book: None,
             broken: None,
             placed: false,
+            times,
+            hold_for_ms,
             fired: Vec::new(),
         }
     }
@@ -99,18 +144,34 @@ impl WindowRun {
     pub fn open_book(&mut self, view: &mut BatchView) {
         view.begin_event(BOOK_KEY);
         let stored = view.get(BOOK_ENTRY);
+        let parts = parts_format(self.world);
         let book = match stored {
             None => Ok(WindowBook {
                 core: WindowCore::new(self.settings.clone()),
                 commits: 0,
+                parts: parts.to_string(),
+                held: BTreeMap::new(),
             }),
             Some(bytes) => serde_json::from_slice::<WindowBook>(&bytes)
                 .map_err(|e| format!("the stored window bookkeeping is unreadable: {e}"))
+                .and_then(|book| match book.parts == parts {
+                    true => Ok(book),
+                    false => Err(format!(
+                        "the open windows hold {} parts and this version is a {parts} window function; a version cannot switch between the incremental and buffered worlds: bind it as a new function",
+                        book.parts
+                    )),
+                })
                 .and_then(|mut book| book.core.retune(&self.settings).map(|()| book)),
         };
         view.finish_event(false);
         match book {
-            Ok(book) => self.book = Some(book),
+            Ok(mut book) => {
+                let before = book.held.len();
+                book.held.retain(|_, hold| hold.until_ms > self.now_ms);
+                self.placed |= book.held.len() != before;
+                book.cap();
+                self.book = Some(book);
+            }
             Err(reason) => self.broken = Some(reason),
         }
     }
@@ -129,7 +190,68 @@ impl WindowRun {
     }
 }
 
+impl WindowBook {
+    /// Holds the watermark below the events that will come again.
+    fn cap(&mut self) {
+        let cap = self.held.values().map(|hold| hold.at_ms).min();
+        self.core.cap_watermark(cap);
+    }
+}
+
 impl Ran {
+    /// Holds the watermark for the records that became deferrals or
+    /// retries since the last call: when they come back they find the
+    /// windows as they would have, not too late because others moved on.
+    pub(super) fn hold_handed_back(&mut self) {
+        let naks = self.batch.take_new_naks();
+        let Some(windows) = self.windows.as_mut() else {
+            return;
+        };
+        let Some(book) = windows.book.as_mut() else {
+            return;
+        };
+        if naks.is_empty() {
+            return;
+        }
+        let until_ms = windows.now_ms.saturating_add(windows.hold_for_ms);
+        for index in naks {
+            let Some(time) = windows.times.get(index).copied().flatten() else {
+                continue;
+            };
+            let at_ms = time.max(book.core.watermark_ms());
+            let hold = book
+                .held
+                .entry(self.batch.records()[index].sequence)
+                .or_insert(Hold { at_ms, until_ms });
+            hold.until_ms = until_ms;
+            windows.placed = true;
+        }
+        book.cap();
+    }
+
+    /// Releases the holds of the batch's events that are decided now.
+    fn release_decided(&mut self) {
+        let Some(windows) = self.windows.as_mut() else {
+            return;
+        };
+        let Some(book) = windows.book.as_mut() else {
+            return;
+        };
+        if book.held.is_empty() {
+            return;
+        }
+        for (index, record) in self.batch.records().iter().enumerate() {
+            let decided = !matches!(
+                self.batch.decision(index),
+                crate::ack::AckDecision::Nak { .. }
+            );
+            if decided && book.held.remove(&record.sequence).is_some() {
+                windows.placed = true;
+            }
+        }
+        book.cap();
+    }
+
     /// Places record `index`'s event in its window and stores it there
     /// (folded by the guest, or buffered). A failed event leaves the
     /// bookkeeping as it was.
@@ -140,6 +262,7 @@ impl Ran {
         event: &Event,
         traced: bool,
     ) -> RunResult {
+        self.hold_handed_back();
         let Some(windows) = self.windows.as_mut() else {
             return RunResult::HostFailed;
         };
@@ -179,10 +302,10 @@ impl Ran {
             }
         };
         let result = match world {
-            World::BufferedWindow => {
-                buffer(&mut self.view, event, &part, &absorbed);
-                RunResult::Invoked(Ok((true, 0, 0)))
-            }
+            World::BufferedWindow => match buffer(&mut self.view, event, &part, &absorbed) {
+                Ok(()) => RunResult::Invoked(Ok((true, 0, 0))),
+                Err(failure) => RunResult::Invoked(Err(failure)),
+            },
             _ => {
                 let into = WindowFold {
                     part: &part,
@@ -289,12 +412,22 @@ impl Ran {
 
     /// Ends the batch's window work: deletes the parts `expired` names,
     /// stores the bookkeeping if it changed, and says what the batch must
-    /// commit and publish for it.
-    pub(super) fn close_windows(&mut self, expired: &[(String, i64)]) -> Option<WindowWork> {
-        let windows = self.windows.as_mut()?;
-        let book = windows.book.as_mut()?;
+    /// commit and publish for it. `Err`: the bookkeeping grew past what
+    /// may be stored.
+    pub(super) fn close_windows(
+        &mut self,
+        expired: &[(String, i64)],
+    ) -> Result<Option<WindowWork>, String> {
+        self.hold_handed_back();
+        self.release_decided();
+        let Some(windows) = self.windows.as_mut() else {
+            return Ok(None);
+        };
+        let Some(book) = windows.book.as_mut() else {
+            return Ok(None);
+        };
         if !windows.placed && windows.fired.is_empty() && expired.is_empty() {
-            return None;
+            return Ok(None);
         }
         for (key, part) in expired {
             self.view.begin_event(key);
@@ -303,24 +436,33 @@ impl Ran {
         }
         book.commits += 1;
         let commit_id = ALONE_ID_BASE + book.commits;
-        let stored = serde_json::to_vec(&*book).ok()?;
+        let stored = serde_json::to_vec(&*book)
+            .map_err(|e| format!("cannot encode the window bookkeeping: {e}"))?;
+        if stored.len() > MAX_BOOK_BYTES {
+            return Err(format!(
+                "the window bookkeeping of the open windows of all keys takes {} bytes, past the {MAX_BOOK_BYTES} this host stores: fewer keys, shorter windows or less lateness",
+                stored.len()
+            ));
+        }
         self.view.begin_event(BOOK_KEY);
         self.view.set(BOOK_ENTRY.to_string(), Bytes::from(stored));
         self.view.finish_event(true);
-        Some(WindowWork {
+        Ok(Some(WindowWork {
             commit_id,
             publishes: !windows.fired.is_empty(),
-        })
+        }))
     }
 }
 
 /// The message id of output `index` of a firing: the key last, after the
-/// fixed number of fields, so that no two firings share one.
+/// fixed number of fields, so that no two firings share one, and escaped
+/// (an id is a header value: no line breaks or control characters).
 fn firing_msg_id(scope: &str, firing: &Firing, index: &str) -> String {
     let Window { start_ms, end_ms } = firing.window;
     format!(
         "weir:{scope}:w:{start_ms}:{end_ms}:{}:{index}:{}",
-        firing.firing, firing.key
+        firing.firing,
+        firing.key.escape_default()
     )
 }
 
@@ -335,7 +477,11 @@ pub(super) fn firing_records(
     let mut records = Vec::new();
     for (firing, invocation) in fired {
         let window_headers = [
-            (wh::WINDOW_KEY.to_string(), header_text(&firing.key)),
+            // Escaped, not cleaned: two keys never read the same.
+            (
+                wh::WINDOW_KEY.to_string(),
+                firing.key.escape_default().to_string(),
+            ),
             (
                 wh::WINDOW_START.to_string(),
                 firing.window.start_ms.to_string(),
@@ -382,7 +528,13 @@ pub(super) fn firing_records(
 
 /// Appends `event` to the buffered part `part` of its key, after moving
 /// into it the events of the parts it `absorbed` (sessions it bridged).
-fn buffer(view: &mut BatchView, event: &Event, part: &str, absorbed: &[String]) {
+/// A part past [`MAX_BUFFERED_PART_BYTES`] takes no more.
+fn buffer(
+    view: &mut BatchView,
+    event: &Event,
+    part: &str,
+    absorbed: &[String],
+) -> Result<(), Failure> {
     view.begin_event(&event.key);
     let mut contents = BytesMut::new();
     if absorbed.is_empty() {
@@ -398,8 +550,19 @@ fn buffer(view: &mut BatchView, event: &Event, part: &str, absorbed: &[String]) 
         }
     }
     encode_event(event, &mut contents);
+    if contents.len() > MAX_BUFFERED_PART_BYTES {
+        view.finish_event(false);
+        return Err(Failure::new(
+            FailureKind::StateLimit,
+            format!(
+                "the window's buffered events would take {} bytes, past {MAX_BUFFERED_PART_BYTES}: use an incremental window for windows this large",
+                contents.len()
+            ),
+        ));
+    }
     view.set(part.to_string(), contents.freeze());
     view.finish_event(true);
+    Ok(())
 }
 
 /// The events of `parts` of `key`, in event-time order (stream order
@@ -499,16 +662,17 @@ mod tests {
     #[test]
     fn buffered_parts_hand_back_their_events_in_time_order_and_merge() {
         let mut view = BatchView::default();
-        buffer(&mut view, &event(1, 30), "\u{1}w0", &[]);
-        buffer(&mut view, &event(2, 10), "\u{1}w0", &[]);
-        buffer(&mut view, &event(3, 50), "\u{1}w40", &[]);
+        buffer(&mut view, &event(1, 30), "\u{1}w0", &[]).expect("buffers");
+        buffer(&mut view, &event(2, 10), "\u{1}w0", &[]).expect("buffers");
+        buffer(&mut view, &event(3, 50), "\u{1}w40", &[]).expect("buffers");
         // An event that bridges both sessions takes their events along.
         buffer(
             &mut view,
             &event(4, 10),
             "\u{1}w0",
             &["\u{1}w0".to_string(), "\u{1}w40".to_string()],
-        );
+        )
+        .expect("buffers");
         let events = buffered_events(&mut view, "k", &["\u{1}w0".to_string()]).expect("reads");
         let order: Vec<u64> = events.iter().map(|e| e.sequence).collect();
         assert_eq!(order, vec![2, 4, 1, 3]);
@@ -550,7 +714,13 @@ mod tests {
             firing_msg_id("f", &firing("a", 10, 0), "0"),
             firing_msg_id("f", &firing("a:0", 0, 0), "0"),
             firing_msg_id("f", &firing("a", 0, 0), "1"),
+            firing_msg_id("f", &firing("a\nb", 0, 0), "0"),
+            firing_msg_id("f", &firing("a\\nb", 0, 0), "0"),
         ];
+        assert!(
+            ids.iter().all(|id| !id.contains(['\r', '\n'])),
+            "ids are header values: {ids:?}"
+        );
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
     }

@@ -165,8 +165,18 @@ impl FunctionInstance {
 
     /// Folds `event` into its window part as `into` says (an incremental
     /// window function): merges the absorbed parts, folds, stores the
-    /// accumulator. All or nothing, like [`Self::handle`].
+    /// accumulator. All or nothing, like [`Self::handle`]. What it
+    /// publishes is dropped, as the WIT says: a window publishes when it
+    /// fires.
     pub fn fold(&mut self, event: &Event, into: WindowFold<'_>, traced: bool) -> Invocation {
+        let mut invocation = self.fold_call(event, into, traced);
+        if let Ok(handled) = &mut invocation.result {
+            handled.outputs.clear();
+        }
+        invocation
+    }
+
+    fn fold_call(&mut self, event: &Event, into: WindowFold<'_>, traced: bool) -> Invocation {
         self.invoke(&event.key, traced, |store, handler| {
             let Handler::Incremental(handler) = handler else {
                 return Err(wasmtime::format_err!("the component has no `fold` export"));

@@ -99,7 +99,9 @@ impl BatchView {
         }
     }
 
-    /// How many entries the current key holds, this event's writes included.
+    /// How many entries the current key holds, this event's writes
+    /// included; names starting with U+0001 (a window function's host
+    /// entries) do not count.
     pub fn entry_count(&self) -> usize {
         let view = self.keys.get(&self.current_key);
         let mut names: std::collections::HashSet<&str> = view
@@ -115,7 +117,10 @@ impl BatchView {
                 None => names.remove(name.as_str()),
             };
         }
-        names.len()
+        names
+            .iter()
+            .filter(|name| !name.starts_with('\u{1}'))
+            .count()
     }
 
     pub fn set(&mut self, name: String, value: Bytes) {
