@@ -20,6 +20,11 @@
 //! one that loops until its deadline (breaker on), and the same looper with
 //! its breaker off. Epoch cost: a compute-bound guest timed directly on an
 //! engine with epoch interruption and on one without.
+//!
+//! `--only windows` (not part of `all`): Nexmark q5, q7 and q11 on Weir
+//! and natively, side by side (`nexmark.rs`).
+
+mod nexmark;
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -40,7 +45,7 @@ struct Options {
     rate: u64,
     latency_secs: u64,
     /// `all`, or one part: `throughput` (the a/b/c rounds only), `tracing`,
-    /// `isolation`, `epoch` or `deploy`.
+    /// `isolation`, `epoch`, `deploy` or `windows`.
     only: String,
 }
 
@@ -63,7 +68,7 @@ fn options() -> Result<Options> {
             "--latency-secs" => options.latency_secs = value.parse()?,
             "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|throughput|tracing|isolation|epoch|deploy"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|throughput|tracing|isolation|epoch|deploy|windows"
             ),
         }
         i += 2;
@@ -122,6 +127,18 @@ async fn run(
         "isolation" => return isolation(options, nats, js, url, artifacts).await,
         "epoch" => return epoch_cost(options, artifacts),
         "deploy" => return deploy_latency(nats, js, url, artifacts).await,
+        "windows" => {
+            return nexmark::run(
+                nats,
+                js,
+                url,
+                &pool,
+                artifacts,
+                options.events,
+                options.rounds,
+            )
+            .await;
+        }
         other => anyhow::bail!("unknown part {other}"),
     }
     let mut raw_rates = Vec::new();
@@ -868,12 +885,23 @@ async fn weir_fraud(
             KeySource::JsonPointer("/card".into()),
         )
     }];
+    timed_until_applied(config, events, pool, &name, last).await
+}
+
+/// [`timed_run`] until function `name` has applied stream sequence `last`.
+async fn timed_until_applied(
+    config: weir_host::config::HostConfig,
+    events: usize,
+    pool: &sqlx::PgPool,
+    name: &str,
+    last: i64,
+) -> Result<(f64, f64)> {
     timed_run(config, events, || {
-        eventually(Duration::from_secs(600), "fraud backlog", || async {
+        eventually(Duration::from_secs(900), "the backlog applied", || async {
             let applied: Option<i64> = sqlx::query_scalar(
                 "SELECT applied_seq FROM weir_progress WHERE function_name = $1",
             )
-            .bind(&name)
+            .bind(name)
             .fetch_optional(pool)
             .await?;
             Ok(applied.unwrap_or(0) >= last)

@@ -354,7 +354,19 @@ async fn tumbling_windows_in_and_out_of_order_late_and_too_late_match_the_batch(
     db: PgConnectOptions,
 ) -> Result<()> {
     let window = settings(WindowKind::Tumbling { size_ms: 1_000 }, 300, 1_500);
-    let inputs = events(300, 300, 30, 7);
+    let mut inputs = events(300, 300, 30, 7);
+    // A key with a line break: it goes into message ids and headers.
+    for (id, ts) in [(900_001, 10_100), (900_002, 10_400)] {
+        inputs.insert(
+            0,
+            Ev {
+                id,
+                key: "line\nbreak".into(),
+                ts,
+                value: 4,
+            },
+        );
+    }
     let (_, too_late) = reference(&window, &with_closer(inputs.clone()), true);
     assert!(!too_late.is_empty(), "some events are too late");
     run_against_reference(&db, "window-sum", window, inputs).await

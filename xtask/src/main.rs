@@ -25,6 +25,7 @@ const COMPONENTS: &[&str] = &[
     "counter",
     "window-sum",
     "window-events",
+    "nexmark",
 ];
 
 fn main() -> Result<()> {

@@ -66,6 +66,13 @@ impl FunctionWorker {
             ..
         } = ran;
         self.observe_run(&batch, &hand, &invocations).await;
+        // Firings count like calls: metrics, the canary's statistics and
+        // the guest's log lines (under sequence 0: no event of their own).
+        for (firing, invocation) in windows.iter().flat_map(|w| &w.fired) {
+            let lane = lane_for(&firing.key, self.canary_weight);
+            self.observe_invocation(lane, 0, &firing.key, None, invocation)
+                .await;
+        }
         let window_records = match windows {
             Some(mut windows) => firing_records(
                 &mut windows.fired,

@@ -1,7 +1,7 @@
 //! `weir dev`: the local stack in one process. Uses the NATS server on
 //! 127.0.0.1:4222 (or starts one with a store under `target/weir-dev`),
 //! creates the `weir_dev` database, deploys the example functions, generates
-//! orders and card transactions, and prints what flows out.
+//! orders, card transactions and sensor readings, and prints what flows out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -194,6 +194,8 @@ fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
             stream("DEV_ENRICHED", "orders.enriched"),
             stream("DEV_CARDS", "cards.tx"),
             stream("DEV_ALERTS", "alerts.velocity"),
+            stream("DEV_READINGS", "sensors.readings"),
+            stream("DEV_AVERAGES", "sensors.average"),
         ],
         functions: vec![
             FunctionSpec {
@@ -217,6 +219,26 @@ fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
                     KeySource::JsonPointer("/card".into()),
                 )
             },
+            // Windows of 10 s here (the example's docs say a minute), so
+            // that averages show up within a short run.
+            FunctionSpec {
+                event_time: TimeSource::JsonPointer("/ts".into()),
+                outputs: vec!["sensors.average".into()],
+                window: Some(weir_host::windows::WindowSettings {
+                    kind: weir_host::windows::WindowKind::Tumbling { size_ms: 10_000 },
+                    out_of_orderness_ms: 1_000,
+                    allowed_lateness_ms: 0,
+                    idle_timeout_ms: 5_000,
+                    late_subject: None,
+                }),
+                ..FunctionSpec::new(
+                    "sensor-average",
+                    module("sensor-average")?,
+                    "DEV_READINGS",
+                    "sensors.readings",
+                    KeySource::JsonPointer("/sensor".into()),
+                )
+            },
         ],
         tracing: weir_host::config::TracingConfig {
             otlp_endpoint: args.otlp_endpoint.clone(),
@@ -228,7 +250,7 @@ fn dev_config(args: &DevArgs, database_url: String) -> Result<HostConfig> {
 }
 
 async fn wait_for_streams(js: &jetstream::Context, shutdown: &CancellationToken) -> Result<()> {
-    while js.get_stream("DEV_ALERTS").await.is_err() {
+    while js.get_stream("DEV_AVERAGES").await.is_err() {
         if shutdown.is_cancelled() {
             bail!("stopped before the host was ready");
         }
@@ -238,11 +260,13 @@ async fn wait_for_streams(js: &jetstream::Context, shutdown: &CancellationToken)
 }
 
 /// Publishes orders (one in a hundred malformed) and card transactions
-/// (bursty, so some cards trip the velocity rule) at `rate` per second.
+/// (bursty, so some cards trip the velocity rule) at `rate` per second,
+/// and a reading of each of five sensors per second.
 async fn generate(js: jetstream::Context, rate: u32, shutdown: CancellationToken) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let per_tick = (rate / 10).max(1) as u64;
     let mut n: u64 = 0;
+    let mut ticks: u64 = 0;
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
@@ -277,6 +301,24 @@ async fn generate(js: jetstream::Context, rate: u32, shutdown: CancellationToken
             let ack = js.publish(subject, payload.into()).await?;
             std::future::IntoFuture::into_future(ack).await?;
         }
+        ticks += 1;
+        if ticks.is_multiple_of(10) {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
+            for sensor in 0..5u64 {
+                let celsius = 18.0 + sensor as f64 + ((ticks / 10 + sensor) % 7) as f64 * 0.5;
+                let payload = serde_json::json!({
+                    "sensor": format!("sensor-{sensor}"),
+                    "ts": now_ms,
+                    "celsius": celsius,
+                });
+                let ack = js
+                    .publish("sensors.readings", payload.to_string().into())
+                    .await?;
+                std::future::IntoFuture::into_future(ack).await?;
+            }
+        }
     }
     Ok(())
 }
@@ -309,11 +351,12 @@ async fn report(js: &jetstream::Context, pool: &sqlx::PgPool, shutdown: &Cancell
             .map(|(card, count)| format!("{card}={}", String::from_utf8_lossy(&count)))
             .collect();
         println!(
-            "orders in {:>6} | enriched {:>6} | card txs {:>6} | velocity alerts {:>5} | dead letters {:>4} | busiest cards {}",
+            "orders in {:>6} | enriched {:>6} | card txs {:>6} | velocity alerts {:>5} | sensor averages {:>4} | dead letters {:>4} | busiest cards {}",
             count("DEV_ORDERS").await,
             count("DEV_ENRICHED").await,
             count("DEV_CARDS").await,
             count("DEV_ALERTS").await,
+            count("DEV_AVERAGES").await,
             count(weir_host::serve::DEAD_LETTER_STREAM).await,
             top.join(" "),
         );
