@@ -304,6 +304,22 @@ async fn bad_function_calls_name_the_problem(
         ),
         (
             "PUT",
+            function,
+            serde_json::json!({"stream": "S", "subject": "s", "key": {"header": "k"},
+                "window": {"kind": {"sliding": {"size_ms": 1000, "slide_ms": 2000}}}}),
+            422,
+            "slide_ms <= size_ms",
+        ),
+        (
+            "PUT",
+            function,
+            serde_json::json!({"stream": "S", "subject": "s.>", "key": {"header": "k"},
+                "window": {"kind": {"tumbling": {"size_ms": 1000}}, "late_subject": "s.late"}}),
+            422,
+            "late_subject must not be one the function reads",
+        ),
+        (
+            "PUT",
             "/v1/namespaces/Shop/functions/f",
             good.clone(),
             422,

@@ -5,6 +5,10 @@
 //! call runs through [`Harness::call_as`], so a failed `fold` leaves no
 //! trace and a firing's records are kept only if it succeeds.
 //!
+//! Unlike the host it keeps no holds for retried events (a failed `fold`
+//! is returned to the test), does not bound buffered parts, and puts no
+//! `Weir-Window-*` headers on what firings publish.
+//!
 //! The test controls time: events carry their event times, the
 //! watermark moves with them (less the out-of-orderness bound) or is set
 //! with [`WindowHarness::advance_watermark_to`], and processing time (for
@@ -143,6 +147,12 @@ impl<P: Parts> WindowHarness<P> {
     /// would: folded into its window, or too late, or out of range. An
     /// error from `fold` leaves the windows as they were.
     pub fn event(&mut self, event: Event) -> Result<Placed, Error> {
+        if event.key.starts_with('\u{1}') {
+            // The host dead-letters such an event as a bad event.
+            return Err(Error::reject(
+                "the key starts with U+0001, which a window function's host keeps for itself",
+            ));
+        }
         let key = event.key.clone();
         let undo = self.core.undo_point(&key);
         let (target, absorbed) = match self.core.place(&key, event.event_time_ms, self.now_ms) {
@@ -167,6 +177,7 @@ impl<P: Parts> WindowHarness<P> {
             }
         };
         let parts = &self.parts;
+        let emitted_before = self.harness.emitted.len();
         let folded = self.harness.call_as(&key, || {
             let mut part: Option<P::Part> = None;
             for start in &absorbed {
@@ -182,6 +193,8 @@ impl<P: Parts> WindowHarness<P> {
             }
             P::fold(part, &event)
         });
+        // What `fold` publishes is dropped, as on the host.
+        self.harness.emitted.truncate(emitted_before);
         match folded {
             Ok(part) => {
                 for start in absorbed {
@@ -256,7 +269,8 @@ impl<P: Parts> WindowHarness<P> {
         &self.late
     }
 
-    /// Every record the firings (and folds) published, in order.
+    /// Every record the firings published, in order (`fold` cannot
+    /// publish: what it publishes is dropped, as on the host).
     pub fn emitted(&self) -> &[Emitted] {
         self.harness.emitted()
     }

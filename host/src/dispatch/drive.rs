@@ -226,9 +226,11 @@ impl FunctionWorker {
                 .iter()
                 .map(|e| e.as_ref().map(|(e, _)| e.event_time_ms))
                 .collect();
-            // As long as a key waits for an event that is out.
+            // As long as a key waits for an event that is out, or an
+            // open breaker keeps the stream waiting.
             let hold_for = self.ack_wait() * 2
                 + Duration::from_millis(self.spec.retry.max_backoff_ms)
+                + Duration::from_millis(self.spec.breaker.wait_in_open_ms)
                 + Duration::from_secs(5);
             let hold_for_ms = i64::try_from(hold_for.as_millis()).unwrap_or(i64::MAX);
             WindowRun::new(settings, self.lanes[0].code.world(), times, hold_for_ms)
@@ -309,6 +311,10 @@ impl FunctionWorker {
             self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
             return Err(Stop::Refused(reason));
         }
+        ran.settle_holds();
+        let Some(windows) = ran.windows.as_mut() else {
+            return Ok(Some(ran));
+        };
         let advance = match cancel.is_cancelled() {
             true => Default::default(),
             false => windows.advance(),

@@ -67,7 +67,10 @@ struct WindowBook {
     /// Window-work commits so far: the next one's outbox id.
     commits: u64,
     /// How the parts are kept: `incremental` accumulators or `buffered`
-    /// events. A version of the other world could not read them.
+    /// events. A version of the other world could not read them. (Empty
+    /// in bookkeeping written before it was recorded: taken as this
+    /// version's.)
+    #[serde(default)]
     parts: String,
     /// Events that will be delivered again (deferred, or to be retried),
     /// by stream sequence: the watermark waits for them.
@@ -154,8 +157,11 @@ impl WindowRun {
             }),
             Some(bytes) => serde_json::from_slice::<WindowBook>(&bytes)
                 .map_err(|e| format!("the stored window bookkeeping is unreadable: {e}"))
-                .and_then(|book| match book.parts == parts {
-                    true => Ok(book),
+                .and_then(|mut book| match book.parts == parts || book.parts.is_empty() {
+                    true => {
+                        book.parts = parts.to_string();
+                        Ok(book)
+                    }
                     false => Err(format!(
                         "the open windows hold {} parts and this version is a {parts} window function; a version cannot switch between the incremental and buffered worlds: bind it as a new function",
                         book.parts
@@ -166,9 +172,8 @@ impl WindowRun {
         view.finish_event(false);
         match book {
             Ok(mut book) => {
-                let before = book.held.len();
-                book.held.retain(|_, hold| hold.until_ms > self.now_ms);
-                self.placed |= book.held.len() != before;
+                // Lapsed holds go only after this batch's events (one may
+                // be the event a hold waits for): see `settle_holds`.
                 book.cap();
                 self.book = Some(book);
             }
@@ -202,7 +207,7 @@ impl Ran {
     /// Holds the watermark for the records that became deferrals or
     /// retries since the last call: when they come back they find the
     /// windows as they would have, not too late because others moved on.
-    pub(super) fn hold_handed_back(&mut self) {
+    fn hold_handed_back(&mut self) {
         let naks = self.batch.take_new_naks();
         let Some(windows) = self.windows.as_mut() else {
             return;
@@ -229,26 +234,46 @@ impl Ran {
         book.cap();
     }
 
-    /// Releases the holds of the batch's events that are decided now.
-    fn release_decided(&mut self) {
+    /// Settles the holds once the batch's events ran, before the
+    /// watermark advances: every event of the batch that will come again
+    /// holds it (whatever path handed it back), every decided one lets go,
+    /// and holds past their lapse go.
+    pub(super) fn settle_holds(&mut self) {
+        self.hold_handed_back();
         let Some(windows) = self.windows.as_mut() else {
             return;
         };
         let Some(book) = windows.book.as_mut() else {
             return;
         };
-        if book.held.is_empty() {
-            return;
-        }
+        let until_ms = windows.now_ms.saturating_add(windows.hold_for_ms);
         for (index, record) in self.batch.records().iter().enumerate() {
-            let decided = !matches!(
+            let comes_back = matches!(
                 self.batch.decision(index),
                 crate::ack::AckDecision::Nak { .. }
             );
-            if decided && book.held.remove(&record.sequence).is_some() {
-                windows.placed = true;
+            let time = windows.times.get(index).copied().flatten();
+            match (comes_back, time) {
+                (true, Some(time)) => {
+                    let at_ms = time.max(book.core.watermark_ms());
+                    let hold = book
+                        .held
+                        .entry(record.sequence)
+                        .or_insert(Hold { at_ms, until_ms });
+                    hold.until_ms = until_ms;
+                    windows.placed = true;
+                }
+                (false, _) => {
+                    if book.held.remove(&record.sequence).is_some() {
+                        windows.placed = true;
+                    }
+                }
+                (true, None) => {}
             }
         }
+        let before = book.held.len();
+        book.held.retain(|_, hold| hold.until_ms > windows.now_ms);
+        windows.placed |= book.held.len() != before;
         book.cap();
     }
 
@@ -418,8 +443,6 @@ impl Ran {
         &mut self,
         expired: &[(String, i64)],
     ) -> Result<Option<WindowWork>, String> {
-        self.hold_handed_back();
-        self.release_decided();
         let Some(windows) = self.windows.as_mut() else {
             return Ok(None);
         };
@@ -462,8 +485,25 @@ fn firing_msg_id(scope: &str, firing: &Firing, index: &str) -> String {
     format!(
         "weir:{scope}:w:{start_ms}:{end_ms}:{}:{index}:{}",
         firing.firing,
-        firing.key.escape_default()
+        escape_key(&firing.key)
     )
+}
+
+/// `key` fit for a header value, and still telling keys apart: `\` as
+/// `\\` and each control character as `\u{..}`; everything else as it is.
+pub fn escape_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if !key.contains(|c: char| c == '\\' || c.is_control()) {
+        return std::borrow::Cow::Borrowed(key);
+    }
+    let mut escaped = String::with_capacity(key.len() + 8);
+    for c in key.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            c if c.is_control() => escaped.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => escaped.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 /// The records of the windows fired: each firing's outputs with its
@@ -721,6 +761,12 @@ mod tests {
             ids.iter().all(|id| !id.contains(['\r', '\n'])),
             "ids are header values: {ids:?}"
         );
+        assert_eq!(
+            escape_key("Zürich"),
+            "Zürich",
+            "only controls and \\ are escaped"
+        );
+        assert_eq!(escape_key("a\nb\\"), "a\\u{a}b\\\\");
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
     }
