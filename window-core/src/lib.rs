@@ -34,6 +34,8 @@ use serde::{Deserialize, Serialize};
 /// The shape of a function's windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+// Named apart from the circuit breaker's (count or time) window kind.
+#[cfg_attr(feature = "schema", schema(as = EventTimeWindowKind))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum WindowKind {
     /// Back-to-back windows of `size_ms`: [0, size), [size, 2·size), ...
@@ -48,6 +50,7 @@ pub enum WindowKind {
 /// How a function's windows are made and closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "schema", schema(as = EventTimeWindow))]
 #[serde(deny_unknown_fields)]
 pub struct WindowSettings {
     pub kind: WindowKind,

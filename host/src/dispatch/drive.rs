@@ -262,7 +262,7 @@ impl FunctionWorker {
     /// Waits for a blocking `task` of the batch, extending the messages'
     /// ack deadlines and renewing the lease meanwhile; a lost lease fires
     /// `stop` (the task stops between calls). Also says whether it was lost.
-    async fn keep_alive<T>(
+    pub(super) async fn keep_alive<T>(
         &mut self,
         mut task: tokio::task::JoinHandle<T>,
         hand: &InHand,
@@ -287,111 +287,17 @@ impl FunctionWorker {
     }
 
     /// Puts the instances and breakers a run took back on the lanes.
-    fn return_lanes(&mut self, ran: &mut Ran) {
+    pub(super) fn return_lanes(&mut self, ran: &mut Ran) {
         for (lane, run) in self.lanes.iter_mut().zip(&mut ran.lanes) {
             lane.instance = run.instance.take();
             lane.breaker = run.breaker.take();
         }
     }
 
-    /// A windowed function's work after its events: the watermark moves
-    /// on, due windows fire (their keys' state loaded first), expired parts
-    /// go, and the batch is told what to commit for it. `None`: stopped or
-    /// short of an instance, the batch was handed back.
-    async fn run_windows(
-        &mut self,
-        mut ran: Ran,
-        hand: &mut InHand,
-        cancel: &CancellationToken,
-    ) -> Result<Option<Ran>, Stop> {
-        let Some(windows) = ran.windows.as_mut() else {
-            return Ok(Some(ran));
-        };
-        if let Some(reason) = windows.broken().map(str::to_string) {
-            self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
-            return Err(Stop::Refused(reason));
-        }
-        ran.settle_holds();
-        let Some(windows) = ran.windows.as_mut() else {
-            return Ok(Some(ran));
-        };
-        let advance = match cancel.is_cancelled() {
-            true => Default::default(),
-            false => windows.advance(),
-        };
-        let mut missing: Vec<&str> = advance
-            .firings
-            .iter()
-            .map(|f| f.key.as_str())
-            .chain(advance.expired.iter().map(|(key, _)| key.as_str()))
-            .filter(|key| !ran.view.has_key(key))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if !missing.is_empty() {
-            let (state, name, epoch) = (&self.state, &self.name, self.epoch);
-            let loaded = hold(
-                &self.name,
-                self.ack_wait(),
-                "loading the state of windows that fire",
-                &hand.messages,
-                cancel,
-                || state.view(name, epoch, &missing),
-            )
-            .await;
-            match loaded {
-                Ok(loaded) => ran.view.include(loaded),
-                Err(Stop::Cancelled) => {
-                    self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
-                    return Ok(None);
-                }
-                Err(stop) => return Err(stop),
-            }
-        }
-        let firings = advance.firings;
-        if !firings.is_empty() {
-            ran.lanes = self.lanes.iter_mut().map(LaneRun::take).collect();
-            let weight = self.canary_weight;
-            let task = tokio::task::spawn_blocking(move || {
-                let fired = ran.fire(firings, weight);
-                (ran, fired)
-            });
-            let (joined, fenced) = self.keep_alive(task, hand, &cancel.child_token()).await;
-            let (mut fired_ran, fired) = match joined {
-                Ok(done) => done,
-                Err(error) => {
-                    self.recover_from_failed_run(&error.to_string(), hand, cancel)
-                        .await;
-                    return Ok(None);
-                }
-            };
-            self.return_lanes(&mut fired_ran);
-            if fenced {
-                return Err(Stop::Fenced);
-            }
-            if !fired {
-                tracing::warn!(function = %self.name, "no instance for a window that fires; the batch waits");
-                self.hand_back_batch(&mut fired_ran.batch, hand, cancel)
-                    .await?;
-                return Ok(None);
-            }
-            ran = fired_ran;
-        }
-        match ran.close_windows(&advance.expired) {
-            Ok(Some(work)) => ran.batch.add_window_work(work),
-            Ok(None) => {}
-            Err(reason) => {
-                self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
-                return Err(Stop::Refused(reason));
-            }
-        }
-        Ok(Some(ran))
-    }
-
     /// The run task panicked: a host bug, not the guest's. Nothing is
     /// decided; the batch goes back without spending attempts, and the
     /// breakers start again closed.
-    async fn recover_from_failed_run(
+    pub(super) async fn recover_from_failed_run(
         &mut self,
         error: &str,
         hand: &mut InHand,
@@ -760,7 +666,7 @@ impl FunctionWorker {
 
     /// Hands the whole batch back to JetStream: nothing was committed, no
     /// delivery is an attempt.
-    async fn hand_back_batch(
+    pub(super) async fn hand_back_batch(
         &mut self,
         batch: &mut Batch,
         hand: &mut InHand,

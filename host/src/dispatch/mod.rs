@@ -41,6 +41,8 @@ mod observe;
 mod sim;
 mod support;
 mod turn;
+mod window_parts;
+mod window_turn;
 mod windowed;
 
 use std::collections::HashMap;

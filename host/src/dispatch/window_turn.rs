@@ -1,0 +1,143 @@
+//! The driver's part of a windowed function's batch, after its events
+//! ran: the watermark advances, the state of the keys whose windows fire
+//! is loaded, the firings run on a blocking thread with the lanes'
+//! instances, and the batch is told what to commit for the windows
+//! ([`super::windowed`] holds the window side of the run itself).
+
+use tokio_util::sync::CancellationToken;
+
+use super::lanes::{LaneRun, Ran};
+use super::{FunctionWorker, InHand, Stop, hold};
+
+impl FunctionWorker {
+    /// A windowed function's work after its events: the watermark moves
+    /// on, due windows fire (their keys' state loaded first), expired parts
+    /// go, and the batch is told what to commit for it. `None`: stopped or
+    /// short of an instance, the batch was handed back.
+    pub(super) async fn run_windows(
+        &mut self,
+        mut ran: Ran,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ran>, Stop> {
+        let Some(windows) = ran.windows.as_mut() else {
+            return Ok(Some(ran));
+        };
+        if let Some(reason) = windows.broken().map(str::to_string) {
+            self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+            return Err(Stop::Refused(reason));
+        }
+        ran.settle_holds();
+        let Some(windows) = ran.windows.as_mut() else {
+            return Ok(Some(ran));
+        };
+        let mut advance = match cancel.is_cancelled() {
+            true => Default::default(),
+            false => windows.advance(),
+        };
+        if !self
+            .load_window_keys(&mut ran, &advance, hand, cancel)
+            .await?
+        {
+            return Ok(None);
+        }
+        if !advance.firings.is_empty() {
+            let firings = std::mem::take(&mut advance.firings);
+            match self.run_firings(ran, firings, hand, cancel).await? {
+                Some(fired) => ran = fired,
+                None => return Ok(None),
+            }
+        }
+        match ran.close_windows(&advance.expired) {
+            Ok(Some(work)) => ran.batch.add_window_work(work),
+            Ok(None) => {}
+            Err(reason) => {
+                self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+                return Err(Stop::Refused(reason));
+            }
+        }
+        Ok(Some(ran))
+    }
+
+    /// Loads the state of the keys whose windows fire or expire that the
+    /// batch's view lacks. `false`: stopped first, the batch was handed
+    /// back.
+    async fn load_window_keys(
+        &mut self,
+        ran: &mut Ran,
+        advance: &crate::windows::Advance,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Stop> {
+        let mut missing: Vec<&str> = advance
+            .firings
+            .iter()
+            .map(|f| f.key.as_str())
+            .chain(advance.expired.iter().map(|(key, _)| key.as_str()))
+            .filter(|key| !ran.view.has_key(key))
+            .collect();
+        if missing.is_empty() {
+            return Ok(true);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let (state, name, epoch) = (&self.state, &self.name, self.epoch);
+        let loaded = hold(
+            &self.name,
+            self.ack_wait(),
+            "loading the state of windows that fire",
+            &hand.messages,
+            cancel,
+            || state.view(name, epoch, &missing),
+        )
+        .await;
+        match loaded {
+            Ok(loaded) => {
+                ran.view.include(loaded);
+                Ok(true)
+            }
+            Err(Stop::Cancelled) => {
+                self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+                Ok(false)
+            }
+            Err(stop) => Err(stop),
+        }
+    }
+
+    /// Hands `firings` to the guest on a blocking thread, with the lanes'
+    /// instances. `None`: the run failed or found no instance, and the
+    /// batch was handed back.
+    async fn run_firings(
+        &mut self,
+        mut ran: Ran,
+        firings: Vec<crate::windows::Firing>,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ran>, Stop> {
+        ran.lanes = self.lanes.iter_mut().map(LaneRun::take).collect();
+        let weight = self.canary_weight;
+        let task = tokio::task::spawn_blocking(move || {
+            let fired = ran.fire(firings, weight);
+            (ran, fired)
+        });
+        let (joined, fenced) = self.keep_alive(task, hand, &cancel.child_token()).await;
+        let (mut ran, fired) = match joined {
+            Ok(done) => done,
+            Err(error) => {
+                self.recover_from_failed_run(&error.to_string(), hand, cancel)
+                    .await;
+                return Ok(None);
+            }
+        };
+        self.return_lanes(&mut ran);
+        if fenced {
+            return Err(Stop::Fenced);
+        }
+        if !fired {
+            tracing::warn!(function = %self.name, "no instance for a window that fires; the batch waits");
+            self.hand_back_batch(&mut ran.batch, hand, cancel).await?;
+            return Ok(None);
+        }
+        Ok(Some(ran))
+    }
+}
