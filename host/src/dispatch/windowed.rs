@@ -105,8 +105,9 @@ pub(super) struct WindowRun {
     book: Option<WindowBook>,
     /// Why the bookkeeping cannot be used; every event waits.
     broken: Option<String>,
-    /// Some event was placed or held: the bookkeeping changed.
-    placed: bool,
+    /// An event was placed, or a hold set or let go: the bookkeeping
+    /// must be written.
+    changed: bool,
     /// Each record's event time, by record index.
     times: Vec<Option<i64>>,
     /// How long a hold lasts.
@@ -133,7 +134,7 @@ impl WindowRun {
             now_ms,
             book: None,
             broken: None,
-            placed: false,
+            changed: false,
             times,
             hold_for_ms,
             fired: Vec::new(),
@@ -227,7 +228,7 @@ impl Ran {
                 .entry(self.batch.records()[index].sequence)
                 .or_insert(Hold { at_ms, until_ms });
             hold.until_ms = until_ms;
-            windows.placed = true;
+            windows.changed = true;
         }
         book.cap();
     }
@@ -259,11 +260,11 @@ impl Ran {
                         .entry(record.sequence)
                         .or_insert(Hold { at_ms, until_ms });
                     hold.until_ms = until_ms;
-                    windows.placed = true;
+                    windows.changed = true;
                 }
                 (false, _) => {
                     if book.held.remove(&record.sequence).is_some() {
-                        windows.placed = true;
+                        windows.changed = true;
                     }
                 }
                 (true, None) => {}
@@ -271,7 +272,7 @@ impl Ran {
         }
         let before = book.held.len();
         book.held.retain(|_, hold| hold.until_ms > windows.now_ms);
-        windows.placed |= book.held.len() != before;
+        windows.changed |= book.held.len() != before;
         book.cap();
     }
 
@@ -341,7 +342,7 @@ impl Ran {
             return RunResult::HostFailed;
         };
         match (&result, &mut windows.book) {
-            (RunResult::Invoked(Ok(_)), _) => windows.placed = true,
+            (RunResult::Invoked(Ok(_)), _) => windows.changed = true,
             (_, Some(book)) => book.core.undo(undo),
             (_, None) => {}
         }
@@ -447,7 +448,7 @@ impl Ran {
         let Some(book) = windows.book.as_mut() else {
             return Ok(None);
         };
-        if !windows.placed && windows.fired.is_empty() && expired.is_empty() {
+        if !windows.changed && windows.fired.is_empty() && expired.is_empty() {
             return Ok(None);
         }
         for (key, part) in expired {
