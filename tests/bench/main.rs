@@ -662,6 +662,44 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A durable pull consumer `name` of `stream` with Weir's batch size and
+/// ack policy (explicit acks), as a stream of messages.
+async fn pull_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> Result<consumer::pull::Stream> {
+    let consumer: consumer::PullConsumer = js
+        .get_stream(stream)
+        .await?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: (BATCH * 4) as i64,
+            ..Default::default()
+        })
+        .await?;
+    Ok(consumer
+        .stream()
+        .max_messages_per_batch(BATCH)
+        .messages()
+        .await?)
+}
+
+/// The next batch: waits for one message, then takes up to [`BATCH`] of
+/// those already there, as Weir does.
+async fn next_batch(messages: &mut consumer::pull::Stream) -> Result<Vec<jetstream::Message>> {
+    let mut batch = Vec::with_capacity(BATCH);
+    batch.push(messages.next().await.context("stream ended")??);
+    while batch.len() < BATCH {
+        match futures::FutureExt::now_or_never(messages.next()) {
+            Some(Some(message)) => batch.push(message?),
+            _ => break,
+        }
+    }
+    Ok(batch)
+}
+
 /// CPU time (user + system) of this process so far, from /proc.
 fn process_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -717,32 +755,10 @@ async fn raw_consumer(
     publish_all(js, &in_subject, (0..events).map(|_| payload.to_vec())).await?;
 
     let started = Instant::now();
-    let consumer: consumer::PullConsumer = js
-        .get_stream(&input)
-        .await?
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: (BATCH * 4) as i64,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(BATCH)
-        .messages()
-        .await?;
+    let mut messages = pull_messages(js, &input, "raw").await?;
     let mut done = 0;
     while done < events {
-        let mut batch = Vec::with_capacity(BATCH);
-        let first = messages.next().await.context("stream ended")??;
-        batch.push(first);
-        while batch.len() < BATCH {
-            match futures::FutureExt::now_or_never(messages.next()) {
-                Some(Some(message)) => batch.push(message?),
-                _ => break,
-            }
-        }
+        let batch = next_batch(&mut messages).await?;
         let mut acks = Vec::with_capacity(batch.len());
         for message in &batch {
             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);

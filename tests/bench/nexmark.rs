@@ -16,10 +16,9 @@ use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use serde::Deserialize;
 use weir_e2e::*;
 use weir_host::config::{FunctionSpec, KeySource, TimeSource};
@@ -241,32 +240,11 @@ async fn native_query(
 ) -> Result<(f64, f64)> {
     let started = Instant::now();
     let cpu = process_cpu();
-    let consumer: consumer::PullConsumer = js
-        .get_stream(input)
-        .await?
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("native".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: (BATCH * 4) as i64,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(BATCH)
-        .messages()
-        .await?;
+    let mut messages = super::pull_messages(js, input, "native").await?;
     let mut windows = NativeWindows::new(settings(query.kind));
     let mut done = 0;
     while done < events {
-        let mut batch = Vec::with_capacity(BATCH);
-        batch.push(messages.next().await.context("stream ended")??);
-        while batch.len() < BATCH {
-            match futures::FutureExt::now_or_never(messages.next()) {
-                Some(Some(message)) => batch.push(message?),
-                _ => break,
-            }
-        }
+        let batch = super::next_batch(&mut messages).await?;
         for message in &batch {
             let bid: Bid = serde_json::from_slice(&message.payload)?;
             let key = match query.key {

@@ -95,6 +95,14 @@ impl Driver {
         }
     }
 
+    /// Each window's sum in its last firing.
+    fn sums(&self) -> BTreeMap<(String, Window), i64> {
+        self.results
+            .iter()
+            .map(|(w, (sum, _))| (w.clone(), *sum))
+            .collect()
+    }
+
     fn restart(&mut self) {
         let saved = serde_json::to_string(&self.core).expect("serializes");
         self.core = serde_json::from_str(&saved).expect("deserializes");
@@ -351,11 +359,7 @@ fn any_order_within_the_bound_gives_the_batch_results_exactly() {
             driver.results.values().all(|(_, firing)| *firing == 0),
             "seed {seed}: each window fired once"
         );
-        let got: BTreeMap<_, _> = driver
-            .results
-            .iter()
-            .map(|(w, (sum, _))| (w.clone(), *sum))
-            .collect();
+        let got = driver.sums();
         assert_eq!(
             got,
             reference(&settings, &events),
@@ -421,11 +425,7 @@ fn late_events_update_or_go_late_and_the_rest_match_the_batch() {
         driver.take(advance);
         updates += driver.updates;
         too_late += driver.too_late.len();
-        let got: BTreeMap<_, _> = driver
-            .results
-            .iter()
-            .map(|(w, (sum, _))| (w.clone(), *sum))
-            .collect();
+        let got = driver.sums();
         let expected = reference(&settings, &kept);
         match settings.kind {
             // An event is kept only if its one window still takes updates:
@@ -504,11 +504,7 @@ fn an_undone_event_leaves_no_trace_in_the_results() {
         }
         let advance = driver.core.advance_watermark_to(i64::MAX);
         driver.take(advance);
-        let got: BTreeMap<_, _> = driver
-            .results
-            .iter()
-            .map(|(w, (sum, _))| (w.clone(), *sum))
-            .collect();
+        let got = driver.sums();
         assert_eq!(
             got,
             reference(&settings, &kept),
