@@ -195,6 +195,19 @@ impl WindowRun {
 }
 
 impl WindowBook {
+    /// Holds the watermark for the event at `sequence` (event time
+    /// `time`) until processing time `until_ms`: at its time, or where the
+    /// watermark is if that is later already (its fate then stays what it
+    /// is now). A hold already set keeps its level and is extended.
+    fn hold(&mut self, sequence: u64, time: i64, until_ms: i64) {
+        let at_ms = time.max(self.core.watermark_ms());
+        let hold = self
+            .held
+            .entry(sequence)
+            .or_insert(Hold { at_ms, until_ms });
+        hold.until_ms = until_ms;
+    }
+
     /// Holds the watermark below the events that will come again.
     fn cap(&mut self) {
         let cap = self.held.values().map(|hold| hold.at_ms).min();
@@ -222,12 +235,7 @@ impl Ran {
             let Some(time) = windows.times.get(index).copied().flatten() else {
                 continue;
             };
-            let at_ms = time.max(book.core.watermark_ms());
-            let hold = book
-                .held
-                .entry(self.batch.records()[index].sequence)
-                .or_insert(Hold { at_ms, until_ms });
-            hold.until_ms = until_ms;
+            book.hold(self.batch.records()[index].sequence, time, until_ms);
             windows.changed = true;
         }
         book.cap();
@@ -254,12 +262,7 @@ impl Ran {
             let time = windows.times.get(index).copied().flatten();
             match (comes_back, time) {
                 (true, Some(time)) => {
-                    let at_ms = time.max(book.core.watermark_ms());
-                    let hold = book
-                        .held
-                        .entry(record.sequence)
-                        .or_insert(Hold { at_ms, until_ms });
-                    hold.until_ms = until_ms;
+                    book.hold(record.sequence, time, until_ms);
                     windows.changed = true;
                 }
                 (false, _) => {
