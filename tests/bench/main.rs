@@ -700,6 +700,33 @@ async fn next_batch(messages: &mut consumer::pull::Stream) -> Result<Vec<jetstre
     Ok(batch)
 }
 
+/// Publishes `outputs` (message id, payload) to `subject`, waits for
+/// every publish ack, then acks `batch`: outputs stored before their
+/// inputs are acked, as Weir does.
+async fn publish_then_ack(
+    js: &jetstream::Context,
+    subject: &str,
+    outputs: Vec<(String, bytes::Bytes)>,
+    batch: &[jetstream::Message],
+) -> Result<()> {
+    let mut acks = Vec::with_capacity(outputs.len());
+    for (id, payload) in outputs {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        acks.push(
+            js.publish_with_headers(subject.to_string(), headers, payload)
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.into_future().await?;
+    }
+    for message in batch {
+        message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) of this process so far, from /proc.
 fn process_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -759,22 +786,11 @@ async fn raw_consumer(
     let mut done = 0;
     while done < events {
         let batch = next_batch(&mut messages).await?;
-        let mut acks = Vec::with_capacity(batch.len());
-        for message in &batch {
+        let outputs = batch.iter().map(|message| {
             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("raw:{round}:{sequence}:0").as_str());
-            acks.push(
-                js.publish_with_headers(out_subject.clone(), headers, message.payload.clone())
-                    .await?,
-            );
-        }
-        for ack in acks {
-            ack.into_future().await?;
-        }
-        for message in &batch {
-            message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+            (format!("raw:{round}:{sequence}:0"), message.payload.clone())
+        });
+        publish_then_ack(js, &out_subject, outputs.collect(), &batch).await?;
         done += batch.len();
     }
     let elapsed = started.elapsed();

@@ -13,11 +13,9 @@
 //! cost of an event should not grow with the overlap.
 
 use std::collections::HashMap;
-use std::future::IntoFuture;
 use std::time::Instant;
 
 use anyhow::Result;
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use serde::Deserialize;
 use weir_e2e::*;
@@ -254,21 +252,9 @@ async fn native_query(
             };
             windows.place(key, bid.ts, bid.price);
         }
-        let mut acks = Vec::new();
-        for (id, result) in windows.fire() {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            acks.push(
-                js.publish_with_headers("nexmark.native", headers, result.into())
-                    .await?,
-            );
-        }
-        for ack in acks {
-            ack.into_future().await?;
-        }
-        for message in &batch {
-            message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+        let results = windows.fire().into_iter();
+        let results = results.map(|(id, payload)| (id, payload.into())).collect();
+        super::publish_then_ack(js, "nexmark.native", results, &batch).await?;
         done += batch.len();
     }
     let cpu_used = process_cpu().saturating_sub(cpu);

@@ -17,6 +17,7 @@ use weir_e2e::process::{HostProcess, log_tail, signal};
 use weir_e2e::*;
 use weir_host::config::{FunctionSpec, HostConfig, KeySource, TimeSource};
 use weir_host::crash::CrashPoint;
+use weir_host::dispatch::window_headers;
 use weir_host::windows::{WindowKind, WindowSettings};
 
 /// One input event.
@@ -179,7 +180,7 @@ async fn final_results(stack: &Stack) -> Result<(Contents, usize)> {
         );
         let firing = out["firing"].as_u64().context("firing")?;
         assert_eq!(
-            header(&message, "Weir-Window-Firing"),
+            header(&message, window_headers::FIRING),
             firing.to_string(),
             "the firing number is in the headers"
         );
@@ -217,7 +218,7 @@ async fn late_ids(stack: &Stack) -> Result<BTreeSet<u64>> {
         if message.subject.as_str() != "windows.late" {
             continue;
         }
-        let behind: i64 = header(&message, "Weir-Late-Behind-Watermark-Ms").parse()?;
+        let behind: i64 = header(&message, window_headers::LATE_BEHIND).parse()?;
         assert!(behind > 0, "a late event is behind the watermark");
         let input: serde_json::Value = serde_json::from_slice(&message.payload)?;
         assert!(ids.insert(input["id"].as_u64().context("id")?), "late once");

@@ -177,12 +177,6 @@ pub struct Firing {
     pub firing: u32,
 }
 
-impl Advance {
-    pub fn is_empty(&self) -> bool {
-        self.firings.is_empty() && self.expired.is_empty()
-    }
-}
-
 impl Firing {
     /// Whether this firing updates an earlier one after late data.
     pub fn is_update(&self) -> bool {

@@ -24,10 +24,10 @@ use super::window_parts::{buffer, buffered_events};
 use crate::outcome::{Failure, FailureKind};
 use crate::output::{OutputRecord, dead_letter_headers as dlq, header_text};
 use crate::sandbox::{
-    Event, GuestFiring, HOST_ENTRY_PREFIX, Handled, Invocation, InvocationDiagnostics,
-    PendingOutput, WindowFold, World,
+    Event, GuestFiring, Handled, Invocation, InvocationDiagnostics, PendingOutput, WindowFold,
+    World,
 };
-use crate::state::BatchView;
+use crate::state::{BatchView, HOST_ENTRY_PREFIX};
 use crate::windows::{Advance, Firing, Placement, Window, WindowCore, WindowSettings};
 
 /// The key the function's window bookkeeping is stored under. Event keys

@@ -28,7 +28,7 @@ use super::bindings::weir::function::{emit, log, state, trace, types};
 use super::diagnostics::{Diagnostics, LogLevel, LogSource};
 use crate::config::Limits;
 use crate::output::{is_publishable_subject, is_valid_header, subject_matches};
-use crate::state::BatchView;
+use crate::state::{BatchView, HOST_ENTRY_PREFIX};
 
 /// Longest subject a guest may publish to.
 const MAX_SUBJECT_BYTES: usize = 512;
@@ -79,10 +79,6 @@ pub struct InvocationState {
     /// [`HOST_ENTRY_PREFIX`] are the host's (window contents).
     pub(crate) host_entries: bool,
 }
-
-/// What the names of the host's own entries in a window function's state
-/// start with: its guests cannot read, write or delete them.
-pub const HOST_ENTRY_PREFIX: char = '\u{1}';
 
 impl InvocationState {
     pub(crate) fn new(

@@ -27,7 +27,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use bindings::weir::function::types::{Event, Window};
-pub use host::{HOST_ENTRY_PREFIX, InvocationState, PendingOutput};
+pub use host::{InvocationState, PendingOutput};
 pub use instance::FunctionInstance;
 
 use bindings::buffered::BufferedWindowHandlerPre;

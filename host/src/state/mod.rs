@@ -21,6 +21,12 @@ use sqlx::PgPool;
 pub use owner::Claim;
 pub use view::{BatchView, EntryChange, KeyDelta, KeyEntries};
 
+/// What the names of the host's own entries in a window function's state
+/// (and the key of its window bookkeeping) start with: its guests cannot
+/// read, write or delete them, and they do not count against the guest's
+/// entry limit.
+pub const HOST_ENTRY_PREFIX: char = '\u{1}';
+
 use crate::output::OutputRecord;
 
 /// Why state could not be read or committed.

@@ -119,7 +119,7 @@ impl BatchView {
         }
         names
             .iter()
-            .filter(|name| !name.starts_with('\u{1}'))
+            .filter(|name| !name.starts_with(super::HOST_ENTRY_PREFIX))
             .count()
     }
 
