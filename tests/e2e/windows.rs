@@ -686,3 +686,75 @@ async fn a_retried_event_holds_the_watermark_until_it_is_applied(
     host.stop().await?;
     Ok(())
 }
+
+/// Bad inputs to a window function without a late subject: a key the
+/// host keeps for itself, an event time past year 9999 and an event too
+/// late for every window are each dead-lettered with a clear kind and
+/// reason, and the windows of the good events are exact.
+#[sqlx::test(migrations = false)]
+async fn bad_window_inputs_are_dead_lettered_and_lose_nothing(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let window = WindowSettings {
+        late_subject: None,
+        ..settings(WindowKind::Tumbling { size_ms: 1_000 }, 0, 0)
+    };
+    let host = stack
+        .host(window_config(&stack, "window-sum", window.clone())?)
+        .await?;
+    let good: Vec<Ev> = (1..=20u64)
+        .map(|id| Ev {
+            id,
+            key: "k".into(),
+            ts: 10_000 + id as i64 * 100,
+            value: 1,
+        })
+        .collect();
+    let bad = [
+        (101, "\u{1}windows", 10_500, "bad-event", "U+0001"),
+        (
+            102,
+            "k",
+            999_999_999_999_999,
+            "bad-event",
+            "years 1 to 9999",
+        ),
+        (103, "k", 1_000, "too-late", "behind the watermark"),
+    ];
+    // The good events, the bad ones, then the closer of the good ones.
+    let mut inputs = with_closer(good.clone());
+    let closer = inputs.pop().context("the closer")?;
+    inputs.extend(bad.iter().map(|(id, key, ts, _, _)| Ev {
+        id: *id,
+        key: key.to_string(),
+        ts: *ts,
+        value: 1,
+    }));
+    inputs.push(closer);
+    publish_all(&stack.js, "events.in", inputs.iter().map(Ev::payload)).await?;
+    let (mut expected, _) = reference(&window, &with_closer(good), true);
+    expected.retain(|(key, _, _), _| key != "end");
+    wait_for_reference(&stack, &expected).await?;
+    let mut dead = BTreeMap::new();
+    eventually(Duration::from_secs(30), "three dead letters", || async {
+        Ok(stream_len(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await? >= 3)
+    })
+    .await?;
+    for message in read_stream(&stack.js, weir_host::serve::DEAD_LETTER_STREAM).await? {
+        let input: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        let id = input["id"].as_u64().context("id")?;
+        let kind = header(&message, "Weir-Error-Kind");
+        let reason = header(&message, "Weir-Error");
+        anyhow::ensure!(dead.insert(id, (kind, reason)).is_none(), "{id} twice");
+    }
+    assert_eq!(dead.len(), bad.len(), "{dead:?}");
+    for (id, _, _, kind, reason) in bad {
+        let (got_kind, got_reason) = &dead[&id];
+        assert_eq!(got_kind, kind, "event {id}");
+        assert!(got_reason.contains(reason), "event {id}: {got_reason}");
+    }
+    host.stop().await?;
+    Ok(())
+}

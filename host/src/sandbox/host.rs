@@ -469,6 +469,29 @@ mod tests {
     }
 
     #[test]
+    fn a_window_functions_guest_cannot_touch_the_hosts_entries() {
+        let mut data = invocation();
+        data.host_entries = true;
+        data.view.set("\u{1}w0".into(), Bytes::from_static(b"acc"));
+        let name = "\u{1}w0".to_string();
+        assert_eq!(state::Host::get(&mut data, name.clone()), None);
+        assert!(state::Host::set(&mut data, name.clone(), b"x".to_vec()).is_err());
+        match &data.violation {
+            Some(Violation::StateLimit(message)) => {
+                assert!(message.contains("U+0001"), "{message}");
+            }
+            other => panic!("expected a state-limit violation, found {other:?}"),
+        }
+        state::Host::delete(&mut data, name);
+        assert_eq!(data.view.get("\u{1}w0"), Some(Bytes::from_static(b"acc")));
+        // Its own entries still count against its limit; the host's do not.
+        assert_eq!(data.view.entry_count(), 0);
+        // A per-event function keeps every name it may store.
+        let mut data = invocation();
+        assert!(state::Host::set(&mut data, "\u{1}mine".into(), b"1".to_vec()).is_ok());
+    }
+
+    #[test]
     fn entry_names_holding_nul_are_never_stored() {
         let mut data = invocation();
         let name = "a\u{0}b".to_string();
