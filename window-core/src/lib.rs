@@ -20,6 +20,7 @@
 //!   added to one pane, whatever the overlap;
 //! - sessions merge when an event bridges them, and never split.
 
+pub mod merges;
 mod panes;
 mod sessions;
 #[cfg(any(test, feature = "test-rng"))]
@@ -112,6 +113,28 @@ impl WindowSettings {
         }
         if !span(self.idle_timeout_ms) {
             return Some("idle_timeout_ms must be between 1 ms and a year");
+        }
+        None
+    }
+}
+
+impl WindowSettings {
+    /// Why windows kept under these settings cannot go on under `next`, if
+    /// they cannot: another kind reads the open windows wrongly, and a
+    /// longer lateness would open windows already expired again, as new
+    /// windows with only part of their events.
+    pub fn change_problem(&self, next: &WindowSettings) -> Option<String> {
+        if next.kind != self.kind {
+            return Some(format!(
+                "the window kind changed from {:?} to {:?}; windows already open cannot be read as the new kind: bind the new kind as a new function",
+                self.kind, next.kind
+            ));
+        }
+        if next.allowed_lateness_ms > self.allowed_lateness_ms {
+            return Some(format!(
+                "allowed_lateness_ms rose from {} to {}; windows expired under the old lateness would open again without their events: lateness can only be lowered, or bind the new lateness as a new function",
+                self.allowed_lateness_ms, next.allowed_lateness_ms
+            ));
         }
         None
     }
@@ -217,6 +240,15 @@ pub struct WindowCore {
     /// will come again (deferred, retried) keep the fate they had.
     #[serde(default)]
     cap_ms: Option<i64>,
+    /// The watermark windows were last due at (none: the watermark, as in
+    /// bookkeeping written before it was kept, which was always due).
+    #[serde(default)]
+    due_through_ms: Option<i64>,
+    /// Written as `key_windows` since windows not yet due have no marks:
+    /// a host from before reads no `keys` and refuses the bookkeeping
+    /// (it would never fire those windows) instead of losing them. Read
+    /// from `keys` too, as that host wrote it.
+    #[serde(rename = "key_windows", alias = "keys")]
     keys: BTreeMap<String, KeyWindows>,
 }
 
@@ -235,6 +267,7 @@ impl WindowCore {
             watermark_ms: i64::MIN,
             last_arrival_ms: None,
             cap_ms: None,
+            due_through_ms: Some(i64::MIN),
             keys: BTreeMap::new(),
         }
     }
@@ -252,8 +285,16 @@ impl WindowCore {
     /// Raises the watermark towards `target`, never back and never past
     /// the cap.
     fn raise_watermark(&mut self, target: i64) {
+        self.due_through();
         let target = self.cap_ms.map_or(target, |cap| target.min(cap));
         self.watermark_ms = self.watermark_ms.max(target);
+    }
+
+    /// The watermark windows were last due at. Bookkeeping written before
+    /// it was kept was always committed right after windows were due, so
+    /// its watermark is the one, taken before anything moves it.
+    fn due_through(&mut self) -> i64 {
+        *self.due_through_ms.get_or_insert(self.watermark_ms)
     }
 
     pub fn watermark_ms(&self) -> i64 {
@@ -266,22 +307,11 @@ impl WindowCore {
 
     /// Takes new settings of the same window kind (a new version's
     /// binding): bounds, a lower lateness, idleness and the late subject
-    /// apply from now on. A different kind or a higher lateness is
-    /// refused, with why.
+    /// apply from now on. A change [`WindowSettings::change_problem`]
+    /// refuses is refused, with why.
     pub fn retune(&mut self, settings: &WindowSettings) -> Result<(), String> {
-        if settings.kind != self.settings.kind {
-            return Err(format!(
-                "the window kind changed from {:?} to {:?}; windows already open cannot be read as the new kind: bind the new kind as a new function",
-                self.settings.kind, settings.kind
-            ));
-        }
-        // Windows already expired under the old lateness are gone: a longer
-        // one would open them again as new windows with part of their events.
-        if settings.allowed_lateness_ms > self.settings.allowed_lateness_ms {
-            return Err(format!(
-                "allowed_lateness_ms rose from {} to {}; windows expired under the old lateness would open again without their events: lateness can only be lowered, or bind the new lateness as a new function",
-                self.settings.allowed_lateness_ms, settings.allowed_lateness_ms
-            ));
+        if let Some(problem) = self.settings.change_problem(settings) {
+            return Err(problem);
         }
         self.settings = settings.clone();
         Ok(())
@@ -305,9 +335,12 @@ impl WindowCore {
             };
             self.keys.insert(key.to_string(), fresh);
         }
+        let due_through = self.due_through();
         let (settings, watermark) = (&self.settings, self.watermark_ms);
         let placement = match self.keys.get_mut(key) {
-            Some(KeyWindows::Panes(panes)) => panes.place(settings, event_ms, watermark),
+            Some(KeyWindows::Panes(panes)) => {
+                panes.place(settings, event_ms, watermark, due_through)
+            }
             Some(KeyWindows::Sessions(sessions)) => sessions.place(settings, event_ms, watermark),
             None => unreachable!("the key's windows were made above"),
         };
@@ -365,16 +398,18 @@ impl WindowCore {
     /// expires as [`WindowCore::advance`] does: for tests and the native
     /// harness, which control event time.
     pub fn advance_watermark_to(&mut self, watermark_ms: i64) -> Advance {
+        self.due_through();
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
         self.fire_due()
     }
 
     fn fire_due(&mut self) -> Advance {
         let mut advance = Advance::default();
+        let due_through = self.due_through();
         let watermark = self.watermark_ms;
         for (key, windows) in &mut self.keys {
             let (firings, expired) = match windows {
-                KeyWindows::Panes(panes) => panes.due(&self.settings, watermark),
+                KeyWindows::Panes(panes) => panes.due(&self.settings, watermark, due_through),
                 KeyWindows::Sessions(sessions) => sessions.due(&self.settings, watermark),
             };
             advance
@@ -390,6 +425,7 @@ impl WindowCore {
                 .extend(expired.into_iter().map(|part| (key.clone(), part)));
         }
         self.keys.retain(|_, windows| !windows.is_empty());
+        self.due_through_ms = Some(watermark);
         advance
     }
 }

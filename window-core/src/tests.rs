@@ -528,3 +528,175 @@ fn a_cap_holds_the_watermark_and_lifting_it_catches_up() {
     core.cap_watermark(None);
     assert_eq!(core.watermark_ms(), 100, "caught up with the events seen");
 }
+
+#[test]
+fn the_bookkeeping_grows_with_the_panes_not_with_the_overlap() {
+    let sliding = WindowKind::Sliding {
+        size_ms: 10_000,
+        slide_ms: 100,
+    };
+    let mut core = WindowCore::new(settings(sliding, 0, 0));
+    let keys = 1_000;
+    for key in 0..keys {
+        core.place(&format!("k{key}"), 20_000 + key * 7, 0);
+    }
+    // Each pane is in 100 windows, half of them fired by now.
+    core.advance_watermark_to(26_000);
+    let stored = serde_json::to_vec(&core).expect("serializes").len();
+    assert!(
+        stored < 80 * keys as usize,
+        "{stored} bytes for {keys} keys of one pane each"
+    );
+}
+
+/// Bookkeeping as the version before `due_through_ms` wrote it: no such
+/// field, the windows under `keys`, and a mark for every window over a
+/// pane that was not due yet.
+fn as_written_before_due_through(core: &WindowCore) -> WindowCore {
+    let mut stored = serde_json::to_value(core).expect("serializes");
+    let watermark = core.watermark_ms();
+    let (size, slide) = match core.settings().kind {
+        WindowKind::Sliding { size_ms, slide_ms } => (size_ms, slide_ms),
+        other => panic!("sliding only here, not {other:?}"),
+    };
+    let object = stored.as_object_mut().expect("an object");
+    object.remove("due_through_ms");
+    let keys = object.remove("key_windows").expect("key_windows");
+    object.insert("keys".to_string(), keys);
+    for windows in object["keys"].as_object_mut().expect("keys").values_mut() {
+        let panes = &mut windows["Panes"];
+        let starts: Vec<i64> = panes["panes"]
+            .as_array()
+            .expect("panes")
+            .iter()
+            .flat_map(|pane| {
+                let pane = pane.as_i64().expect("a pane start");
+                let latest = pane.div_euclid(slide) * slide;
+                (0..)
+                    .map(move |n| latest - n * slide)
+                    .take_while(move |s| s + size > pane)
+            })
+            .filter(|start| start + size > watermark)
+            .collect();
+        for start in starts {
+            panes["windows"][start.to_string()] = serde_json::json!({"firings": 0, "late": false});
+        }
+    }
+    serde_json::from_value(stored).expect("the old form opens")
+}
+
+#[test]
+fn bookkeeping_of_the_previous_version_opens_and_fires_each_window_as_before() {
+    for seed in 1..=500u64 {
+        let mut rng = Rng::seeded(seed);
+        let kind = WindowKind::Sliding {
+            size_ms: 5 + rng.below(40) as i64,
+            slide_ms: 1 + rng.below(5) as i64,
+        };
+        let settings = settings(kind, rng.below(10) as i64, rng.below(20) as i64);
+        let events = arrivals(&mut rng, 30);
+        let half = events.len() / 2;
+        let mut core = WindowCore::new(settings);
+        for event in &events[..half] {
+            core.place(&event.0, event.1, 0);
+        }
+        core.advance(0);
+        let written = serde_json::to_value(&core).expect("serializes");
+        assert!(
+            written.get("keys").is_none(),
+            "a host from before requires `keys`: it must refuse this form, not misread it"
+        );
+        let mut old = as_written_before_due_through(&core);
+        let rest = |core: &mut WindowCore| {
+            let mut fired = Vec::new();
+            for (i, (key, time, _)) in events[half..].iter().enumerate() {
+                fired.push(format!("{:?}", core.place(key, *time, 0)));
+                if i % 7 == 0 {
+                    fired.extend(core.advance(0).firings.iter().map(|f| format!("{f:?}")));
+                }
+            }
+            let last = core.advance_watermark_to(i64::MAX);
+            fired.extend(last.firings.iter().map(|f| format!("{f:?}")));
+            fired
+        };
+        assert_eq!(rest(&mut old), rest(&mut core), "seed {seed}");
+    }
+}
+
+/// Merges that are associative and not commutative: concatenation.
+fn concat(merges: &mut usize) -> impl FnMut(&String, &String) -> Result<String, ()> + '_ {
+    move |earlier, later| {
+        *merges += 1;
+        Ok(format!("{earlier}{later}"))
+    }
+}
+
+#[test]
+fn merged_panes_equal_the_panes_merged_in_order_with_few_merges() {
+    use crate::merges::PaneMerges;
+    for seed in 1..=2_000u64 {
+        let mut rng = Rng::seeded(seed);
+        let slide = 1 + rng.below(5) as i64;
+        let size = slide * (1 + rng.below(12) as i64);
+        let mut panes: BTreeMap<(String, i64), String> = BTreeMap::new();
+        let keys = 1 + rng.below(3);
+        for n in 0..rng.below(200) {
+            let key = format!("k{}", rng.below(keys));
+            let pane = rng.below(60) as i64 - 20;
+            panes
+                .entry((key, pane))
+                .or_default()
+                .push(char::from(b'a' + (n % 26) as u8));
+        }
+        // Now and then a budget small enough to be hit.
+        let budget = match rng.chance(300) {
+            true => 20 + rng.below(400) as usize,
+            false => usize::MAX,
+        };
+        let mut merged = PaneMerges::new(size, budget);
+        let (mut merges, mut firings, mut changes) = (0, 0, 0);
+        let changing = rng.chance(500);
+        for start in (-40..60).filter(|s| s % slide == 0) {
+            for key in (0..keys).map(|k| format!("k{k}")) {
+                if changing && rng.chance(250) {
+                    // Late data into a pane of a window that fired.
+                    let pane = start + rng.below(size as u64) as i64 - size / 2;
+                    panes.entry((key.clone(), pane)).or_default().push('!');
+                    merged.changed(&key, pane);
+                    changes += 1;
+                }
+                let window: Vec<(i64, String)> = panes
+                    .range((key.clone(), start)..(key.clone(), start + size))
+                    .map(|((_, pane), text)| (*pane, text.clone()))
+                    .collect();
+                let expected = (!window.is_empty())
+                    .then(|| window.iter().map(|(_, t)| t.as_str()).collect::<String>());
+                let got = merged.window(&key, start, &window, concat(&mut merges));
+                assert_eq!(
+                    got,
+                    Ok(expected),
+                    "seed {seed}: {key} at {start}, size {size}"
+                );
+                assert!(
+                    merged.kept_bytes() <= budget,
+                    "seed {seed}: past the budget"
+                );
+                firings += usize::from(!window.is_empty());
+            }
+            if rng.chance(100) {
+                merged.forget_ended(start - size);
+            }
+        }
+        if changes == 0 && budget == usize::MAX {
+            // Each pane is merged into its chunk's tails once and into a
+            // head once, and each firing merges a tail with a head, unless
+            // the budget made it start over.
+            let bound = firings + 2 * panes.len();
+            assert!(
+                merges <= bound,
+                "seed {seed}: {merges} merges for {firings} firings of {} panes",
+                panes.len()
+            );
+        }
+    }
+}
