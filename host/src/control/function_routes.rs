@@ -81,7 +81,7 @@ fn no_function(namespace: &str, name: &str) -> ApiError {
         (status = 201, description = "Created", body = FunctionRecord),
         (status = 200, description = "Replaced", body = FunctionRecord),
         (status = 404, description = "The function was removed meanwhile", body = ErrorBody),
-        (status = 409, description = "A function with versions cannot move to another stream", body = ErrorBody),
+        (status = 409, description = "A function with versions cannot move to another stream, switch between per-event and windowed, change its window kind or raise its allowed lateness", body = ErrorBody),
         Refused, BodyRefused,
     ),
     security(("bearer" = [])))]
@@ -127,20 +127,11 @@ pub(super) async fn put_function(
             ),
         ));
     }
-    // Its durable consumer, applied sequences and state belong to one
-    // stream: a function with versions cannot move to another.
     if let Some(existing) = state.store.get_function(&namespace, &name).await?
         && !existing.versions.is_empty()
-        && existing.binding.stream != binding.stream
+        && let Some(problem) = binding_change_problem(&name, &existing.binding, &binding)
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "function `{name}` reads stream `{}`; deploy a new function to read `{}`",
-                existing.binding.stream, binding.stream
-            ),
-        ));
+        return Err(ApiError::new(StatusCode::CONFLICT, "conflict", problem));
     }
     let created = state
         .store
@@ -157,6 +148,34 @@ pub(super) async fn put_function(
         StatusCode::OK
     };
     Ok((status, Json(record)))
+}
+
+/// Why a function that has versions (and so may have a consumer, applied
+/// sequences, state and open windows) cannot take `next` in place of its
+/// binding `now`, if it cannot.
+fn binding_change_problem(name: &str, now: &Binding, next: &Binding) -> Option<String> {
+    // Its durable consumer, applied sequences and state belong to one
+    // stream.
+    if now.stream != next.stream {
+        return Some(format!(
+            "function `{name}` reads stream `{}`; deploy a new function to read `{}`",
+            now.stream, next.stream
+        ));
+    }
+    match (&now.window, &next.window) {
+        (Some(now), Some(next)) => now
+            .change_problem(next)
+            .map(|problem| format!("function `{name}`: {problem}")),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => Some(format!(
+            "function `{name}` is {} function; a binding cannot switch between per-event and windowed: deploy a new function",
+            if now.window.is_some() {
+                "a windowed"
+            } else {
+                "a per-event"
+            }
+        )),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/namespaces/{namespace}/functions/{name}", tag = "functions",
