@@ -52,7 +52,10 @@ pub trait IncrementalWindow {
     fn fold(accumulator: &mut Self::Accumulator, event: &Event) -> Result<(), Error>;
 
     /// Combines two parts of one window, `earlier` before `later` in event
-    /// time.
+    /// time. Must be associative — `merge(merge(a, b), c)` equals
+    /// `merge(a, merge(b, c))` — as the host may group a window's parts
+    /// either way (it reuses what it merged for earlier windows); the
+    /// order of the parts is always kept.
     fn merge(earlier: Self::Accumulator, later: Self::Accumulator) -> Self::Accumulator;
 
     /// The window fired: publish its result.

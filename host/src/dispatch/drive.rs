@@ -42,6 +42,27 @@ impl FunctionWorker {
             metrics.consumer_pending.set(last.pending as f64);
         }
         let (intake, mut hand) = self.take_in(deliveries);
+        let result = self.process_taken(intake, &mut hand, cancel).await;
+        if matches!(result, Err(Stop::Fenced)) {
+            // Another host owns the function now and reads from the same
+            // consumer: what this one took (after waking from a pause,
+            // say) goes back at once, not after the ack wait, by which
+            // time the new owner's windows would have moved past it.
+            for message in &hand.messages {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+        self.lanes[0].metrics.in_flight.set(0.0);
+        result
+    }
+
+    /// Plans, runs and settles the batch taken in.
+    async fn process_taken(
+        &mut self,
+        intake: Vec<Intake>,
+        hand: &mut InHand,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
         let settings = PlanSettings {
             policy: self.spec.retry.clone(),
             byte_budget: BATCH_BYTE_BUDGET,
@@ -49,23 +70,29 @@ impl FunctionWorker {
             highest_applied: self.highest_applied,
         };
         let (batch, lookup) = Batch::plan(intake, &self.guard, &settings, Instant::now());
-        let Some((batch, view)) = self.prepare(batch, &lookup, &mut hand, cancel).await? else {
+        let Some((batch, view)) = self.prepare(batch, &lookup, hand, cancel).await? else {
             return Ok(());
         };
-        let Some(ran) = self.run_events(batch, view, &mut hand, cancel).await? else {
+        let Some(ran) = self.run_events(batch, view, hand, cancel).await? else {
             return Ok(());
         };
-        let Some(ran) = self.run_windows(ran, &mut hand, cancel).await? else {
+        let Some(ran) = self.run_windows(ran, hand, cancel).await? else {
             return Ok(());
         };
         let Ran {
             mut batch,
             view,
             mut invocations,
-            windows,
+            mut windows,
             ..
         } = ran;
-        self.observe_run(&batch, &hand, &invocations).await;
+        // Merged panes stay valid when the batch changed no window; else
+        // only once its commit is made.
+        let mut merges = windows.as_mut().and_then(|w| w.merges.take());
+        if batch.window_work().is_none() {
+            self.pane_merges = merges.take();
+        }
+        self.observe_run(&batch, hand, &invocations).await;
         // Firings count like calls: metrics, the canary's statistics and
         // the guest's log lines (under sequence 0: no event of their own).
         for (firing, invocation) in windows.iter().flat_map(|w| &w.fired) {
@@ -83,21 +110,19 @@ impl FunctionWorker {
             None => Vec::new(),
         };
         let settlement = batch.settle();
-        let result = self
-            .perform(
-                &mut batch,
-                Settled {
-                    settlement,
-                    view,
-                    window_records,
-                },
-                &mut invocations,
-                &mut hand,
-                cancel,
-            )
-            .await;
-        self.lanes[0].metrics.in_flight.set(0.0);
-        result
+        self.perform(
+            &mut batch,
+            Settled {
+                settlement,
+                view,
+                window_records,
+                merges,
+            },
+            &mut invocations,
+            hand,
+            cancel,
+        )
+        .await
     }
 
     /// Looks up the redeliveries in `lookup`, publishes the outbox if one
@@ -233,7 +258,14 @@ impl FunctionWorker {
                 + Duration::from_millis(self.spec.breaker.wait_in_open_ms)
                 + Duration::from_secs(5);
             let hold_for_ms = i64::try_from(hold_for.as_millis()).unwrap_or(i64::MAX);
-            WindowRun::new(settings, self.lanes[0].code.world(), times, hold_for_ms)
+            let merges = self.take_pane_merges();
+            WindowRun::new(
+                settings,
+                self.lanes[0].code.world(),
+                times,
+                hold_for_ms,
+                merges,
+            )
         });
         let stop = cancel.child_token();
         let stop_run = stop.clone();
@@ -365,6 +397,7 @@ impl FunctionWorker {
             settlement,
             view,
             mut window_records,
+            mut merges,
         } = settled;
         let mut effects = settlement.effects;
         let mut view = Some(view);
@@ -394,7 +427,12 @@ impl FunctionWorker {
                         outbox,
                     };
                     match self.commit(&commit, batch, hand, cancel).await {
-                        Ok(()) => committed = Some(batch_id),
+                        Ok(()) => {
+                            committed = Some(batch_id);
+                            if batch.window_work().is_some() {
+                                self.pane_merges = merges.take();
+                            }
+                        }
                         Err(end) => match self.after_failed_commit(end, batch, hand, cancel).await?
                         {
                             Some(again) => {
@@ -568,7 +606,11 @@ impl FunctionWorker {
             Err(Stop::Refused(reason)) => return Err(CommitEnd::Refused(reason)),
             Err(stop) => return Err(CommitEnd::Stop(stop)),
         }
-        self.lease_renewed = Instant::now();
+        // The commit renewed the lease when its statement ran, which may
+        // be long before this host sees the answer (a pause): count from
+        // before it was sent, so that a late answer never makes the lease
+        // look fresher than it is.
+        self.lease_renewed = started;
         self.published.clear();
         self.lanes[0]
             .metrics
@@ -686,6 +728,9 @@ struct Settled {
     view: BatchView,
     /// The records of the windows it fired.
     window_records: Vec<crate::output::OutputRecord>,
+    /// What its firings merged of sliding windows' panes: the worker's
+    /// again once the commit of its window work is made.
+    merges: Option<crate::windows::merges::PaneMerges<bytes::Bytes>>,
 }
 
 /// Why a commit did not happen.

@@ -215,6 +215,8 @@ pub struct FunctionWorker {
     last_stats: Instant,
     /// This worker already rolled its canary back; the host replaces it.
     rolled_back: bool,
+    /// An incremental sliding function's merged panes between batches.
+    pane_merges: Option<crate::windows::merges::PaneMerges<bytes::Bytes>>,
 }
 
 impl std::fmt::Debug for FunctionWorker {
@@ -285,6 +287,7 @@ impl FunctionWorker {
             guard: KeyGuard::default(),
             prune_floor: None,
             batches: 0,
+            pane_merges: None,
         }
     }
 

@@ -19,6 +19,8 @@ impl FunctionWorker {
     pub(super) async fn claim(&mut self, cancel: &CancellationToken) -> Option<u64> {
         let mut told = false;
         loop {
+            // Counted from before the statement is sent: see `commit`.
+            let asked = Instant::now();
             match self
                 .state
                 .claim(&self.name, &self.owner_id, self.owner_lease)
@@ -31,7 +33,7 @@ impl FunctionWorker {
                         // Worth a warning: the owner before stopped renewing.
                         tracing::warn!(function = %self.name, epoch, "took over the function");
                     }
-                    self.lease_renewed = Instant::now();
+                    self.lease_renewed = asked;
                     return Some(epoch);
                 }
                 Ok(None) if !told => {
@@ -209,6 +211,9 @@ impl FunctionWorker {
         };
         self.highest_applied = progress.highest_applied;
         self.published.clear();
+        // Another owner may have changed the panes since this worker's
+        // last turn.
+        self.pane_merges = None;
         // An ack floor read from an earlier consumer says nothing about this
         // one.
         self.prune_floor = None;
@@ -353,13 +358,15 @@ impl FunctionWorker {
         if self.lease_renewed.elapsed() < self.owner_lease / 3 {
             return Ok(());
         }
+        // Counted from before the statement is sent: see `commit`.
+        let asked = Instant::now();
         match self
             .state
             .renew(&self.name, self.epoch, self.owner_lease)
             .await
         {
             Ok(true) => {
-                self.lease_renewed = Instant::now();
+                self.lease_renewed = asked;
                 Ok(())
             }
             Ok(false) => Err(Stop::Fenced),

@@ -4,12 +4,42 @@
 //! instances, and the batch is told what to commit for the windows
 //! ([`super::windowed`] holds the window side of the run itself).
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::lanes::{LaneRun, Ran};
 use super::{FunctionWorker, InHand, Stop, hold};
+use crate::sandbox::World;
+use crate::windows::WindowKind;
+use crate::windows::merges::PaneMerges;
+
+/// Most bytes of merged sliding-window panes a function keeps between
+/// batches; past it they are dropped and merged again as windows fire.
+const MAX_MERGED_BYTES: usize = 64 << 20;
 
 impl FunctionWorker {
+    /// What earlier batches merged of an incremental sliding function's
+    /// panes, for the next batch. It is kept only while it matches the
+    /// committed state: the batch gives it back only after the commit of
+    /// what it fired (see `perform`), and a batch handed back drops it, so
+    /// it never holds what a batch that did not commit folded.
+    pub(super) fn take_pane_merges(&mut self) -> Option<PaneMerges<Bytes>> {
+        let Some(window) = &self.spec.window else {
+            return None;
+        };
+        let WindowKind::Sliding { size_ms, .. } = window.kind else {
+            return None;
+        };
+        if self.lanes[0].code.world() != World::IncrementalWindow {
+            return None;
+        }
+        Some(
+            self.pane_merges
+                .take()
+                .unwrap_or_else(|| PaneMerges::new(size_ms, MAX_MERGED_BYTES)),
+        )
+    }
+
     /// A windowed function's work after its events: the watermark moves
     /// on, due windows fire (their keys' state loaded first), expired parts
     /// go, and the batch is told what to commit for it. `None`: stopped or

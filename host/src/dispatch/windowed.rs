@@ -28,6 +28,7 @@ use crate::sandbox::{
     World,
 };
 use crate::state::{BatchView, HOST_ENTRY_PREFIX};
+use crate::windows::merges::PaneMerges;
 use crate::windows::{Advance, Firing, Placement, Window, WindowCore, WindowSettings};
 
 /// The key the function's window bookkeeping is stored under. Event keys
@@ -114,6 +115,9 @@ pub(super) struct WindowRun {
     hold_for_ms: i64,
     /// The windows fired, and how each call went.
     pub fired: Vec<(Firing, Invocation)>,
+    /// What earlier firings merged of sliding windows' panes, as of the
+    /// committed state (see `FunctionWorker::take_pane_merges`).
+    pub merges: Option<PaneMerges<Bytes>>,
 }
 
 impl WindowRun {
@@ -124,6 +128,7 @@ impl WindowRun {
         world: World,
         times: Vec<Option<i64>>,
         hold_for_ms: i64,
+        merges: Option<PaneMerges<Bytes>>,
     ) -> Self {
         let now_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -138,6 +143,7 @@ impl WindowRun {
             times,
             hold_for_ms,
             fired: Vec::new(),
+            merges,
         }
     }
 
@@ -304,7 +310,13 @@ impl Ran {
         }
         let undo = book.core.undo_point(&event.key);
         let (part, absorbed) = match book.core.place(&event.key, event.event_time_ms, now_ms) {
-            Placement::Pane { pane } => (part_entry(pane), Vec::new()),
+            Placement::Pane { pane } => {
+                // What was merged from the pane no longer holds.
+                if let Some(merges) = windows.merges.as_mut() {
+                    merges.changed(&event.key, pane);
+                }
+                (part_entry(pane), Vec::new())
+            }
             Placement::Session { window, absorbed } => (
                 part_entry(window.start_ms),
                 absorbed.iter().map(|w| part_entry(w.start_ms)).collect(),
@@ -403,6 +415,7 @@ impl Ran {
         let Some(world) = self.windows.as_ref().map(|w| w.world) else {
             return true;
         };
+        let mut merges = self.windows.as_mut().and_then(|w| w.merges.take());
         for firing in firings {
             let lane = lane_for(&firing.key, canary_weight);
             let guest = GuestFiring {
@@ -413,10 +426,17 @@ impl Ran {
                 },
                 number: firing.firing,
             };
-            let parts: Vec<String> = firing.parts.iter().map(|p| part_entry(*p)).collect();
+            let parts: Vec<(i64, String)> =
+                firing.parts.iter().map(|p| (*p, part_entry(*p))).collect();
             let invocation = match world {
-                World::BufferedWindow => match buffered_events(&mut self.view, &firing.key, &parts)
-                {
+                World::BufferedWindow => match buffered_events(
+                    &mut self.view,
+                    &firing.key,
+                    &parts
+                        .iter()
+                        .map(|(_, entry)| entry.clone())
+                        .collect::<Vec<_>>(),
+                ) {
                     Ok(events) => self.run_one(lane, |live| live.on_window(&guest, &events, false)),
                     Err(reason) => Some(Invocation {
                         result: Err(Failure::new(FailureKind::Refused, reason)),
@@ -425,7 +445,9 @@ impl Ran {
                         diagnostics: InvocationDiagnostics::default(),
                     }),
                 },
-                _ => self.run_one(lane, |live| live.fire(&guest, &parts, false)),
+                _ => self.run_one(lane, |live| {
+                    live.fire(&guest, &parts, merges.as_mut(), false)
+                }),
             };
             let Some(invocation) = invocation else {
                 return false;
@@ -433,6 +455,17 @@ impl Ran {
             if let Some(windows) = self.windows.as_mut() {
                 windows.fired.push((firing, invocation));
             }
+        }
+        if let Some(windows) = self.windows.as_mut() {
+            if let (Some(merges), Some(book)) = (merges.as_mut(), windows.book.as_ref()) {
+                let settings = book.core.settings();
+                merges.forget_ended(
+                    book.core
+                        .watermark_ms()
+                        .saturating_sub(settings.allowed_lateness_ms),
+                );
+            }
+            windows.merges = merges;
         }
         true
     }
@@ -522,7 +555,7 @@ pub(super) fn firing_records(
             // Escaped, not cleaned: two keys never read the same.
             (
                 wh::WINDOW_KEY.to_string(),
-                firing.key.escape_default().to_string(),
+                escape_key(&firing.key).into_owned(),
             ),
             (
                 wh::WINDOW_START.to_string(),
@@ -571,6 +604,39 @@ pub(super) fn firing_records(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_key_header_escapes_only_controls_and_backslashes() {
+        let key = "Zürich \"Nord\"\n\\";
+        let firing = Firing {
+            key: key.into(),
+            window: Window {
+                start_ms: 0,
+                end_ms: 10,
+            },
+            parts: vec![0],
+            firing: 0,
+        };
+        let failed = Invocation {
+            result: Err(Failure::new(FailureKind::GuestReject, "no".to_string())),
+            started: SystemTime::now(),
+            took: std::time::Duration::ZERO,
+            diagnostics: InvocationDiagnostics::default(),
+        };
+        let records = firing_records(&mut [(firing, failed)], "f", "f", "dlq");
+        let header = |name: &str| {
+            records[0]
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            header(wh::WINDOW_KEY).as_deref(),
+            Some("Zürich \"Nord\"\\u{a}\\\\"),
+            "as docs/windows.md says"
+        );
+    }
 
     #[test]
     fn firing_ids_differ_per_window_firing_and_key() {

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::outcome::{Failure, FailureKind};
 use crate::state::BatchView;
+use crate::windows::merges::PaneMerges;
 
 /// What an applied event produced.
 #[derive(Debug)]
@@ -211,29 +212,55 @@ impl FunctionInstance {
     }
 
     /// Hands a window that fired to an incremental function: the
-    /// accumulators of its parts (state entries of its key, in event-time
-    /// order) merged into one, then `fire`. Its state writes and outputs
-    /// count only if it succeeds.
-    pub fn fire(&mut self, firing: &GuestFiring, parts: &[String], traced: bool) -> Invocation {
+    /// accumulators of its parts — (part start, state entry of its key),
+    /// in event-time order — merged into one, then `fire`. With `merges`
+    /// (sliding windows), through what earlier firings merged of the
+    /// key's panes; else one after the other. Its state writes and
+    /// outputs count only if it succeeds.
+    pub fn fire(
+        &mut self,
+        firing: &GuestFiring,
+        parts: &[(i64, String)],
+        merges: Option<&mut PaneMerges<Bytes>>,
+        traced: bool,
+    ) -> Invocation {
         self.invoke(&firing.key, traced, |store, handler| {
             let Handler::Incremental(handler) = handler else {
                 return Err(wasmtime::format_err!("the component has no `fire` export"));
             };
-            let mut accumulator: Option<Bytes> = None;
-            for part in parts {
-                let Some(content) = store.data().view.get(part) else {
-                    continue;
-                };
-                accumulator = match accumulator {
-                    None => Some(content),
-                    Some(earlier) => match handler.call_merge(&mut *store, &earlier, &content)? {
-                        Ok(merged) => Some(Bytes::from(merged)),
-                        Err(error) => return Ok(Err(error)),
-                    },
-                };
+            let contents: Vec<(i64, Bytes)> = parts
+                .iter()
+                .filter_map(|(start, entry)| Some((*start, store.data().view.get(entry)?)))
+                .collect();
+            let mut merge = |earlier: &Bytes, later: &Bytes| match handler.call_merge(
+                &mut *store,
+                earlier,
+                later,
+            ) {
+                Ok(Ok(merged)) => Ok(Bytes::from(merged)),
+                Ok(Err(error)) => Err(Ok(error)),
+                Err(trap) => Err(Err(trap)),
+            };
+            let merged = match merges {
+                Some(merges) => {
+                    merges.window(&firing.key, firing.window.start_ms, &contents, merge)
+                }
+                None => contents
+                    .iter()
+                    .try_fold(None, |merged: Option<Bytes>, (_, later)| {
+                        Ok(Some(match merged {
+                            None => later.clone(),
+                            Some(earlier) => merge(&earlier, later)?,
+                        }))
+                    }),
+            };
+            match merged {
+                Ok(accumulator) => {
+                    handler.call_fire(&mut *store, firing, &accumulator.unwrap_or_default())
+                }
+                Err(Ok(error)) => Ok(Err(error)),
+                Err(Err(trap)) => Err(trap),
             }
-            let accumulator = accumulator.unwrap_or_default();
-            handler.call_fire(&mut *store, firing, &accumulator)
         })
     }
 
