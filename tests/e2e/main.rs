@@ -24,4 +24,6 @@ mod state;
 mod tenancy;
 mod tracing;
 mod uploads;
+mod window_deploys;
+mod window_faults;
 mod windows;

@@ -15,8 +15,9 @@ use weir_e2e::*;
 
 use crate::faults::{counter_config, create_streams, inputs, produce, verify};
 
-/// Waits until `dir/weir.log` holds a line with `text`.
-async fn logged(dir: &Path, text: &str, limit: Duration) -> Result<()> {
+/// Waits until `dir/weir.log` holds a line with `text`; fails with the
+/// log's tail.
+pub(crate) async fn logged(dir: &Path, text: &str, limit: Duration) -> Result<()> {
     let path = dir.join("weir.log");
     eventually(limit, &format!("the host to log `{text}`"), || async {
         Ok(std::fs::read_to_string(&path)
@@ -24,6 +25,7 @@ async fn logged(dir: &Path, text: &str, limit: Duration) -> Result<()> {
             .contains(text))
     })
     .await
+    .map_err(|e| e.context(weir_e2e::process::log_tail(dir, 30)))
 }
 
 /// Events the counter function has applied so far (0 before the host has

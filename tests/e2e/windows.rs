@@ -22,15 +22,15 @@ use weir_host::windows::{WindowKind, WindowSettings};
 
 /// One input event.
 #[derive(Debug, Clone)]
-struct Ev {
-    id: u64,
-    key: String,
-    ts: i64,
-    value: i64,
+pub(crate) struct Ev {
+    pub(crate) id: u64,
+    pub(crate) key: String,
+    pub(crate) ts: i64,
+    pub(crate) value: i64,
 }
 
 impl Ev {
-    fn payload(&self) -> Vec<u8> {
+    pub(crate) fn payload(&self) -> Vec<u8> {
         serde_json::json!({"id": self.id, "key": self.key, "ts": self.ts, "value": self.value})
             .to_string()
             .into_bytes()
@@ -41,9 +41,9 @@ impl Ev {
 type WindowId = (String, i64, i64);
 
 /// What a window holds: its event ids, sorted.
-type Contents = BTreeMap<WindowId, Vec<u64>>;
+pub(crate) type Contents = BTreeMap<WindowId, Vec<u64>>;
 
-fn settings(kind: WindowKind, bound: i64, lateness: i64) -> WindowSettings {
+pub(crate) fn settings(kind: WindowKind, bound: i64, lateness: i64) -> WindowSettings {
     WindowSettings {
         kind,
         out_of_orderness_ms: bound,
@@ -53,7 +53,7 @@ fn settings(kind: WindowKind, bound: i64, lateness: i64) -> WindowSettings {
     }
 }
 
-fn window_config(
+pub(crate) fn window_config(
     stack: &Stack,
     component_name: &str,
     window: WindowSettings,
@@ -102,7 +102,11 @@ fn windows_of(kind: WindowKind, ts: i64) -> Vec<(i64, i64)> {
 /// of 13 is rejected by the function (`window-sum` folds) and counts
 /// nowhere. Returns every window's contents and the ids too late for all
 /// of their windows.
-fn reference(settings: &WindowSettings, events: &[Ev], rejects: bool) -> (Contents, BTreeSet<u64>) {
+pub(crate) fn reference(
+    settings: &WindowSettings,
+    events: &[Ev],
+    rejects: bool,
+) -> (Contents, BTreeSet<u64>) {
     let counted = |e: &&Ev| !rejects || e.value != 13;
     let mut contents = Contents::new();
     let mut too_late = BTreeSet::new();
@@ -166,7 +170,7 @@ fn reference(settings: &WindowSettings, events: &[Ev], rejects: bool) -> (Conten
 /// The firings on `windows.out`, checked: per (window, firing number) one
 /// message id and one content, numbers without gaps. Returns each
 /// window's last result, and how many firings were updates.
-async fn final_results(stack: &Stack) -> Result<(Contents, usize)> {
+pub(crate) async fn final_results(stack: &Stack) -> Result<(Contents, usize)> {
     let mut firings: BTreeMap<(WindowId, u64), (String, Vec<u64>)> = BTreeMap::new();
     for message in read_stream(&stack.js, "WINDOWS").await? {
         if message.subject.as_str() != "windows.out" {
@@ -228,7 +232,7 @@ async fn late_ids(stack: &Stack) -> Result<BTreeSet<u64>> {
 
 /// The events, then one far later on key "end" that moves the watermark
 /// past every window of the test (its own window never closes).
-fn with_closer(mut events: Vec<Ev>) -> Vec<Ev> {
+pub(crate) fn with_closer(mut events: Vec<Ev>) -> Vec<Ev> {
     let last = events.iter().map(|e| e.ts).max().unwrap_or(0);
     events.push(Ev {
         id: 1_000_000,
@@ -241,7 +245,10 @@ fn with_closer(mut events: Vec<Ev>) -> Vec<Ev> {
 
 /// Waits until the final results match the reference (without the
 /// closer's window); returns them and how many firings were updates.
-async fn wait_for_reference(stack: &Stack, expected: &Contents) -> Result<(Contents, usize)> {
+pub(crate) async fn wait_for_reference(
+    stack: &Stack,
+    expected: &Contents,
+) -> Result<(Contents, usize)> {
     let mut expected = expected.clone();
     expected.retain(|(key, _, _), _| key != "end");
     let expected = &expected;
@@ -270,7 +277,7 @@ async fn wait_for_reference(stack: &Stack, expected: &Contents) -> Result<(Conte
 /// published out of order within `bound` (each at most that far behind
 /// the highest before it), with a few rejected ones (value 13), and
 /// `late` events sent well behind the watermark.
-fn events(count: u64, bound: i64, late: u64, seed: u64) -> Vec<Ev> {
+pub(crate) fn events(count: u64, bound: i64, late: u64, seed: u64) -> Vec<Ev> {
     let mut rng = crate::fraud::Lcg::new(seed);
     let mut now = 10_000i64;
     let mut events = Vec::new();
@@ -472,16 +479,48 @@ async fn windows_survive_kills_at_every_crash_point_and_restarts_exactly(
     _pool: PgPoolOptions,
     db: PgConnectOptions,
 ) -> Result<()> {
-    let stack = Stack::start(&db).await?;
-    let dir = tempdir::TempDir::new("weir-windows")?;
     // Windows of 100 ms and 20 events (~200 ms) a batch: nearly every
     // batch fires windows, so every crash point finds firings in flight.
     let window = settings(WindowKind::Tumbling { size_ms: 100 }, 200, 0);
+    survive_kills(&db, window, events(600, 200, 0, 5)).await?;
+    Ok(())
+}
+
+/// Sliding windows read panes that earlier firings merged (kept between
+/// batches): late events within the lateness change panes of windows
+/// that fired, and kills drop what was merged. Results stay exact.
+#[sqlx::test(migrations = false)]
+async fn sliding_windows_with_late_updates_survive_kills_exactly(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let sliding = WindowKind::Sliding {
+        size_ms: 400,
+        slide_ms: 100,
+    };
+    // The lateness is far above what the watermark moves in a batch.
+    let window = settings(sliding, 200, 1_500);
+    let updates = survive_kills(&db, window, events(600, 200, 40, 11)).await?;
+    assert!(updates > 0, "late events updated windows that fired");
+    Ok(())
+}
+
+/// Runs `events` (and a closer) through `window-sum` while the host is
+/// killed at each crash point twice, SIGKILLed at random five times and
+/// stopped gracefully once; the final results must be the reference.
+/// Returns how many firings were updates.
+async fn survive_kills(
+    db: &PgConnectOptions,
+    window: WindowSettings,
+    events: Vec<Ev>,
+) -> Result<usize> {
+    let stack = Stack::start(db).await?;
+    let dir = tempdir::TempDir::new("weir-windows")?;
     let config = window_config(&stack, "window-sum", window.clone())?;
     for (name, subjects) in [("EVENTS", "events.>"), ("WINDOWS", "windows.>")] {
         ensure_stream(&stack.js, name, &[subjects]).await?;
     }
-    let inputs = with_closer(events(600, 200, 0, 5));
+    let inputs = with_closer(events);
     let (expected, _) = reference(&window, &inputs, true);
     let producer = {
         let js = stack.js.clone();
@@ -544,11 +583,11 @@ async fn windows_survive_kills_at_every_crash_point_and_restarts_exactly(
     }
     host = HostProcess::start(&config, dir.path(), &[])?;
     producer.await??;
-    wait_for_reference(&stack, &expected)
+    let (_, updates) = wait_for_reference(&stack, &expected)
         .await
         .map_err(|e| e.context(log_tail(dir.path(), 60)))?;
     host.kill();
-    Ok(())
+    Ok(updates)
 }
 
 /// The SDK-built example: per sensor and minute, the average of exactly
