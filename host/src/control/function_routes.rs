@@ -150,6 +150,50 @@ pub(super) async fn put_function(
     Ok((status, Json(record)))
 }
 
+/// Why `module` cannot be a version of `function`, if it cannot: a
+/// per-event component on a windowed binding or the other way round, or a
+/// world other than its versions' (a canary of another world would stop
+/// the function, and incremental and buffered windows keep their parts
+/// differently).
+async fn world_problem(
+    state: &ApiState,
+    function: &FunctionRecord,
+    module: &str,
+) -> Result<Option<String>, ApiError> {
+    let Some(info) = state.modules.get(module).await? else {
+        // Unknown modules are refused when the version is stored.
+        return Ok(None);
+    };
+    let windowed = info.world.starts_with("weir:window/");
+    match (windowed, function.binding.window.is_some()) {
+        (true, false) => {
+            return Ok(Some(format!(
+                "module `{module}` implements `{}`, but the binding has no `window` settings; bind a window function as a new function with `window`",
+                info.world
+            )));
+        }
+        (false, true) => {
+            return Ok(Some(format!(
+                "module `{module}` implements `{}`, but the binding is windowed: build it against `weir:window`",
+                info.world
+            )));
+        }
+        _ => {}
+    }
+    for version in &function.versions {
+        let Some(other) = state.modules.get(&version.module).await? else {
+            continue;
+        };
+        if other.world != info.world {
+            return Ok(Some(format!(
+                "module `{module}` implements `{}` and version {} implements `{}`: the versions of a function implement one world; deploy it as a new function",
+                info.world, version.version, other.world
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Why a function that has versions (and so may have a consumer, applied
 /// sequences, state and open windows) cannot take `next` in place of its
 /// binding `now`, if it cannot.
@@ -303,6 +347,7 @@ pub(super) struct NewVersion {
     responses(
         (status = 201, description = "The version", body = VersionRecord),
         (status = 404, description = "No such function", body = ErrorBody),
+        (status = 409, description = "The module implements another world than the binding or the function's other versions", body = ErrorBody),
         Refused, BodyRefused,
     ),
     security(("bearer" = [])))]
@@ -340,6 +385,9 @@ pub(super) async fn create_version(
             &binding.outputs,
         ) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
+        }
+        if let Some(problem) = world_problem(&state, &existing, &request.module).await? {
+            return Err(ApiError::new(StatusCode::CONFLICT, "conflict", problem));
         }
     }
     let version = state

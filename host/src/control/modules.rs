@@ -1,6 +1,6 @@
 //! The module registry: an uploaded component is checked (WebAssembly, a
 //! component rather than a core module, only imports Weir links, exports
-//! the `event-handler` world), compiled under the host's engine settings
+//! one of Weir's worlds), compiled under the host's engine settings
 //! by a compile job (a child process bounded in time and memory, see
 //! [`super::compile_job`]), and stored in
 //! `weir_modules` under its sha256. The compiled artifact lands in the
@@ -14,10 +14,8 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
 use super::compile_job::{CompileError, Compiler};
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::sandbox::{Sandbox, SandboxError, World};
 
-/// The world every module must export today.
-pub const EVENT_HANDLER_WORLD: &str = "weir:function/event-handler@0.1.0";
 
 /// A stored module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -118,10 +116,11 @@ impl ModuleRegistry {
         // refused upload of the same bytes) is compiled again, so a stored
         // module always has one and no host compiles an upload itself.
         let mut inserted = None;
+        let mut world = World::Event;
         for _ in 0..3 {
-            self.ensure_compiled(&digest, &bytes).await?;
+            world = self.ensure_compiled(&digest, &bytes).await?;
             match self
-                .store_and_hold(namespace, &digest, &bytes, size, quota)
+                .store_and_hold(namespace, &digest, &bytes, size, world, quota)
                 .await
             {
                 Err(ModuleError::ArtifactGone) => continue,
@@ -139,7 +138,7 @@ impl ModuleRegistry {
         let info = ModuleInfo {
             digest,
             size,
-            world: EVENT_HANDLER_WORLD.to_string(),
+            world: world.wit_name().to_string(),
         };
         Ok((info, inserted))
     }
@@ -153,10 +152,11 @@ impl ModuleRegistry {
     }
 
     /// Makes sure the artifact cache holds `digest` compiled by a compile
-    /// job, and that it links as an `event-handler`; a module that does not
-    /// is refused and keeps no artifact. An artifact already in the cache
-    /// was made by a job that finished (a stopped job leaves none).
-    async fn ensure_compiled(&self, digest: &str, bytes: &Bytes) -> Result<(), ModuleError> {
+    /// job, and that it links as one of Weir's worlds (which it returns); a
+    /// module that does not is refused and keeps no artifact. An artifact
+    /// already in the cache was made by a job that finished (a stopped job
+    /// leaves none).
+    async fn ensure_compiled(&self, digest: &str, bytes: &Bytes) -> Result<World, ModuleError> {
         if !self.sandbox.has_artifact(digest) {
             self.compiler
                 .compile(&self.sandbox, digest, bytes.clone())
@@ -172,7 +172,7 @@ impl ModuleRegistry {
             .await
             .map_err(|e| ModuleError::Host(e.to_string()))?;
         match linked {
-            Ok(_) => Ok(()),
+            Ok(code) => Ok(code.world()),
             Err(error) => {
                 self.sandbox.forget_artifact(digest);
                 Err(match error {
@@ -200,6 +200,7 @@ impl ModuleRegistry {
         digest: &str,
         bytes: &[u8],
         size: i64,
+        world: World,
         quota: Quota,
     ) -> Result<bool, ModuleError> {
         let mut tx = self.pool.begin().await?;
@@ -230,9 +231,17 @@ impl ModuleRegistry {
             .bind(digest)
             .bind(bytes)
             .bind(size)
-            .bind(EVENT_HANDLER_WORLD)
+            .bind(world.wit_name())
             .execute(&mut *tx)
             .await?;
+        } else {
+            // Rows from before the world was read from the component say
+            // `event-handler` whatever it was: uploading it again mends it.
+            sqlx::query("UPDATE weir_modules SET world = $2 WHERE digest = $1 AND world <> $2")
+                .bind(digest)
+                .bind(world.wit_name())
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(
             "INSERT INTO weir_module_owners (namespace, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",

@@ -132,6 +132,15 @@ pub enum World {
 }
 
 impl World {
+    /// The WIT world, as the module records name it.
+    pub fn wit_name(self) -> &'static str {
+        match self {
+            World::Event => "weir:function/event-handler@0.1.0",
+            World::IncrementalWindow => "weir:window/incremental-window-handler@0.1.0",
+            World::BufferedWindow => "weir:window/buffered-window-handler@0.1.0",
+        }
+    }
+
     /// Whether the component is called per window.
     pub fn is_windowed(self) -> bool {
         self != World::Event
