@@ -141,7 +141,7 @@ pub async fn run(
             fresh_stream(js, &input, &subject).await?;
             let sequences = publish_all(js, &subject, payloads.clone()).await?;
             let last = sequences.last().copied().unwrap_or(0);
-            let (native_rate, native_us) = native_query(js, &input, query, events).await?;
+            let (native_rate, native_us, _) = native_query(js, &input, query, events).await?;
             native.push(native_rate);
             native_cpu.push(native_us);
             let (rate, cpu) = weir_query(
@@ -186,9 +186,7 @@ pub async fn run(
         let last = sequences.last().copied().unwrap_or(0);
         // Native first: what the query itself costs as the slide shrinks
         // (its firings, each published, grow as size/slide).
-        let before = stream_len(js, "NEXMARK_OUT").await?;
-        let (native_rate, native_us) = native_query(js, &input, query, events).await?;
-        let firings = stream_len(js, "NEXMARK_OUT").await?.saturating_sub(before);
+        let (native_rate, native_us, firings) = native_query(js, &input, query, events).await?;
         let (rate, cpu) = weir_query(
             nats, js, url, pool, artifacts, &input, &subject, query, events, last,
         )
@@ -248,12 +246,12 @@ async fn native_query(
     input: &str,
     query: Query,
     events: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, usize)> {
     let started = Instant::now();
     let cpu = process_cpu();
     let mut messages = super::pull_messages(js, input, "native").await?;
     let mut windows = NativeWindows::new(settings(query.kind));
-    let mut done = 0;
+    let (mut done, mut firings) = (0, 0);
     while done < events {
         let batch = super::next_batch(&mut messages).await?;
         for message in &batch {
@@ -265,8 +263,12 @@ async fn native_query(
             };
             windows.place(key, bid.ts, bid.price);
         }
-        let results = windows.fire().into_iter();
-        let results = results.map(|(id, payload)| (id, payload.into())).collect();
+        let results = windows.fire();
+        firings += results.len();
+        let results = results
+            .into_iter()
+            .map(|(id, payload)| (id, payload.into()))
+            .collect();
         super::publish_then_ack(js, "nexmark.native", results, &batch).await?;
         done += batch.len();
     }
@@ -274,6 +276,7 @@ async fn native_query(
     Ok((
         events as f64 / started.elapsed().as_secs_f64(),
         cpu_used.as_secs_f64() * 1e6 / events as f64,
+        firings,
     ))
 }
 
