@@ -146,6 +146,21 @@ impl Tracing {
         Some(EventTrace { context, sampled })
     }
 
+    /// Opens the root span of a window firing, which no input message's
+    /// context leads to (the watermark fires it). `None` when tracing is
+    /// off; sampled at the configured ratio like a new trace.
+    pub fn start_firing(&self, function: &str, start: SystemTime) -> Option<EventTrace> {
+        let inner = self.inner.as_ref()?;
+        let parent = Context::new();
+        let builder = SpanBuilder::from_name(format!("fire {function}"))
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start);
+        let span = inner.tracer.build_with_context(builder, &parent);
+        let context = parent.with_span(span);
+        let sampled = context.span().span_context().is_sampled();
+        Some(EventTrace { context, sampled })
+    }
+
     /// Writes `trace`'s context as `traceparent`/`tracestate` into `headers`,
     /// replacing any there.
     pub fn inject(&self, trace: &Context, headers: &mut Vec<(String, String)>) {

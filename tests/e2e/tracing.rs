@@ -364,3 +364,52 @@ async fn an_unreachable_trace_backend_costs_no_events(
     assert_eq!(counts, expected);
     Ok(())
 }
+
+/// A window's firing is an invocation with no input message: it starts a
+/// trace of its own (`fire <function>`, the window in its attributes),
+/// with the guest call under it, and its output continues that trace.
+#[sqlx::test(migrations = false)]
+async fn a_window_firing_is_traced_and_its_output_continues_the_trace(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    use weir_host::windows::WindowKind;
+    let stack = Stack::start(&db).await?;
+    let receiver = OtlpReceiver::start().await?;
+    let window = crate::windows::settings(WindowKind::Tumbling { size_ms: 1_000 }, 0, 0);
+    let mut config = crate::windows::window_config(&stack, "window-sum", window)?;
+    config.tracing.otlp_endpoint = Some(receiver.endpoint());
+    let host = stack.host(config).await?;
+    // Two events in [10 s, 11 s) and one at 20 s that closes that window.
+    let events = [(1, 10_100), (2, 10_900), (3, 20_000)].map(|(id, ts)| {
+        serde_json::json!({"id": id, "key": "k", "ts": ts, "value": 1})
+            .to_string()
+            .into_bytes()
+    });
+    publish_all(&stack.js, "events.in", events).await?;
+    eventually(Duration::from_secs(60), "the firing", || async {
+        Ok(stream_len(&stack.js, "WINDOWS").await? >= 1)
+    })
+    .await?;
+    host.stop().await?;
+
+    let outputs = read_stream(&stack.js, "WINDOWS").await?;
+    let (trace_id, parent, sampled) = parse_traceparent(&header(&outputs[0], "traceparent"))?;
+    assert!(sampled, "ratio 1.0 samples every new trace");
+    let spans = receiver.trace(&trace_id);
+    let fire = one(&spans, "fire win")?;
+    assert_eq!(fire.parent_span_id, "", "a firing starts its own trace");
+    assert_eq!(fire.kind, KIND_INTERNAL);
+    assert_eq!(fire.attribute("weir.window.key"), Some("k"));
+    assert_eq!(fire.attribute("weir.window.start_ms"), Some("10000"));
+    assert_eq!(fire.attribute("weir.window.end_ms"), Some("11000"));
+    assert_eq!(fire.attribute("weir.window.firing"), Some("0"));
+    assert_eq!(fire.attribute("weir.outcome"), Some("fired"));
+    child(&spans, "invoke win", fire)?;
+    let send = child(&spans, "send windows.out", fire)?;
+    assert_eq!(
+        send.span_id, parent,
+        "the output's context is its send span"
+    );
+    Ok(())
+}

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Batch, Effect, Intake, Outcome, PlanSettings, REDELIVER_DELAY, Settlement};
 use super::lanes::{self, LaneRun, Ran, lane_for};
 use super::support::{DeferralChange, deferral_changes, extend_deadlines, note_deferrals, pause};
-use super::windowed::{BOOK_KEY, WindowRun, firing_records};
+use super::windowed::{BOOK_KEY, WindowRun};
 use super::{BATCH_BYTE_BUDGET, FunctionWorker, InHand, Stop, hold, observe};
 use crate::ack::AckDecision;
 use crate::breaker::{Breaker, SystemClock};
@@ -93,21 +93,9 @@ impl FunctionWorker {
             self.pane_merges = merges.take();
         }
         self.observe_run(&batch, hand, &invocations).await;
-        // Firings count like calls: metrics, the canary's statistics and
-        // the guest's log lines (under sequence 0: no event of their own).
-        for (firing, invocation) in windows.iter().flat_map(|w| &w.fired) {
-            let lane = lane_for(&firing.key, self.canary_weight);
-            self.observe_invocation(lane, 0, &firing.key, None, invocation)
-                .await;
-        }
-        let window_records = match windows {
-            Some(mut windows) => firing_records(
-                &mut windows.fired,
-                &self.msg_scope,
-                &self.name,
-                &self.dead_letter_subject,
-            ),
-            None => Vec::new(),
+        let (window_records, window_parents) = match windows {
+            Some(windows) => self.observe_firings(windows).await,
+            None => Default::default(),
         };
         let settlement = batch.settle();
         self.perform(
@@ -116,6 +104,7 @@ impl FunctionWorker {
                 settlement,
                 view,
                 window_records,
+                window_parents,
                 merges,
             },
             &mut invocations,
@@ -397,6 +386,7 @@ impl FunctionWorker {
             settlement,
             view,
             mut window_records,
+            mut window_parents,
             mut merges,
         } = settled;
         let mut effects = settlement.effects;
@@ -451,7 +441,7 @@ impl FunctionWorker {
                     let mut parents: Vec<Option<Context>> =
                         parents.into_iter().chain(dead.1).collect();
                     if batch.window_work().is_some() {
-                        parents.extend(window_records.iter().map(|_| None));
+                        parents.append(&mut window_parents);
                         records.append(&mut window_records);
                     }
                     if !self
@@ -726,8 +716,9 @@ impl FunctionWorker {
 struct Settled {
     settlement: Settlement,
     view: BatchView,
-    /// The records of the windows it fired.
+    /// The records of the windows it fired, and the trace of each.
     window_records: Vec<crate::output::OutputRecord>,
+    window_parents: Vec<Option<Context>>,
     /// What its firings merged of sliding windows' panes: the worker's
     /// again once the commit of its window work is made.
     merges: Option<crate::windows::merges::PaneMerges<bytes::Bytes>>,

@@ -4,10 +4,15 @@
 //! instances, and the batch is told what to commit for the windows
 //! ([`super::windowed`] holds the window side of the run itself).
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
+use opentelemetry::{Context, KeyValue};
 use tokio_util::sync::CancellationToken;
 
-use super::lanes::{LaneRun, Ran};
+use super::lanes::{LaneRun, Ran, lane_for};
+use super::windowed::{WindowRun, firing_records};
+use crate::output::OutputRecord;
 use super::{FunctionWorker, InHand, Stop, hold};
 use crate::sandbox::World;
 use crate::windows::WindowKind;
@@ -134,6 +139,53 @@ impl FunctionWorker {
         }
     }
 
+    /// What the batch's firings did: each counts like a call (metrics, the
+    /// canary's statistics, the guest's log lines under sequence 0) and
+    /// ends its trace, a root `fire <function>` span with the window in its
+    /// attributes. Returns the firings' records and, for each, the trace
+    /// its publish continues.
+    pub(super) async fn observe_firings(
+        &mut self,
+        mut windows: WindowRun,
+    ) -> (Vec<OutputRecord>, Vec<Option<Context>>) {
+        let mut contexts = Vec::with_capacity(windows.fired.len());
+        for (index, (firing, invocation)) in windows.fired.iter().enumerate() {
+            let trace = windows.firing_traces.get_mut(index).and_then(Option::take);
+            let lane = lane_for(&firing.key, self.canary_weight);
+            self.observe_invocation(lane, 0, &firing.key, trace.as_ref(), invocation)
+                .await;
+            let Some(trace) = trace else {
+                contexts.push(None);
+                continue;
+            };
+            contexts.push(Some(trace.context().clone()));
+            if trace.is_sampled() {
+                trace.set_attributes(vec![
+                    KeyValue::new("weir.function", self.name.to_string()),
+                    KeyValue::new("weir.window.key", firing.key.clone()),
+                    KeyValue::new("weir.window.start_ms", firing.window.start_ms),
+                    KeyValue::new("weir.window.end_ms", firing.window.end_ms),
+                    KeyValue::new("weir.window.firing", i64::from(firing.firing)),
+                ]);
+            }
+            let (outcome, error) = match &invocation.result {
+                Ok(_) => ("fired", None),
+                Err(failure) => (failure.kind.as_str(), Some(failure.message.as_str())),
+            };
+            trace.finish(outcome, error, invocation.started + invocation.took);
+        }
+        let records = firing_records(
+            &mut windows.fired,
+            &self.msg_scope,
+            &self.name,
+            &self.dead_letter_subject,
+        );
+        records
+            .into_iter()
+            .map(|(which, record)| (record, contexts.get(which).cloned().flatten()))
+            .unzip()
+    }
+
     /// Hands `firings` to the guest on a blocking thread, with the lanes'
     /// instances. `None`: the run failed or found no instance, and the
     /// batch was handed back.
@@ -144,6 +196,13 @@ impl FunctionWorker {
         hand: &mut InHand,
         cancel: &CancellationToken,
     ) -> Result<Option<Ran>, Stop> {
+        if let Some(windows) = ran.windows.as_mut() {
+            let now = SystemTime::now();
+            windows.firing_traces = firings
+                .iter()
+                .map(|_| self.tracing.start_firing(&self.name, now))
+                .collect();
+        }
         ran.lanes = self.lanes.iter_mut().map(LaneRun::take).collect();
         let weight = self.canary_weight;
         let task = tokio::task::spawn_blocking(move || {

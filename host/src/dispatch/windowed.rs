@@ -28,6 +28,7 @@ use crate::sandbox::{
     World,
 };
 use crate::state::{BatchView, HOST_ENTRY_PREFIX};
+use crate::traces::EventTrace;
 use crate::windows::merges::PaneMerges;
 use crate::windows::{Advance, Firing, Placement, Window, WindowCore, WindowSettings};
 
@@ -118,6 +119,8 @@ pub(super) struct WindowRun {
     /// What earlier firings merged of sliding windows' panes, as of the
     /// committed state (see `FunctionWorker::take_pane_merges`).
     pub merges: Option<PaneMerges<Bytes>>,
+    /// The trace of each firing to run, in order (none: tracing is off).
+    pub firing_traces: Vec<Option<EventTrace>>,
 }
 
 impl WindowRun {
@@ -144,6 +147,7 @@ impl WindowRun {
             hold_for_ms,
             fired: Vec::new(),
             merges,
+            firing_traces: Vec::new(),
         }
     }
 
@@ -416,7 +420,14 @@ impl Ran {
             return true;
         };
         let mut merges = self.windows.as_mut().and_then(|w| w.merges.take());
-        for firing in firings {
+        let traced: Vec<bool> = self.windows.as_ref().map_or(Vec::new(), |w| {
+            w.firing_traces
+                .iter()
+                .map(|t| t.as_ref().is_some_and(EventTrace::is_sampled))
+                .collect()
+        });
+        for (index, firing) in firings.into_iter().enumerate() {
+            let traced = traced.get(index).copied().unwrap_or(false);
             let lane = lane_for(&firing.key, canary_weight);
             let guest = GuestFiring {
                 key: firing.key.clone(),
@@ -437,7 +448,7 @@ impl Ran {
                         .map(|(_, entry)| entry.clone())
                         .collect::<Vec<_>>(),
                 ) {
-                    Ok(events) => self.run_one(lane, |live| live.on_window(&guest, &events, false)),
+                    Ok(events) => self.run_one(lane, |live| live.on_window(&guest, &events, traced)),
                     Err(reason) => Some(Invocation {
                         result: Err(Failure::new(FailureKind::Refused, reason)),
                         started: SystemTime::now(),
@@ -446,7 +457,7 @@ impl Ran {
                     }),
                 },
                 _ => self.run_one(lane, |live| {
-                    live.fire(&guest, &parts, merges.as_mut(), false)
+                    live.fire(&guest, &parts, merges.as_mut(), traced)
                 }),
             };
             let Some(invocation) = invocation else {
@@ -542,15 +553,16 @@ pub fn escape_key(key: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The records of the windows fired: each firing's outputs with its
-/// window in headers, or a dead letter saying why it failed.
+/// window in headers, or a dead letter saying why it failed; each with
+/// the position of its firing in `fired`.
 pub(super) fn firing_records(
     fired: &mut [(Firing, Invocation)],
     scope: &str,
     function: &str,
     dead_letter_subject: &str,
-) -> Vec<OutputRecord> {
+) -> Vec<(usize, OutputRecord)> {
     let mut records = Vec::new();
-    for (firing, invocation) in fired {
+    for (which, (firing, invocation)) in fired.iter_mut().enumerate() {
         let window_headers = [
             // Escaped, not cleaned: two keys never read the same.
             (
@@ -574,12 +586,13 @@ pub(super) fn firing_records(
                         .filter(|(name, _)| !super::is_broker_header(name))
                         .collect();
                     headers.extend(window_headers.iter().cloned());
-                    records.push(OutputRecord {
+                    let record = OutputRecord {
                         msg_id: firing_msg_id(scope, firing, &index.to_string()),
                         subject: output.subject,
                         payload: output.payload,
                         headers,
-                    });
+                    };
+                    records.push((which, record));
                 }
             }
             Err(failure) => {
@@ -589,12 +602,13 @@ pub(super) fn firing_records(
                     (dlq::REASON.to_string(), header_text(&failure.message)),
                 ];
                 headers.extend(window_headers.iter().cloned());
-                records.push(OutputRecord {
+                let record = OutputRecord {
                     msg_id: firing_msg_id(scope, firing, "dlq"),
                     subject: dead_letter_subject.to_string(),
                     payload: Bytes::new(),
                     headers,
-                });
+                };
+                records.push((which, record));
             }
         }
     }
@@ -626,6 +640,7 @@ mod tests {
         let records = firing_records(&mut [(firing, failed)], "f", "f", "dlq");
         let header = |name: &str| {
             records[0]
+                .1
                 .headers
                 .iter()
                 .find(|(n, _)| n == name)
