@@ -16,7 +16,6 @@ use sqlx::{PgPool, Row};
 use super::compile_job::{CompileError, Compiler};
 use crate::sandbox::{Sandbox, SandboxError, World};
 
-
 /// A stored module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ModuleInfo {

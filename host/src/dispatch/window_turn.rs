@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::lanes::{LaneRun, Ran, lane_for};
 use super::windowed::{WindowRun, firing_records};
-use crate::output::OutputRecord;
 use super::{FunctionWorker, InHand, Stop, hold};
+use crate::output::OutputRecord;
 use crate::sandbox::World;
 use crate::windows::WindowKind;
 use crate::windows::merges::PaneMerges;

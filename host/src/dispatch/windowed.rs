@@ -448,7 +448,9 @@ impl Ran {
                         .map(|(_, entry)| entry.clone())
                         .collect::<Vec<_>>(),
                 ) {
-                    Ok(events) => self.run_one(lane, |live| live.on_window(&guest, &events, traced)),
+                    Ok(events) => {
+                        self.run_one(lane, |live| live.on_window(&guest, &events, traced))
+                    }
                     Err(reason) => Some(Invocation {
                         result: Err(Failure::new(FailureKind::Refused, reason)),
                         started: SystemTime::now(),
