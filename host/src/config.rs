@@ -350,7 +350,26 @@ pub fn deployed_record_subject(prefix: &str, namespace: &str, name: &str) -> Str
     format!("{prefix}.{namespace}.{name}")
 }
 
+/// Every subject a function bound with `outputs` and `window` publishes
+/// to: its outputs and its late-data subject. A namespace must own each,
+/// and a stream must capture each.
+pub fn published_subjects(
+    outputs: &[String],
+    window: Option<&crate::windows::WindowSettings>,
+) -> Vec<String> {
+    outputs
+        .iter()
+        .cloned()
+        .chain(window.and_then(|w| w.late_subject.clone()))
+        .collect()
+}
+
 impl FunctionSpec {
+    /// Every subject it publishes to (see [`published_subjects`]).
+    pub fn publishes(&self) -> Vec<String> {
+        published_subjects(&self.outputs, self.window.as_ref())
+    }
+
     /// The subject of this function's records (dead letters, log lines)
     /// under `prefix`: `<prefix>.<namespace>.<name>` for a deployed
     /// function, so that a tenant's records are one subject tree

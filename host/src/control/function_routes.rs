@@ -105,11 +105,12 @@ pub(super) async fn put_function(
     }
     // A namespace reads and writes only what it owns.
     let owned = state.store.namespace_resources(&namespace).await?;
+    // (Its late-data subject is published to as its outputs are.)
     if let Some(problem) = owned.binding_problem(
         &namespace,
         &binding.stream,
         &binding.subject,
-        &binding.outputs,
+        &binding.publishes(),
     ) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
     }
@@ -118,12 +119,12 @@ pub(super) async fn put_function(
     let captured = crate::output::stream_subjects(&state.js)
         .await
         .map_err(|error| ApiError::unavailable("NATS", &error))?;
-    if let Some(output) = crate::output::uncaptured(&binding.outputs, &captured) {
+    if let Some(output) = crate::output::uncaptured(&binding.publishes(), &captured) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             format!(
-                "outputs: no JetStream stream captures all of `{output}`, so what the function publishes there could never be stored; make a stream that captures it first"
+                "outputs: no JetStream stream captures all of `{output}` (an output or the late-data subject), so what the function publishes there could never be stored; make a stream that captures it first"
             ),
         ));
     }
@@ -382,7 +383,7 @@ pub(super) async fn create_version(
             &namespace,
             &binding.stream,
             &binding.subject,
-            &binding.outputs,
+            &binding.publishes(),
         ) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
         }

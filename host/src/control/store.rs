@@ -43,6 +43,12 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// Every subject it publishes to: its outputs and its late-data
+    /// subject.
+    pub fn publishes(&self) -> Vec<String> {
+        crate::config::published_subjects(&self.outputs, self.window.as_ref())
+    }
+
     /// The host's view of this binding of function `name` of `namespace`.
     pub fn to_spec(&self, namespace: &str, name: &str) -> FunctionSpec {
         let defaults = FunctionSpec::new(

@@ -499,7 +499,7 @@ impl Deployed {
             .chain(deployment.canary.as_ref().map(|(version, _)| version))
             .find_map(|version| {
                 let spec = &version.spec;
-                resources.binding_problem(namespace, &spec.stream, &spec.subject, &spec.outputs)
+                resources.binding_problem(namespace, &spec.stream, &spec.subject, &spec.publishes())
             }))
     }
 

@@ -143,15 +143,16 @@ pub(super) async fn ensure_log_stream(
     .map_err(|e| classify_create(name, e))
 }
 
-/// Checks that every output of `spec` is captured by a stream (a wildcard
-/// one whole, by one stream), and that the stream it reads exists: outputs
-/// that could never be stored, or a binding to a stream that is not there,
-/// are refused.
+/// Checks that every subject `spec` publishes to (its outputs and its
+/// late-data subject) is captured by a stream (a wildcard one whole, by one
+/// stream), and that the stream it reads exists: outputs that could never
+/// be stored, or a binding to a stream that is not there, are refused.
 pub async fn check_bindings(
     js: &jetstream::Context,
     spec: &FunctionSpec,
 ) -> Result<(), StepFailure> {
-    for subject in spec.outputs.iter().filter(|s| !s.contains(['*', '>'])) {
+    let publishes = spec.publishes();
+    for subject in publishes.iter().filter(|s| !s.contains(['*', '>'])) {
         if let Err(error) = js.stream_by_subject(subject.as_str()).await {
             return Err(match error.kind() {
                 GetStreamByNameErrorKind::NotFound => {
@@ -171,8 +172,7 @@ pub async fn check_bindings(
         }
     }
     // Wildcard outputs: captured whole by one stream's subjects.
-    let wildcards: Vec<String> = spec
-        .outputs
+    let wildcards: Vec<String> = publishes
         .iter()
         .filter(|s| s.contains(['*', '>']))
         .cloned()
