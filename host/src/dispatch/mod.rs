@@ -42,6 +42,7 @@ mod sim;
 mod support;
 mod turn;
 mod window_parts;
+mod window_records;
 mod window_turn;
 mod windowed;
 
@@ -65,7 +66,7 @@ pub use deliver::is_broker_header;
 use lanes::Lane;
 pub use lanes::{VersionCode, instance_settings, lane_for, version_of};
 use support::{Held, hold_until_done};
-pub use windowed::window_headers;
+pub use window_records::window_headers;
 
 /// Output bytes one batch may hold before the rest of it waits for the next.
 const BATCH_BYTE_BUDGET: usize = 64 << 20;

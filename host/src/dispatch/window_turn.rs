@@ -11,7 +11,8 @@ use opentelemetry::{Context, KeyValue};
 use tokio_util::sync::CancellationToken;
 
 use super::lanes::{LaneRun, Ran, lane_for};
-use super::windowed::{WindowRun, firing_records};
+use super::window_records::firing_records;
+use super::windowed::WindowRun;
 use super::{FunctionWorker, InHand, Stop, hold};
 use crate::output::OutputRecord;
 use crate::sandbox::World;
