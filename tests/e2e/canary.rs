@@ -45,27 +45,9 @@ async fn deployed(db: &PgConnectOptions, retry: serde_json::Value) -> Result<Dep
         ADMIN,
     )
     .await?;
-    let auth = format!("Bearer {ADMIN}");
     let mut digests = Vec::new();
     for name in ["counter", "misbehave"] {
-        let bytes = std::fs::read(component(name)?)?;
-        let response = http_request(
-            address,
-            "POST",
-            "/v1/modules",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/wasm"),
-            ],
-            &bytes,
-        )
-        .await?;
-        digests.push(
-            response.json()?["digest"]
-                .as_str()
-                .context("digest")?
-                .to_string(),
-        );
+        digests.push(upload_component(address, ADMIN, name).await?);
     }
     let binding = serde_json::json!({
         "stream": "COUNTED", "subject": "counted.in", "key": {"json_pointer": "/key"},

@@ -21,44 +21,11 @@ async fn call(
     token: &str,
     body: &serde_json::Value,
 ) -> Result<HttpResponse> {
-    let auth = format!("Bearer {token}");
-    let body = if body.is_null() {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    http_request(
-        address,
-        method,
-        path,
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        &body,
-    )
-    .await
+    api_send(address, token, method, path, body).await
 }
 
 async fn upload(address: SocketAddr, name: &str) -> Result<String> {
-    let bytes = std::fs::read(component(name)?)?;
-    let auth = format!("Bearer {ADMIN}");
-    let response = http_request(
-        address,
-        "POST",
-        "/v1/modules",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/wasm"),
-        ],
-        &bytes,
-    )
-    .await?;
-    anyhow::ensure!(response.status == 201, "{response:?}");
-    Ok(response.json()?["digest"]
-        .as_str()
-        .context("digest")?
-        .to_string())
+    upload_component(address, ADMIN, name).await
 }
 
 /// Binds the new function at `function` with `binding` and makes its first

@@ -287,21 +287,7 @@ async fn promotes_and_rollbacks_under_host_kills_publish_each_output_once(
     // `passthrough` writes no state: nothing but the message id keeps a
     // re-run's outputs from being stored twice. Three versions of it.
     let mut host = start(None)?;
-    let bytes = std::fs::read(component("passthrough")?)?;
-    let auth = format!("Bearer {ADMIN}");
-    let uploaded = http_request(
-        address,
-        "POST",
-        "/v1/modules",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/wasm"),
-        ],
-        &bytes,
-    )
-    .await?
-    .json()?;
-    let digest = uploaded["digest"].as_str().context("digest")?.to_string();
+    let digest = upload_component(address, ADMIN, "passthrough").await?;
     let binding = serde_json::json!({
         "stream": "PASS_IN", "subject": "pass.in", "key": {"json_pointer": "/key"},
         "outputs": ["bench.out"], "batch_size": 10, "ack_wait_ms": 5000,

@@ -41,18 +41,7 @@ async fn send(
     path: &str,
     body: &serde_json::Value,
 ) -> Result<(u16, String)> {
-    let auth = format!("Bearer {ADMIN}");
-    let response = http_request(
-        address,
-        method,
-        path,
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await?;
+    let response = api_send(address, ADMIN, method, path, body).await?;
     Ok((response.status, response.body))
 }
 
@@ -120,24 +109,7 @@ async fn api_only_host(config: &HostConfig, dir: &Path) -> Result<(HostProcess, 
 
 /// Uploads the built component `name`; its digest.
 async fn upload(address: SocketAddr, name: &str) -> Result<String> {
-    let bytes = std::fs::read(component(name)?)?;
-    let auth = format!("Bearer {ADMIN}");
-    let uploaded = http_request(
-        address,
-        "POST",
-        "/v1/modules",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/wasm"),
-        ],
-        &bytes,
-    )
-    .await?
-    .json()?;
-    Ok(uploaded["digest"]
-        .as_str()
-        .context("the upload's digest")?
-        .to_string())
+    upload_component(address, ADMIN, name).await
 }
 
 /// The binding of `win`: keyed and timed by the event's JSON, firing to
@@ -336,6 +308,14 @@ async fn a_window_binding_cannot_raise_lateness_or_change_kind_once_versions_exi
     let lower = settings(window.kind, 200, 500);
     let (status, answer) = send(address, "PUT", WIN, &binding(Some(&lower))?).await?;
     assert_eq!(status, 200, "lowering the lateness: {answer}");
+    // The late-data subject is published to like an output: one the
+    // namespace does not own is refused, for a new function too.
+    let mut elsewhere = lower.clone();
+    elsewhere.late_subject = Some("billing.late".into());
+    let other = "/v1/namespaces/shop/functions/other";
+    let (status, answer) = send(address, "PUT", other, &binding(Some(&elsewhere))?).await?;
+    assert_eq!(status, 403, "another namespace's late subject: {answer}");
+    assert!(answer.contains("billing.late"), "{answer}");
     let body = serde_json::json!({"module": module});
     call(address, "POST", &format!("{WIN}/versions"), body).await?;
     call(

@@ -536,21 +536,21 @@ impl HttpResponse {
 }
 
 /// Calls the control-plane API as `token` with a JSON body (none when
-/// null); the JSON answer, or an error naming the call if it is not a 2xx.
-pub async fn api_call(
+/// null), whatever the answer: its status and body.
+pub async fn api_send(
     address: std::net::SocketAddr,
     token: &str,
     method: &str,
     path: &str,
-    body: serde_json::Value,
-) -> Result<serde_json::Value> {
+    body: &serde_json::Value,
+) -> Result<HttpResponse> {
     let auth = format!("Bearer {token}");
     let body = if body.is_null() {
         Vec::new()
     } else {
         body.to_string().into_bytes()
     };
-    let response = http_request(
+    http_request(
         address,
         method,
         path,
@@ -560,9 +560,48 @@ pub async fn api_call(
         ],
         &body,
     )
-    .await?;
+    .await
+}
+
+/// Calls the control-plane API as `token` with a JSON body (none when
+/// null); the JSON answer, or an error naming the call if it is not a 2xx.
+pub async fn api_call(
+    address: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let response = api_send(address, token, method, path, &body).await?;
     anyhow::ensure!(response.status < 300, "{method} {path}: {response:?}");
     response.json()
+}
+
+/// Uploads the built component `name` (see [`component`]) as `token`;
+/// the stored module's digest.
+pub async fn upload_component(
+    address: std::net::SocketAddr,
+    token: &str,
+    name: &str,
+) -> Result<String> {
+    let bytes = std::fs::read(component(name)?)?;
+    let auth = format!("Bearer {token}");
+    let response = http_request(
+        address,
+        "POST",
+        "/v1/modules",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/wasm"),
+        ],
+        &bytes,
+    )
+    .await?;
+    anyhow::ensure!(response.status < 300, "uploading {name}: {response:?}");
+    Ok(response.json()?["digest"]
+        .as_str()
+        .context("the upload's digest")?
+        .to_string())
 }
 
 /// One HTTP/1.1 request on a fresh connection (closed after the response).

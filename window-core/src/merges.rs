@@ -89,12 +89,7 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
         };
         let mut freed = 0;
         if chunk.tails.first().is_some_and(|(first, _)| pane >= *first) {
-            freed += chunk
-                .tails
-                .iter()
-                .map(|(_, a)| a.as_ref().len())
-                .sum::<usize>();
-            chunk.tails.clear();
+            freed += chunk.take_tails();
         }
         if chunk.head.as_ref().is_some_and(|head| pane < head.through) {
             freed += chunk
@@ -176,12 +171,7 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
         {
             return Ok(Some(chunk.tails[at].1.clone()));
         }
-        self.bytes -= chunk
-            .tails
-            .iter()
-            .map(|(_, a)| a.as_ref().len())
-            .sum::<usize>();
-        chunk.tails.clear();
+        self.bytes -= chunk.take_tails();
         // Tails of accumulators that grow with their contents add up to
         // far more than the panes: past the budget they are merged one
         // after the other as before, and not kept.
@@ -263,11 +253,19 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
 }
 
 impl<A: AsRef<[u8]>> Chunk<A> {
+    fn tails_bytes(&self) -> usize {
+        self.tails.iter().map(|(_, a)| a.as_ref().len()).sum()
+    }
+
+    /// Drops the tails; the bytes they took.
+    fn take_tails(&mut self) -> usize {
+        let bytes = self.tails_bytes();
+        self.tails.clear();
+        bytes
+    }
+
     fn bytes(&self) -> usize {
-        self.tails
-            .iter()
-            .map(|(_, a)| a.as_ref().len())
-            .sum::<usize>()
+        self.tails_bytes()
             + self
                 .head
                 .as_ref()
