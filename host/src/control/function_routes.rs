@@ -151,44 +151,56 @@ pub(super) async fn put_function(
     Ok((status, Json(record)))
 }
 
-/// Why `module` cannot be a version of `function`, if it cannot: a
-/// per-event component on a windowed binding or the other way round, or a
-/// world other than its versions' (a canary of another world would stop
-/// the function, and incremental and buffered windows keep their parts
-/// differently).
+/// Why `module` cannot be a version of `function` (of `namespace`), if it
+/// cannot: a per-event component on a windowed binding or the other way
+/// round, or a world other than the versions that serve now (a canary of
+/// another world would stop the function, and incremental and buffered
+/// windows keep their parts differently). Worlds are read from the
+/// compiled artifacts. A module the namespace may not use is left to the
+/// version's own check, which does not tell whether it exists.
 async fn world_problem(
     state: &ApiState,
+    namespace: &str,
     function: &FunctionRecord,
     module: &str,
 ) -> Result<Option<String>, ApiError> {
-    let Some(info) = state.modules.get(module).await? else {
-        // Unknown modules are refused when the version is stored.
+    if !state.modules.usable_by(namespace, module).await? {
+        return Ok(None);
+    }
+    let Some(world) = state.modules.world_of(module).await else {
         return Ok(None);
     };
-    let windowed = info.world.starts_with("weir:window/");
-    match (windowed, function.binding.window.is_some()) {
+    let name = world.wit_name();
+    match (world.is_windowed(), function.binding.window.is_some()) {
         (true, false) => {
             return Ok(Some(format!(
-                "module `{module}` implements `{}`, but the binding has no `window` settings; bind a window function as a new function with `window`",
-                info.world
+                "module `{module}` implements `{name}`, but the binding has no `window` settings; bind a window function as a new function with `window`"
             )));
         }
         (false, true) => {
             return Ok(Some(format!(
-                "module `{module}` implements `{}`, but the binding is windowed: build it against `weir:window`",
-                info.world
+                "module `{module}` implements `{name}`, but the binding is windowed: build it against `weir:window`"
             )));
         }
         _ => {}
     }
-    for version in &function.versions {
-        let Some(other) = state.modules.get(&version.module).await? else {
+    let serving = function.stable.into_iter().chain(
+        function
+            .rollout
+            .iter()
+            .flat_map(|rollout| std::iter::once(rollout.stable).chain(rollout.canary)),
+    );
+    for number in serving {
+        let Some(version) = function.versions.iter().find(|v| v.version == number) else {
             continue;
         };
-        if other.world != info.world {
+        let Some(other) = state.modules.world_of(&version.module).await else {
+            continue;
+        };
+        if other != world {
             return Ok(Some(format!(
-                "module `{module}` implements `{}` and version {} implements `{}`: the versions of a function implement one world; deploy it as a new function",
-                info.world, version.version, other.world
+                "module `{module}` implements `{name}` and version {number}, which serves, implements `{}`: the versions of a function implement one world; deploy it as a new function",
+                other.wit_name()
             )));
         }
     }
@@ -387,7 +399,8 @@ pub(super) async fn create_version(
         ) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", problem));
         }
-        if let Some(problem) = world_problem(&state, &existing, &request.module).await? {
+        if let Some(problem) = world_problem(&state, &namespace, &existing, &request.module).await?
+        {
             return Err(ApiError::new(StatusCode::CONFLICT, "conflict", problem));
         }
     }

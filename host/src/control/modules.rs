@@ -303,6 +303,20 @@ impl ModuleRegistry {
         Ok(())
     }
 
+    /// The world the stored module `digest` implements, read from its
+    /// compiled artifact (not from its row, which modules stored before
+    /// the world was read from the component have wrong). `None` when the
+    /// artifact cannot be loaded here.
+    pub async fn world_of(&self, digest: &str) -> Option<World> {
+        let sandbox = self.sandbox.clone();
+        let digest = digest.to_string();
+        tokio::task::spawn_blocking(move || sandbox.load_compiled(&digest))
+            .await
+            .ok()?
+            .ok()
+            .map(|code| code.world())
+    }
+
     /// The stored module with this digest, if any.
     pub async fn get(&self, digest: &str) -> Result<Option<ModuleInfo>, ModuleError> {
         let row = sqlx::query("SELECT digest, size, world FROM weir_modules WHERE digest = $1")
