@@ -434,6 +434,12 @@ impl FunctionWorker {
                     }
                 }
                 Effect::Publish { .. } => {
+                    // With no commit to fence it, an owner paused past its
+                    // lease finds out before it publishes (a dead letter
+                    // of an event the new owner may apply).
+                    if committed.is_none() {
+                        self.renew_lease_if_due().await?;
+                    }
                     let (mut records, parents) =
                         self.gather(batch, &effects, invocations, hand, true);
                     let dead = self.dead_letters(batch, &effects, hand);
@@ -582,13 +588,20 @@ impl FunctionWorker {
         crash::reached(CrashPoint::AfterInvoke);
         let started = Instant::now();
         let commit_started = SystemTime::now();
+        // When the attempt that succeeded was sent (`hold` may try again).
+        let attempt_sent = std::sync::Mutex::new(started);
         let done = hold(
             &self.name,
             self.ack_wait(),
             "committing state",
             &hand.messages,
             cancel,
-            || self.state.commit(&self.name, commit, self.owner_lease),
+            || {
+                if let Ok(mut sent) = attempt_sent.lock() {
+                    *sent = Instant::now();
+                }
+                self.state.commit(&self.name, commit, self.owner_lease)
+            },
         )
         .await;
         match done {
@@ -598,9 +611,9 @@ impl FunctionWorker {
         }
         // The commit renewed the lease when its statement ran, which may
         // be long before this host sees the answer (a pause): count from
-        // before it was sent, so that a late answer never makes the lease
-        // look fresher than it is.
-        self.lease_renewed = started;
+        // when the attempt was sent, so that a late answer never makes the
+        // lease look fresher than it is.
+        self.lease_renewed = attempt_sent.into_inner().unwrap_or(started);
         self.published.clear();
         self.lanes[0]
             .metrics

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::AckKind;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{KeyGuard, REDELIVER_DELAY};
@@ -85,6 +86,15 @@ impl FunctionWorker {
             };
             if ingest.is_lost() {
                 return Stop::Reopen;
+            }
+            // A pause may have fallen between the last renewal and the
+            // pull: an owner fenced meanwhile gives what it pulled back at
+            // once, before running any of it.
+            if let Err(stop) = self.renew_lease_if_due().await {
+                for delivery in &deliveries {
+                    let _ = delivery.message.ack_with(AckKind::Nak(None)).await;
+                }
+                return stop;
             }
             if deliveries.is_empty() {
                 // An idle stream still closes its windows.
