@@ -178,7 +178,7 @@ async fn uploads_are_checked_compiled_ahead_and_stored_once(
             "imports wasi:http",
             wat_fixture("imports-http")?,
             422,
-            "wasi:http/outgoing-handler@0.2.0",
+            "it imports `wasi:http/outgoing-handler@0.2.0`, which Weir does not provide. Weir functions make no HTTP requests",
         ),
         ("over the limit", vec![0u8; 2 << 20], 413, ""),
     ];

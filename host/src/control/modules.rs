@@ -37,7 +37,7 @@ pub enum ModuleError {
     CoreModule,
     #[error("the upload is not a valid component: {0}")]
     Invalid(String),
-    #[error("the component imports what Weir does not provide: {0}")]
+    #[error("the component cannot be linked: {0}")]
     UnknownImport(String),
     #[error(
         "the component exports none of Weir's worlds: `weir:function/event-handler` (a `handle` function), `weir:window/incremental-window-handler` (`fold`, `merge`, `fire`) or `weir:window/buffered-window-handler` (`on-window`): {0}"

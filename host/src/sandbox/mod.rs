@@ -56,7 +56,7 @@ pub enum SandboxError {
     Engine(String),
     #[error("module {digest} is not a valid Weir component: {reason}")]
     Invalid { digest: String, reason: String },
-    #[error("module {digest} imports what Weir does not provide: {reason}")]
+    #[error("module {digest} cannot be linked: {reason}")]
     UnknownImport { digest: String, reason: String },
     #[error(
         "module {digest} exports none of Weir's worlds: `weir:function/event-handler` (a `handle` function), `weir:window/incremental-window-handler` (`fold`, `merge`, `fire`) or `weir:window/buffered-window-handler` (`on-window`): {reason}"
@@ -73,6 +73,30 @@ impl SandboxError {
     pub fn is_host_side(&self) -> bool {
         matches!(self, SandboxError::NoSlot(_))
     }
+}
+
+/// What an upload that imports what the host does not link should be
+/// told, from the linker's error `linker`: the import by name, and what
+/// to do about it (the commonest cause first: componentize-js builds in
+/// `wasi:http` unless told not to).
+fn import_problem(linker: &str) -> String {
+    let name = linker
+        .split('`')
+        .nth(1)
+        .filter(|name| !name.is_empty())
+        .unwrap_or("an interface");
+    let advice = if name.starts_with("wasi:http/") {
+        "Weir functions make no HTTP requests and serve none. componentize-js builds HTTP in unless it is disabled: pass `disableFeatures: ['http', 'fetch-event']` (CLI: `-d http fetch-event`); in other languages, drop the HTTP client library"
+    } else if name.starts_with("wasi:") {
+        "Weir links the WASI 0.2 (wasip2) interfaces of `wasi:cli/command` (cli, io, clocks, random, filesystem, sockets) at versions 0.2.x: build against WASI 0.2 (for Rust, the `wasm32-wasip2` target), not 0.1 or 0.3"
+    } else if name.starts_with("weir:") {
+        "Weir links `weir:function@0.1.0` (types, state, emit, log, trace) and `weir:window@0.1.0`: build against the `wit/` of this Weir"
+    } else {
+        "Weir links WASI 0.2 and its own `weir:function` and `weir:window` interfaces, nothing else: remove the import, or the library that brings it in"
+    };
+    format!(
+        "it imports `{name}`, which Weir does not provide. {advice}. (The linker said: {linker})"
+    )
 }
 
 /// Engine-wide settings.
@@ -282,7 +306,7 @@ impl Sandbox {
                 .instantiate_pre(component)
                 .map_err(|e| SandboxError::UnknownImport {
                     digest: digest.clone(),
-                    reason: format!("{e:#}"),
+                    reason: import_problem(&format!("{e:#}")),
                 })?;
         // A component exports one world's functions; the event handler's
         // error says what is missing for the commonest case.
@@ -468,5 +492,26 @@ impl Drop for EpochTicker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_import_is_named_with_what_to_do() {
+        let http = import_problem(
+            "component imports instance `wasi:http/outgoing-handler@0.2.0`, but a matching implementation was not found in the linker",
+        );
+        assert!(
+            http.starts_with("it imports `wasi:http/outgoing-handler@0.2.0`"),
+            "{http}"
+        );
+        assert!(http.contains("-d http fetch-event"), "{http}");
+        let newer_wasi = import_problem("component imports instance `wasi:cli/environment@0.3.0`");
+        assert!(newer_wasi.contains("wasm32-wasip2"), "{newer_wasi}");
+        let other = import_problem("something without a name");
+        assert!(other.starts_with("it imports `an interface`"), "{other}");
     }
 }
