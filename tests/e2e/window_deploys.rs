@@ -316,6 +316,22 @@ async fn a_window_binding_cannot_raise_lateness_or_change_kind_once_versions_exi
     let (status, answer) = send(address, "PUT", other, &binding(Some(&elsewhere))?).await?;
     assert_eq!(status, 403, "another namespace's late subject: {answer}");
     assert!(answer.contains("billing.late"), "{answer}");
+    // One the namespace owns but no stream captures could never be stored.
+    let granted = |extra: &[&str]| -> Vec<String> {
+        ["events.>", "windows.>"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let streams = ["EVENTS".to_string(), "WINDOWS".to_string()];
+    grant(address, ADMIN, "shop", &streams, &granted(&["spare.>"])).await?;
+    elsewhere.late_subject = Some("spare.late".into());
+    let (status, answer) = send(address, "PUT", other, &binding(Some(&elsewhere))?).await?;
+    assert_eq!(status, 422, "an uncaptured late subject: {answer}");
+    assert!(answer.contains("spare.late"), "{answer}");
+    let (status, _) = send(address, "GET", other, &serde_json::Value::Null).await?;
+    assert_eq!(status, 404, "neither refused binding was stored");
     let body = serde_json::json!({"module": module});
     call(address, "POST", &format!("{WIN}/versions"), body).await?;
     call(

@@ -157,12 +157,7 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
             return Ok(None);
         };
         let chunk_start = self.chunk_of(*first);
-        let chunk = self
-            .keys
-            .entry(key.to_string())
-            .or_default()
-            .entry(chunk_start)
-            .or_default();
+        let chunk = chunk_mut(&mut self.keys, key, chunk_start);
         // Kept tails serve if these panes are their last ones (a pane
         // added or changed since dropped them).
         let at = chunk.tails.partition_point(|(pane, _)| pane < first);
@@ -213,12 +208,7 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
         if panes.is_empty() {
             return Ok(None);
         }
-        let chunk = self
-            .keys
-            .entry(key.to_string())
-            .or_default()
-            .entry(chunk_start)
-            .or_default();
+        let chunk = chunk_mut(&mut self.keys, key, chunk_start);
         // A kept head serves if it ends before `through` and holds the
         // panes before its end.
         let kept = chunk.head.take().and_then(|head| {
@@ -250,6 +240,19 @@ impl<A: Clone + AsRef<[u8]>> PaneMerges<A> {
         }
         Ok(merged)
     }
+}
+
+/// The chunk of `key` starting at `start`, made if need be. (A function
+/// of the map alone, so the caller can still count bytes while holding it.)
+fn chunk_mut<'a, A>(
+    keys: &'a mut BTreeMap<String, BTreeMap<i64, Chunk<A>>>,
+    key: &str,
+    start: i64,
+) -> &'a mut Chunk<A> {
+    keys.entry(key.to_string())
+        .or_default()
+        .entry(start)
+        .or_default()
 }
 
 impl<A: AsRef<[u8]>> Chunk<A> {
