@@ -1,0 +1,43 @@
+"""How a handler says it did not finish an event.
+
+`Retry` is a passing failure: the host backs off and delivers the event
+again (and dead-letters it after the binding's last attempt). `Reject` means
+the event can never succeed: the host dead-letters it now, with the reason.
+Either way none of the call's state writes or outputs are applied.
+"""
+
+from __future__ import annotations
+
+
+class HandlerError(Exception):
+    """A handler's failure with a reason the host records."""
+
+    kind = "retry"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Retry(HandlerError):
+    """Deliver this event again after a back-off."""
+
+    kind = "retry"
+
+
+class Reject(HandlerError):
+    """This event can never succeed: dead-letter it now with the reason."""
+
+    kind = "reject"
+
+
+def failure_of(error: BaseException) -> HandlerError:
+    """What the host is told for an exception a handler raised.
+
+    `Retry` and `Reject` pass as they are. Any other exception is a bug the
+    host cannot tell from a passing failure, so it is retried like a trap
+    would be, with the exception named in the reason the dead letter keeps.
+    """
+    if isinstance(error, HandlerError):
+        return error
+    return Retry(f"uncaught {type(error).__name__}: {error}")
