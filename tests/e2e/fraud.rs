@@ -144,9 +144,18 @@ pub fn fraud_host(stack: &Stack, batch_size: usize) -> Result<HostConfig> {
 
 /// The `count` entry of every card, from Postgres.
 pub async fn stored_counts(pool: &sqlx::PgPool) -> Result<BTreeMap<String, u64>> {
+    stored_counts_of(pool, "fraud-velocity").await
+}
+
+/// The `count` entry of every card of the function that runs as `function`.
+pub async fn stored_counts_of(
+    pool: &sqlx::PgPool,
+    function: &str,
+) -> Result<BTreeMap<String, u64>> {
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT key, value FROM weir_state WHERE function_name = 'fraud-velocity' AND name = 'count'",
+        "SELECT key, value FROM weir_state WHERE function_name = $1 AND name = 'count'",
     )
+    .bind(function)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -195,14 +204,20 @@ pub async fn wait_for_alerts(stack: &Stack, count: usize) -> Result<()> {
 /// Waits until the per-card counters add up to `events`: every event is
 /// applied once (more would overshoot, and the caller checks exact counts).
 pub async fn drained(pool: &sqlx::PgPool, events: usize) -> Result<()> {
+    drained_of(pool, "fraud-velocity", events).await
+}
+
+/// [`drained`] for the function that runs as `function`.
+pub async fn drained_of(pool: &sqlx::PgPool, function: &str, events: usize) -> Result<()> {
     eventually(
         Duration::from_secs(120),
         "every event to be applied",
         || async {
             let applied: Option<i64> = sqlx::query_scalar(
                 "SELECT sum(convert_from(value, 'UTF8')::bigint)::bigint FROM weir_state
-             WHERE function_name = 'fraud-velocity' AND name = 'count'",
+             WHERE function_name = $1 AND name = 'count'",
             )
+            .bind(function)
             .fetch_one(pool)
             .await?;
             Ok(applied.unwrap_or(0) as usize >= events)

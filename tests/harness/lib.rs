@@ -225,6 +225,19 @@ pub fn component(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The component of example `name` written in `language` (`ts`, `python`),
+/// as `cargo xtask build-guests` builds it.
+pub fn language_component(language: &str, name: &str) -> Result<PathBuf> {
+    let path = target_dir().join(format!("guest-components/{language}/{name}.wasm"));
+    if !path.exists() {
+        bail!(
+            "component {} is missing: run `cargo xtask build-guests` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A Postgres URL for the database `options` name (as `#[sqlx::test]` made it).
 pub fn database_url(options: &sqlx::postgres::PgConnectOptions) -> String {
     let password = std::env::var("DATABASE_URL")
@@ -584,7 +597,17 @@ pub async fn upload_component(
     token: &str,
     name: &str,
 ) -> Result<String> {
-    let bytes = std::fs::read(component(name)?)?;
+    upload_file(address, token, &component(name)?).await
+}
+
+/// Uploads the component at `path` as `token`; the stored module's digest.
+pub async fn upload_file(
+    address: std::net::SocketAddr,
+    token: &str,
+    path: &Path,
+) -> Result<String> {
+    let name = path.display();
+    let bytes = std::fs::read(path)?;
     let auth = format!("Bearer {token}");
     let response = http_request(
         address,

@@ -1,9 +1,12 @@
 //! Build driver for the repository: `cargo xtask <command>`.
 //!
 //! - `build-components`: builds the example guests to wasm32-wasip2 components.
+//! - `build-guests`: builds the TypeScript and Python examples to components
+//!   (see `guests`).
 //! - `dev`: the local stack — services checked or started, examples built,
 //!   `weir dev` running them with generated events.
-//! - `test`: formatting, lints, guests, then every test of the workspace.
+//! - `test`: formatting, lints, guests, the other languages' native unit
+//!   tests, then every test of the workspace.
 //! - `faults [--long]`: the fault-injection suites alone; `--long` runs them
 //!   at ten times the CI counts.
 //! - `bench`: the throughput and latency benchmark (release build).
@@ -12,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod guests;
 
 /// Guest crates built to components.
 const COMPONENTS: &[&str] = &[
@@ -34,6 +39,10 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
         Some("build-components") => build_components(),
+        Some("build-guests") => {
+            guests::ensure_toolchains(&root)?;
+            guests::build_components(&root, &target_dir(&root))
+        }
         Some("dev") => {
             ensure_services()?;
             build_components()?;
@@ -63,6 +72,9 @@ fn main() -> Result<()> {
                 wasm_clippy.args(["-p", name]);
             }
             run(wasm_clippy.args(["--", "-D", "warnings"]))?;
+            guests::ensure_toolchains(&root)?;
+            guests::test_natively(&root)?;
+            guests::build_components(&root, &target_dir(&root))?;
             test(&args[1..])
         }
         Some("faults") => {
@@ -102,7 +114,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <build-components | dev | test | faults [--long] | bench> [args]"
+                "usage: cargo xtask <build-components | build-guests | dev | test | faults [--long] | bench> [args]"
             );
             bail!("unknown command")
         }
@@ -127,7 +139,7 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     eprintln!("+ {command:?}");
     let status = command
         .status()

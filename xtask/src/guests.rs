@@ -1,0 +1,176 @@
+//! Guests in languages other than Rust: their toolchains, their native unit
+//! tests and their components.
+//!
+//! `scripts/ensure-guest-toolchains.sh` installs the toolchains (cached
+//! under `/opt/weir-tools`); the JavaScript/TypeScript SDK and examples are
+//! one npm workspace at the repository root (`npm ci`), and the Python ones
+//! run on a venv holding componentize-py and pytest. Components go to
+//! `<target>/guest-components/<lang>/<name>.wasm`, rebuilt only when a
+//! hash of their sources, the SDK, the WIT and the toolchain changes: an
+//! interpreted component takes 10–20 s of CPU to build.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// A language's example functions, each a standalone project under
+/// `examples/<dir>/<name>`.
+pub struct Language {
+    /// The directory under `examples/` and under `guest-components/`.
+    pub dir: &'static str,
+    /// What fixes the toolchain's output besides the sources: hashed in.
+    pub toolchain: &'static str,
+}
+
+pub const TYPESCRIPT: Language = Language {
+    dir: "ts",
+    toolchain: "componentize-js 0.23.0, esbuild 0.28.2",
+};
+pub const PYTHON: Language = Language {
+    dir: "python",
+    toolchain: "componentize-py 0.25.1",
+};
+
+/// The examples built in every language.
+pub const EXAMPLES: &[&str] = &["fraud-velocity", "enrich"];
+
+/// Where the Python guest toolchain lives (see ensure-guest-toolchains.sh).
+fn python() -> PathBuf {
+    let venv = std::env::var_os("WEIR_PYTHON_GUESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/weir-tools/python-guests-0.25.1"));
+    venv.join("bin/python")
+}
+
+/// Installs what is missing and the npm workspace's packages.
+pub fn ensure_toolchains(root: &Path) -> Result<()> {
+    run(Command::new("bash").arg("scripts/ensure-guest-toolchains.sh"))?;
+    let installed = root.join("node_modules/.package-lock.json");
+    let lock = root.join("package-lock.json");
+    if newer(&lock, &installed) {
+        run(npm(root).args(["ci", "--no-audit", "--no-fund", "--prefer-offline"]))?;
+    }
+    Ok(())
+}
+
+/// Is `a` newer than `b` (or `b` missing)?
+fn newer(a: &Path, b: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (modified(a), modified(b)) {
+        (Some(a), Some(b)) => a > b,
+        _ => true,
+    }
+}
+
+fn npm(dir: &Path) -> Command {
+    let mut command = Command::new("npm");
+    command.current_dir(dir);
+    command
+}
+
+/// Each SDK's and each example's native unit tests, under the language's
+/// own runner: Vitest (with tsc) and pytest.
+pub fn test_natively(root: &Path) -> Result<()> {
+    run(npm(root).args(["test", "--workspaces", "--if-present"]))?;
+    let sdk = root.join("guest-sdk/python");
+    let mut projects = vec![sdk.clone()];
+    projects.extend(
+        EXAMPLES
+            .iter()
+            .map(|name| root.join("examples/python").join(name)),
+    );
+    for project in projects {
+        run(Command::new(python())
+            .current_dir(&project)
+            .env("PYTHONPATH", &sdk)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]))?;
+    }
+    Ok(())
+}
+
+/// Builds every example in every language to `<target>/guest-components`.
+pub fn build_components(root: &Path, target: &Path) -> Result<()> {
+    for language in [&TYPESCRIPT, &PYTHON] {
+        for name in EXAMPLES {
+            build_component(root, target, language, name)?;
+        }
+    }
+    Ok(())
+}
+
+fn build_component(root: &Path, target: &Path, language: &Language, name: &str) -> Result<()> {
+    let project = root.join("examples").join(language.dir).join(name);
+    let sdk = root
+        .join("guest-sdk")
+        .join(language.dir.replace("ts", "js"));
+    let out_dir = target.join("guest-components").join(language.dir);
+    std::fs::create_dir_all(&out_dir)?;
+    let output = out_dir.join(format!("{name}.wasm"));
+    let stamp = out_dir.join(format!("{name}.inputs"));
+    let mut hasher = DefaultHasher::new();
+    hasher.write(language.toolchain.as_bytes());
+    for dir in [&project, &sdk, &root.join("wit")] {
+        hash_tree(dir, &mut hasher)?;
+    }
+    let digest = format!("{:016x}", hasher.finish());
+    if output.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&digest) {
+        eprintln!("{} is up to date", output.display());
+        return Ok(());
+    }
+    let mut command = match language.dir {
+        "ts" => {
+            let mut c = npm(&project);
+            c.args(["run", "build", "--", "-o"]).arg(&output);
+            c
+        }
+        "python" => {
+            let mut c = Command::new(python());
+            c.current_dir(&project)
+                .env("PYTHONPATH", &sdk)
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .args(["-m", "weir_sdk.build", "handler", "-o"])
+                .arg(&output);
+            c
+        }
+        other => bail!("no build for language {other}"),
+    };
+    run(&mut command)?;
+    std::fs::write(&stamp, digest)?;
+    Ok(())
+}
+
+/// Hashes the paths and contents of the sources under `dir`, in order,
+/// skipping installed packages, build outputs and caches.
+fn hash_tree(dir: &Path, hasher: &mut DefaultHasher) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let skipped = [
+            "node_modules",
+            ".weir-build",
+            "__pycache__",
+            ".pytest_cache",
+        ];
+        if skipped.contains(&name.as_ref()) || name.ends_with(".wasm") {
+            continue;
+        }
+        let path = entry.path();
+        hasher.write(name.as_bytes());
+        if entry.file_type()?.is_dir() {
+            hash_tree(&path, hasher)?;
+        } else {
+            hasher.write(&std::fs::read(&path)?);
+        }
+    }
+    Ok(())
+}
