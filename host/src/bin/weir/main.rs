@@ -1,10 +1,13 @@
 //! The `weir` binary: `serve` runs functions from a config file, `dev` runs
 //! the local stack with the examples, `fn` and `rollout` work with functions
-//! through a host's API, and `fn logs` shows a function's guest log lines.
+//! through a host's API, `fn logs` shows a function's guest log lines, and
+//! `new`, `build` and `test` make a function's project in Rust, TypeScript or
+//! Python.
 
 mod client;
 mod dev;
 mod logs;
+mod project;
 
 use std::path::PathBuf;
 
@@ -35,6 +38,12 @@ enum Command {
     },
     /// The local stack: examples deployed, events generated, results shown.
     Dev(dev::DevArgs),
+    /// Write a new function project (handler, tests, build, README).
+    New(project::NewArgs),
+    /// Build the project here into a component (`<name>.wasm`).
+    Build(project::ProjectArgs),
+    /// Run the project's unit tests natively.
+    Test(project::ProjectArgs),
     /// Check a config file and print it as the host understands it.
     CheckConfig {
         #[arg(long, short)]
@@ -131,6 +140,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             weir_host::serve::serve(config, functions, shutdown).await?;
         }
         Command::Dev(args) => dev::run(args).await?,
+        Command::New(args) => project::new(args)?,
+        Command::Build(args) => project::build(args)?,
+        Command::Test(args) => project::test(args)?,
         Command::Function { api, command } => match command {
             FunctionCommand::Deploy(args) => client::deploy(&api, args).await?,
             FunctionCommand::Ls => client::list(&api).await?,

@@ -1,0 +1,291 @@
+//! `weir new`, `weir build` and `weir test`: a function's project in Rust,
+//! TypeScript or Python, from a template to a component.
+//!
+//! `weir new` writes a template from `templates/<lang>` (compiled into the
+//! binary) and a `weir.toml` saying the project's language, its name and the
+//! Weir checkout whose SDKs and `wit/` it builds against. `weir build` and
+//! `weir test` read that file and run the language's own toolchain: cargo;
+//! npm with esbuild, componentize-js and Vitest; componentize-py and pytest.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The languages `weir new` has a template for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lang {
+    Rust,
+    Ts,
+    Python,
+}
+
+impl Lang {
+    /// As `weir.toml` and `--lang` spell it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Lang::Rust => "rust",
+            Lang::Ts => "ts",
+            Lang::Python => "python",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct NewArgs {
+    /// The function's name: lowercase letters, digits and `-`.
+    name: String,
+    #[arg(long, value_enum)]
+    lang: Lang,
+    /// Where to write the project (default: ./<name>).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The Weir checkout whose SDKs and wit/ the project uses (default: the
+    /// one this `weir` was built from).
+    #[arg(long, env = "WEIR_HOME")]
+    weir_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ProjectArgs {
+    /// The project's directory (holding weir.toml).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+}
+
+/// `weir.toml`: what `weir build` and `weir test` need to know.
+#[derive(Debug, Serialize, Deserialize)]
+struct Project {
+    name: String,
+    lang: Lang,
+    /// The Weir checkout the project builds against.
+    weir: PathBuf,
+}
+
+/// A template's files: the path written (`.tmpl` dropped, `gitignore` as
+/// `.gitignore`) and the text before substitution.
+fn template(lang: Lang) -> &'static [(&'static str, &'static str)] {
+    macro_rules! files {
+        ($($path:literal),* $(,)?) => {
+            &[$(($path, include_str!(concat!("../../../../templates/", $path)))),*]
+        };
+    }
+    match lang {
+        Lang::Rust => files![
+            "rust/Cargo.toml.tmpl",
+            "rust/src/lib.rs.tmpl",
+            "rust/README.md.tmpl",
+            "rust/gitignore.tmpl",
+        ],
+        Lang::Ts => files![
+            "ts/package.json.tmpl",
+            "ts/tsconfig.json",
+            "ts/src/handler.ts",
+            "ts/src/handler.test.ts",
+            "ts/README.md.tmpl",
+            "ts/gitignore.tmpl",
+        ],
+        Lang::Python => files![
+            "python/handler.py",
+            "python/test_handler.py",
+            "python/README.md.tmpl",
+            "python/gitignore.tmpl",
+        ],
+    }
+}
+
+/// The Weir checkout this binary was built from.
+fn built_from() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+pub fn new(args: NewArgs) -> Result<()> {
+    ensure!(
+        valid_name(&args.name),
+        "a function's name is 1 to 63 lowercase letters, digits and `-`, starting with a letter: {:?}",
+        args.name
+    );
+    let weir = args.weir_dir.unwrap_or_else(built_from);
+    let weir = weir.canonicalize().with_context(|| {
+        format!(
+            "the Weir checkout {} (pass --weir-dir or set WEIR_HOME)",
+            weir.display()
+        )
+    })?;
+    ensure!(
+        weir.join("wit/function.wit").exists() && weir.join("guest-sdk").is_dir(),
+        "{} is not a Weir checkout (no wit/function.wit and guest-sdk/): pass --weir-dir",
+        weir.display()
+    );
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    ensure!(
+        !dir.exists() || dir.read_dir()?.next().is_none(),
+        "{} exists and is not empty",
+        dir.display()
+    );
+    let weir_text = weir
+        .to_str()
+        .context("the Weir checkout's path is not UTF-8")?;
+    let substitute = |text: &str| {
+        text.replace("{{name}}", &args.name)
+            .replace("{{crate}}", &args.name.replace('-', "_"))
+            .replace("{{weir}}", weir_text)
+    };
+    for (path, text) in template(args.lang) {
+        let relative = path.split_once('/').map_or(*path, |(_, rest)| rest);
+        let relative = relative.strip_suffix(".tmpl").unwrap_or(relative);
+        let relative = if relative == "gitignore" {
+            ".gitignore"
+        } else {
+            relative
+        };
+        let target = dir.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&target, substitute(text))
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    let manifest = format!(
+        "# Written by `weir new`; read by `weir build` and `weir test`.\nname = {:?}\nlang = {:?}\nweir = {:?}\n",
+        args.name,
+        args.lang.as_str(),
+        weir_text
+    );
+    std::fs::write(dir.join("weir.toml"), manifest)?;
+    if args.lang == Lang::Rust {
+        // Weir's lock file pins the dependency versions its SDK is tested
+        // with; cargo keeps what the project uses and resolves the rest.
+        let lock = weir.join("Cargo.lock");
+        if lock.exists() {
+            std::fs::copy(&lock, dir.join("Cargo.lock"))?;
+        }
+    }
+    println!(
+        "wrote {} ({:?}): cd there, then `weir test` and `weir build`",
+        dir.display(),
+        args.lang
+    );
+    Ok(())
+}
+
+fn load(dir: &Path) -> Result<Project> {
+    let manifest = dir.join("weir.toml");
+    ensure!(
+        manifest.exists(),
+        "no weir.toml in {}: is this a project `weir new` wrote?",
+        dir.display()
+    );
+    Figment::from(Toml::file_exact(&manifest))
+        .extract()
+        .with_context(|| format!("reading {}", manifest.display()))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?} (is the language's toolchain installed?)"))?;
+    ensure!(status.success(), "{command:?} failed with {status}");
+    Ok(())
+}
+
+/// Builds the project's component into `<dir>/<name>.wasm`.
+pub fn build(args: ProjectArgs) -> Result<()> {
+    let project = load(&args.dir)?;
+    let output = args.dir.join(format!("{}.wasm", project.name));
+    match project.lang {
+        Lang::Rust => {
+            run(Command::new(cargo()).current_dir(&args.dir).args([
+                "build",
+                "--target",
+                "wasm32-wasip2",
+                "--release",
+            ]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| args.dir.join("target"), PathBuf::from);
+            let built = target
+                .join("wasm32-wasip2/release")
+                .join(format!("{}.wasm", project.name.replace('-', "_")));
+            std::fs::copy(&built, &output)
+                .with_context(|| format!("copying {}", built.display()))?;
+        }
+        Lang::Ts => {
+            npm_install_once(&args.dir)?;
+            run(Command::new("npm")
+                .current_dir(&args.dir)
+                .args(["run", "build"]))?;
+        }
+        Lang::Python => run(python(&project, &args.dir)?
+            .args(["-m", "weir_sdk.build", "handler", "-o"])
+            .arg(format!("{}.wasm", project.name)))?,
+    }
+    ensure!(output.exists(), "the build wrote no {}", output.display());
+    println!("built {}", output.display());
+    Ok(())
+}
+
+/// Runs the project's native unit tests.
+pub fn test(args: ProjectArgs) -> Result<()> {
+    let project = load(&args.dir)?;
+    match project.lang {
+        Lang::Rust => run(Command::new(cargo()).current_dir(&args.dir).arg("test")),
+        Lang::Ts => {
+            npm_install_once(&args.dir)?;
+            run(Command::new("npm").current_dir(&args.dir).arg("test"))
+        }
+        Lang::Python => run(python(&project, &args.dir)?.args(["-m", "pytest", "-q"])),
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn npm_install_once(dir: &Path) -> Result<()> {
+    if dir.join("node_modules").is_dir() {
+        return Ok(());
+    }
+    run(Command::new("npm")
+        .current_dir(dir)
+        .args(["install", "--no-audit", "--no-fund"]))
+}
+
+/// The Python to build and test with: `$WEIR_PYTHON`, the project's
+/// `.venv`, or Weir's guest toolchain; with the SDK on `PYTHONPATH`.
+fn python(project: &Project, dir: &Path) -> Result<Command> {
+    let candidates = [
+        std::env::var_os("WEIR_PYTHON").map(PathBuf::from),
+        Some(dir.join(".venv/bin/python")),
+        Some(PathBuf::from(
+            "/opt/weir-tools/python-guests-0.25.1/bin/python",
+        )),
+    ];
+    let Some(interpreter) = candidates.into_iter().flatten().find(|p| p.exists()) else {
+        bail!(
+            "no Python with componentize-py: set WEIR_PYTHON, make a .venv here \
+             (python3 -m venv .venv && .venv/bin/pip install componentize-py==0.25.1 pytest), \
+             or run {}/scripts/ensure-guest-toolchains.sh",
+            project.weir.display()
+        );
+    };
+    let mut command = Command::new(interpreter);
+    command
+        .current_dir(dir)
+        .env("PYTHONPATH", project.weir.join("guest-sdk/python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    Ok(command)
+}
