@@ -189,8 +189,11 @@ pub struct ApiConfig {
     /// Uploads one client address (an IPv6 /64) may have in flight at
     /// once; more are refused with 429, so one client cannot hold them all.
     pub concurrent_uploads_per_client: usize,
-    /// Longest an upload may take to compile: its compile job is then
-    /// stopped and the upload refused.
+    /// CPU seconds an upload's compile may use (all its threads together):
+    /// its compile job is then stopped and the upload refused. CPU time, not
+    /// wall-clock time, so a loaded machine does not refuse an upload it
+    /// compiles slowly; a job is also stopped after ten times this in
+    /// wall-clock time.
     pub compile_timeout_secs: u64,
     /// Data memory one compile job may use (its `RLIMIT_DATA`); a compile
     /// that needs more is stopped and the upload refused.

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use weir_e2e::*;
 
@@ -35,8 +35,14 @@ const SLOW: usize = 400_000;
 
 /// Compile jobs alive for the host whose artifact cache is `artifacts`.
 fn compile_jobs_alive(artifacts: &Path) -> Result<usize> {
+    Ok(compile_job_pids(artifacts)?.len())
+}
+
+/// The process ids of the compile jobs alive for the host whose artifact
+/// cache is `artifacts`.
+fn compile_job_pids(artifacts: &Path) -> Result<Vec<i32>> {
     let dir = artifacts.display().to_string();
-    let mut alive = 0;
+    let mut alive = Vec::new();
     for entry in std::fs::read_dir("/proc")?.filter_map(|e| e.ok()) {
         // A process may end while it is read: then it is not alive.
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -44,8 +50,12 @@ fn compile_jobs_alive(artifacts: &Path) -> Result<usize> {
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let is_job = args.iter().any(|a| *a == b"compile-module");
-        if is_job && args.contains(&dir.as_bytes()) {
-            alive += 1;
+        let pid = entry.file_name().to_string_lossy().parse::<i32>();
+        if is_job
+            && args.contains(&dir.as_bytes())
+            && let Ok(pid) = pid
+        {
+            alive.push(pid);
         }
     }
     Ok(alive)
@@ -117,6 +127,55 @@ async fn a_compile_past_its_deadline_is_stopped_and_leaves_nothing(
     let accepted = upload(address, &passthrough).await?;
     assert_eq!(accepted.status, 201, "{accepted:?}");
     assert_eq!(files_under(stack.artifacts.path())?.len(), 1);
+    host.stop().await
+}
+
+/// The compile budget is CPU time: a job that is held up (a loaded
+/// machine, here stopped outright with SIGSTOP for longer than the budget)
+/// is not refused for the wall-clock time it waited, only for CPU it used.
+#[sqlx::test(migrations = false)]
+async fn a_paused_compile_is_not_refused_for_wall_clock_time(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let (host, address) = api_host_with(&stack, vec![], |api| {
+        api.compile_timeout_secs = 2;
+    })
+    .await?;
+    // Well within the CPU budget; the job is caught while its process
+    // starts.
+    let module = component_with_long_function(2_000, 77)?;
+    let uploading = tokio::spawn(async move { upload(address, &module).await });
+    let artifacts = stack.artifacts.path().to_path_buf();
+    let mut paused = None;
+    while paused.is_none() && !uploading.is_finished() {
+        paused = compile_job_pids(&artifacts)?.first().copied();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pid = paused.context("caught the compile job while it ran")?;
+    // SAFETY: kill sends a signal to a process this test found; nothing
+    // else is touched.
+    #[allow(unsafe_code)]
+    let stopped = unsafe { libc::kill(pid, libc::SIGSTOP) };
+    anyhow::ensure!(stopped == 0, "SIGSTOP: {}", std::io::Error::last_os_error());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    #[allow(unsafe_code)]
+    let resumed = unsafe { libc::kill(pid, libc::SIGCONT) };
+    anyhow::ensure!(resumed == 0, "SIGCONT: {}", std::io::Error::last_os_error());
+    let response = uploading.await??;
+    // The module compiled; it is refused for what it is (it exports no
+    // `handle`), not for the time its job was held up.
+    let (status, code, message) = refusal(&response)?;
+    assert_eq!(
+        (status, code.as_str()),
+        (422, "invalid_module"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("longer than") && !message.contains("progress"),
+        "{message}"
+    );
     host.stop().await
 }
 

@@ -4,8 +4,14 @@
 //! A compile inside the host could not be stopped at its deadline (a
 //! wasmtime compile has no cancellation point) and its memory was the
 //! host's. In a child process it has a memory limit of its own
-//! (`RLIMIT_DATA`), it is killed at the deadline, and it holds its slot until
-//! it is gone. Its artifact is written beside the cache under a job name and
+//! (`RLIMIT_DATA`) and a budget of CPU time (`RLIMIT_CPU`, all its threads
+//! together), and it holds its slot until it is gone.
+//!
+//! The budget is CPU time, not wall-clock time, so that a compile on a
+//! loaded machine, which gets a share of the cores and takes longer for it,
+//! is not refused for the load: what it costs is the same. A wall-clock
+//! guard of [`WALL_CLOCK_FACTOR`] times the budget stops a job that makes no
+//! progress at all. Its artifact is written beside the cache under a job name and
 //! moved into the cache only when the job succeeded, so a killed or failed
 //! compile leaves nothing behind to be loaded later.
 //!
@@ -38,6 +44,10 @@ pub const EXIT_INVALID: i32 = 65;
 /// refused allocation came back as an error rather than an abort.
 pub const EXIT_OUT_OF_MEMORY: i32 = 66;
 
+/// A job is stopped after this many times its CPU budget in wall-clock
+/// time, however little CPU it used: a job that cannot run at all.
+pub const WALL_CLOCK_FACTOR: u32 = 10;
+
 /// The most of the child's stderr kept for the error message.
 const STDERR_LIMIT: u64 = 16 * 1024;
 
@@ -46,21 +56,24 @@ const STDERR_LIMIT: u64 = 16 * 1024;
 pub enum CompileError {
     #[error("{0}")]
     Invalid(String),
-    #[error("compiling the component took longer than {} s; it was stopped", .0.as_secs())]
+    #[error("compiling the component took longer than {} s of CPU time; it was stopped", .0.as_secs())]
     Timeout(Duration),
+    #[error("compiling the component made too little progress in {} s; it was stopped", .0.as_secs())]
+    Stalled(Duration),
     #[error("compiling the component needed more than {} MiB of memory; it was stopped", .0 / (1024 * 1024))]
     OutOfMemory(u64),
     #[error("{0}")]
     Host(String),
 }
 
-/// The jobs of one host: at most `slots` at once, each bounded in time and
-/// memory.
+/// The jobs of one host: at most `slots` at once, each bounded in CPU time
+/// and memory.
 #[derive(Debug, Clone)]
 pub struct Compiler {
     /// The `weir` binary that runs the jobs.
     program: PathBuf,
     memory_limit: u64,
+    /// CPU time a job may use.
     timeout: Duration,
     slots: Arc<Semaphore>,
 }
@@ -140,7 +153,8 @@ impl Compiler {
             }
             String::from_utf8_lossy(&kept).into_owned()
         };
-        let waited = tokio::time::timeout(self.timeout, async {
+        let wall_clock = self.timeout.saturating_mul(WALL_CLOCK_FACTOR);
+        let waited = tokio::time::timeout(wall_clock, async {
             let (status, text) = tokio::join!(child.wait(), read_stderr);
             (status, text)
         })
@@ -148,12 +162,20 @@ impl Compiler {
         let Ok((status, stderr)) = waited else {
             // Killed and reaped before the slot is given back.
             let _ = child.kill().await;
-            return Err(CompileError::Timeout(self.timeout));
+            return Err(CompileError::Stalled(wall_clock));
         };
         let status =
             status.map_err(|e| host_error("waiting for a compile job", &self.program, e))?;
         if status.success() {
             return Ok(());
+        }
+        // RLIMIT_CPU: SIGXCPU at the budget, SIGKILL a second later if the
+        // first was caught. Nobody else kills a job while it is waited on.
+        {
+            use std::os::unix::process::ExitStatusExt;
+            if matches!(status.signal(), Some(libc::SIGXCPU | libc::SIGKILL)) {
+                return Err(CompileError::Timeout(self.timeout));
+            }
         }
         let stderr = stderr.trim().to_string();
         if status.code() == Some(EXIT_INVALID) {
@@ -170,15 +192,9 @@ impl Compiler {
 }
 
 impl Compiler {
-    /// CPU seconds a job may use, a second bound beside the wall-clock
-    /// deadline for a job whose host died and cannot kill it: the deadline
-    /// with every core busy, and a second more.
+    /// CPU seconds a job may use, all its threads together.
     fn cpu_limit_secs(&self) -> u64 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-        self.timeout
-            .as_secs()
-            .saturating_add(1)
-            .saturating_mul(cores)
+        self.timeout.as_secs().max(1)
     }
 }
 
@@ -298,8 +314,10 @@ pub struct ChildArgs {
 /// The child's side: limits its own memory, compiles, writes the artifact.
 /// Returns the process exit code.
 pub fn run_child(args: &ChildArgs) -> i32 {
-    let limited = limit(libc::RLIMIT_DATA, args.memory_limit)
-        .and_then(|()| limit(libc::RLIMIT_CPU, args.cpu_limit_secs));
+    let limited = limit(libc::RLIMIT_DATA, args.memory_limit, args.memory_limit).and_then(|()| {
+        let seconds = args.cpu_limit_secs;
+        limit(libc::RLIMIT_CPU, seconds, seconds.saturating_add(1))
+    });
     if let Err(error) = limited {
         eprintln!("cannot limit the compile job: {error}");
         return 1;
@@ -335,13 +353,14 @@ pub fn run_child(args: &ChildArgs) -> i32 {
     }
 }
 
-/// Sets this process's `resource` limit to `value`. `RLIMIT_DATA` counts
-/// the heap and private writable mappings: what a compile allocates.
-/// `RLIMIT_CPU` ends a job that outlives the host that would have killed it.
-fn limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+/// Sets this process's `resource` limit to `soft` (and `hard`).
+/// `RLIMIT_DATA` counts the heap and private writable mappings: what a
+/// compile allocates. `RLIMIT_CPU` is the job's budget; it also ends a job
+/// that outlives the host that would have killed it.
+fn limit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::io::Result<()> {
     let limit = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
+        rlim_cur: soft,
+        rlim_max: hard,
     };
     // SAFETY: setrlimit reads the struct passed by reference and changes
     // only this process's limit.
