@@ -3,7 +3,9 @@
 //!
 //! `GET /healthz` answers 200 while the process runs. `GET /readyz` answers
 //! 200 once NATS and Postgres are connected and every function has started,
-//! and 503 with the list of what the host still waits for otherwise.
+//! and 503 with the list of what the host still waits for otherwise; either
+//! way it says how many functions run and which are still loading (a large
+//! interpreted component takes seconds to compile), and for how long.
 //! `GET /metrics` is the Prometheus text format. `GET /status` is JSON with
 //! each function's version, circuit breaker and backlog.
 
@@ -28,6 +30,23 @@ pub struct Readiness {
     functions_started: AtomicUsize,
     client: std::sync::OnceLock<async_nats::Client>,
     functions: std::sync::Mutex<std::collections::BTreeMap<String, FunctionStatus>>,
+    loading: std::sync::Mutex<std::collections::BTreeMap<String, Loading>>,
+}
+
+/// A function whose module is being compiled and instantiated.
+#[derive(Debug, Clone, Copy)]
+struct Loading {
+    module_bytes: u64,
+    since: std::time::Instant,
+}
+
+/// A loading function as `/readyz` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadingFunction {
+    pub function: String,
+    pub module_bytes: u64,
+    /// Seconds since its load started.
+    pub seconds: f64,
 }
 
 /// One function as `/status` shows it.
@@ -57,8 +76,44 @@ impl Readiness {
         self.functions_total.store(count, Ordering::Relaxed);
     }
 
+    /// `function` is loading a module of `module_bytes`.
+    pub fn function_loading(&self, function: &str, module_bytes: u64) {
+        let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let since = std::time::Instant::now();
+        loading.insert(
+            function.to_string(),
+            Loading {
+                module_bytes,
+                since,
+            },
+        );
+    }
+
+    /// `function`'s load ended (it runs, or it failed and says so in the
+    /// log); the seconds it took, if it was marked loading.
+    pub fn function_loaded(&self, function: &str) -> Option<f64> {
+        let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        loading
+            .remove(function)
+            .map(|l| l.since.elapsed().as_secs_f64())
+    }
+
+    /// One of the expected functions started.
     pub fn function_started(&self) {
         self.functions_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The functions loading now, by name.
+    pub fn loading(&self) -> Vec<LoadingFunction> {
+        let loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        loading
+            .iter()
+            .map(|(function, l)| LoadingFunction {
+                function: function.clone(),
+                module_bytes: l.module_bytes,
+                seconds: (l.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            })
+            .collect()
     }
 
     /// Records the latest status of a function.
@@ -101,6 +156,11 @@ impl Readiness {
 struct ReadyBody {
     ready: bool,
     waiting_for: Vec<&'static str>,
+    /// Functions of the config file started, of how many.
+    functions_started: usize,
+    functions_expected: usize,
+    /// Functions whose modules are loading (configured or deployed).
+    loading: Vec<LoadingFunction>,
 }
 
 /// The health routes.
@@ -123,6 +183,9 @@ async fn ready(State(readiness): State<Arc<Readiness>>) -> (StatusCode, Json<Rea
     let body = ReadyBody {
         ready: waiting_for.is_empty(),
         waiting_for,
+        functions_started: readiness.functions_started.load(Ordering::Relaxed),
+        functions_expected: readiness.functions_total.load(Ordering::Relaxed),
+        loading: readiness.loading(),
     };
     (status, Json(body))
 }

@@ -202,3 +202,100 @@ async fn start_up_tells_an_unanswering_broker_from_a_misconfiguration() -> Resul
     assert!(check_bindings(&js, &good).await.is_ok());
     Ok(())
 }
+
+/// Functions load at once and each starts as soon as its own module is
+/// ready: a small Rust function serves while an 18 MB Python one is still
+/// compiling (listed first in the config), and `/readyz` says which
+/// function is loading, how large its module is and for how long. Once it
+/// has loaded, the host is ready and both run.
+#[sqlx::test(migrations = false)]
+async fn a_small_function_serves_while_a_large_one_still_compiles(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    let stack = Stack::start(&db).await?;
+    let python = language_component("python", "enrich")?;
+    let large = FunctionSpec {
+        outputs: vec!["orders.enriched".into()],
+        ..FunctionSpec::new(
+            "enrich-py",
+            python.clone(),
+            "ORDERS",
+            "orders.created",
+            KeySource::JsonPointer("/order_id".into()),
+        )
+    };
+    let small = FunctionSpec {
+        outputs: vec!["bench.out".into()],
+        ..FunctionSpec::new(
+            "pass",
+            component("passthrough")?,
+            "IN",
+            "in",
+            KeySource::JsonPointer("/key".into()),
+        )
+    };
+    let health: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut config = stack.config(
+        vec![
+            stream("ORDERS", &["orders.created"]),
+            stream("ENRICHED", &["orders.enriched"]),
+            stream("IN", &["in"]),
+            stream("OUT", &["bench.out"]),
+        ],
+        vec![large, small],
+    );
+    config.health_listen = Some(health);
+    let host = RunningHost::start(config);
+
+    let ready = || async {
+        let (status, body) = http_get(health, "/readyz").await?;
+        anyhow::Ok((status, serde_json::from_str::<serde_json::Value>(&body)?))
+    };
+    // The host makes the streams as it starts.
+    eventually(Duration::from_secs(30), "the input stream", || async {
+        host.check()?;
+        Ok(publish_all(&stack.js, "in", [br#"{"key": "k1"}"#.to_vec()])
+            .await
+            .is_ok())
+    })
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        "the small function's output",
+        || async {
+            host.check()?;
+            Ok(stream_len(&stack.js, "OUT").await? == 1)
+        },
+    )
+    .await?;
+    let (status, body) = ready().await?;
+    assert_eq!(status, 503, "{body}");
+    let loading = body["loading"].as_array().cloned().unwrap_or_default();
+    assert_eq!(loading.len(), 1, "{body}");
+    assert_eq!(loading[0]["function"], "enrich-py", "{body}");
+    assert_eq!(
+        loading[0]["module_bytes"].as_u64(),
+        Some(std::fs::metadata(&python)?.len()),
+        "{body}"
+    );
+    assert_eq!(body["functions_started"], 1, "{body}");
+    assert_eq!(body["functions_expected"], 2, "{body}");
+
+    eventually(Duration::from_secs(120), "the host to be ready", || async {
+        host.check()?;
+        Ok(ready().await?.0 == 200)
+    })
+    .await?;
+    let order = br#"{"order_id": "o1", "items": [{"sku": "a", "qty": 2, "price_cents": 5}]}"#;
+    publish_all(&stack.js, "orders.created", [order.to_vec()]).await?;
+    eventually(
+        Duration::from_secs(30),
+        "the large function's output",
+        || async { Ok(stream_len(&stack.js, "ENRICHED").await? == 1) },
+    )
+    .await?;
+    let (_, body) = ready().await?;
+    assert_eq!(body["loading"], serde_json::json!([]), "{body}");
+    host.stop().await
+}

@@ -2,7 +2,9 @@
 //! are down), makes sure the configured streams exist, loads every function
 //! and runs one [`FunctionWorker`] per function until shutdown.
 
+mod loader;
 mod setup;
+mod startup;
 
 pub use setup::{StepFailure, check_bindings};
 
@@ -11,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -253,18 +257,8 @@ async fn run<S: FunctionSource>(
     };
     let tracker = TaskTracker::new();
     let static_names: HashSet<String> = functions.iter().map(|f| f.name.clone()).collect();
-    for spec in functions {
-        let checked = retry_outages("check the function's streams", &shutdown, || {
-            setup::check_bindings(&env.js, &spec)
-        });
-        if checked.await?.is_none() {
-            return Ok(());
-        }
-        let module = ModuleSource::File(spec.module.clone());
-        let stable = load_version(&spec, module, None, &sandbox, &env).await?;
-        let worker = FunctionWorker::new(spec, stable, None, None, &env);
-        tracker.spawn(worker.run(shutdown.clone()));
-        readiness.function_started();
+    if !startup::start_configured(functions, &sandbox, &env, &tracker, &shutdown).await? {
+        return Ok(());
     }
     tracker.close();
     tracing::info!("weir is running");
@@ -384,6 +378,7 @@ impl Deployed {
         };
         let mut wanted = HashSet::new();
         let mut owned = HashMap::new();
+        let mut changed = Vec::new();
         for deployment in deployments {
             let name = deployment.stable.spec.name.clone();
             if self.static_names.contains(&name) {
@@ -419,9 +414,24 @@ impl Deployed {
             {
                 continue;
             }
-            // Load the new versions first: one that cannot load leaves the
-            // running one serving.
-            let prepared = match self.prepare(&deployment).await {
+            changed.push((name, deployment, fingerprint));
+        }
+        // Load the new versions first, all at once: one that cannot load
+        // leaves the running one serving, and each starts as soon as its
+        // own module is ready, not after the others' compiles.
+        let loader = self.loader();
+        let mut preparing: FuturesUnordered<_> = changed
+            .into_iter()
+            .map(|(name, deployment, fingerprint)| {
+                let loader = loader.clone();
+                async move {
+                    let prepared = loader.prepare(&deployment).await;
+                    (name, deployment, fingerprint, prepared)
+                }
+            })
+            .collect();
+        while let Some((name, deployment, fingerprint, prepared)) = preparing.next().await {
+            let prepared = match prepared {
                 Ok(prepared) => prepared,
                 Err(error) => {
                     tracing::error!(function = %name, rollout = ?deployment.rollout, %error, "cannot load deployment; what runs keeps running");
@@ -472,6 +482,16 @@ impl Deployed {
         }
     }
 
+    /// What loads this host's deployed versions, for tasks of their own.
+    fn loader(&self) -> loader::Loader {
+        loader::Loader {
+            control: self.control.clone(),
+            sandbox: self.sandbox.clone(),
+            compiler: self.compiler.clone(),
+            env: self.env.clone(),
+        }
+    }
+
     /// Why a version of `deployment` reaches outside its namespace, if one
     /// does; `Err` when the namespace's resources cannot be read now.
     /// `owned` caches each namespace's resources for one reconcile.
@@ -501,43 +521,6 @@ impl Deployed {
                 let spec = &version.spec;
                 resources.binding_problem(namespace, &spec.stream, &spec.subject, &spec.publishes())
             }))
-    }
-
-    /// Loads one deployed version from its stored module.
-    async fn load(
-        &self,
-        version: &crate::control::store::DeployedVersion,
-    ) -> Result<VersionCode, ServeError> {
-        let bytes = self
-            .control
-            .module_bytes(&version.module_digest)
-            .await
-            .map_err(|e| ServeError::Load {
-                function: version.spec.name.clone(),
-                reason: e.to_string(),
-            })?;
-        setup::check_bindings(&self.env.js, &version.spec).await?;
-        if !self.sandbox.has_artifact(&version.module_digest) {
-            self.compiler
-                .compile(
-                    &self.sandbox,
-                    &version.module_digest,
-                    bytes::Bytes::from(bytes.clone()),
-                )
-                .await
-                .map_err(|e| ServeError::Load {
-                    function: version.spec.name.clone(),
-                    reason: format!("compiling its module: {e}"),
-                })?;
-        }
-        load_version(
-            &version.spec,
-            ModuleSource::Stored(bytes),
-            Some(version.version),
-            &self.sandbox,
-            &self.env,
-        )
-        .await
     }
 
     /// Clears the function's state, progress and consumer, then binds a
@@ -580,20 +563,6 @@ impl Deployed {
         self.env.state.forget_cached();
         tracing::info!(function = %spec.name, ?from, version = deployment.stable.version, "replaying: state cleared, reading the stream again");
         Ok(())
-    }
-
-    /// Loads and instantiates a deployment's versions, without touching
-    /// what runs.
-    async fn prepare(
-        &self,
-        deployment: &Deployment,
-    ) -> Result<(VersionCode, Option<(VersionCode, u8)>), ServeError> {
-        let stable = self.load(&deployment.stable).await?;
-        let canary = match &deployment.canary {
-            Some((version, weight)) => Some((self.load(version).await?, *weight)),
-            None => None,
-        };
-        Ok((stable, canary))
     }
 
     /// Binds the consumer (starting a replay if one is due) and runs the
