@@ -13,10 +13,12 @@ const decoder = new TextDecoder('utf-8', { fatal: true });
 /** A handler's failure with a reason the host records. */
 export class HandlerError extends Error {
   constructor(kind, reason) {
-    super(reason);
+    // The WIT reason is a string: anything else would trap when lowered.
+    const text = String(reason ?? '');
+    super(text);
     this.name = new.target.name;
     this.kind = kind;
-    this.reason = reason;
+    this.reason = text;
   }
 }
 
@@ -60,11 +62,13 @@ function bytesOf(payload) {
   throw new TypeError(`a payload is a string or bytes, not ${Object.prototype.toString.call(payload)}`);
 }
 
-/** Exactly representable as a JS number, or rejected: no silent rounding. */
+/** Exactly representable as a JS number, or rejected: no silent rounding.
+ * (componentize-js hands over u64/s64 as BigInt; tests may pass numbers.) */
 function exactNumber(value, what) {
-  if (typeof value === 'number') return value;
   const n = Number(value);
-  if (!Number.isSafeInteger(n)) throw new Reject(`${what} ${value} is beyond 2^53`);
+  if (!Number.isSafeInteger(n) || (typeof value === 'bigint' && BigInt(n) !== value)) {
+    throw new Reject(`${what} ${value} is beyond 2^53, where a JavaScript number is not exact`);
+  }
   return n;
 }
 

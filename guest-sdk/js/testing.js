@@ -42,12 +42,13 @@ class Call {
     this.refused = undefined;
   }
   stateGet(name) {
-    return this.state.get(name);
+    // A copy, as the host gives: changing it changes nothing stored.
+    return this.state.get(name)?.slice();
   }
   stateSet(name, value) {
     const problem = nameProblem(name);
     if (problem) {
-      this.refused = problem;
+      this.refused ??= { problem, logs: this.logs.length };
       throw new StateLimit(problem);
     }
     this.state.set(name, Uint8Array.from(value));
@@ -134,9 +135,11 @@ export class Harness {
     } finally {
       installHost(null);
     }
-    if (context.refused !== undefined && failure === undefined) {
-      // The handler swallowed the refusal; the host fails the event anyway.
-      failure = new Reject(`state limit: ${context.refused}`);
+    if (context.refused !== undefined) {
+      // The host ends the call at the refused write (a trap the guest
+      // cannot catch): whatever the handler did after it does not count.
+      failure = new Reject(`state limit: ${context.refused.problem}`);
+      context.logs.length = context.refused.logs;
     }
     this.logs.push(...context.logs);
     const offset = this.spans.length;

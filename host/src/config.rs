@@ -169,7 +169,8 @@ pub struct ApiConfig {
     /// Requests per second one client address may make, whatever its
     /// tokens, with bursts of twice that: checked before any token lookup.
     pub requests_per_second_per_client: u32,
-    /// Uploads compiled at once; more wait.
+    /// Uploads compiled at once; more wait. At start-up, also how many of
+    /// the config file's modules load at once.
     pub concurrent_compiles: usize,
     /// Seconds a client has to send a request's headers; a slower one is
     /// disconnected.

@@ -23,7 +23,11 @@
 //!
 //! `--only windows` (not part of `all`): Nexmark q5, q7 and q11 on Weir
 //! and natively, side by side (`nexmark.rs`).
+//!
+//! `--only languages` (not part of `all`): `fraud-velocity` in Rust,
+//! TypeScript and Python side by side (`languages.rs`).
 
+mod languages;
 mod nexmark;
 
 use std::future::IntoFuture;
@@ -45,7 +49,7 @@ struct Options {
     rate: u64,
     latency_secs: u64,
     /// `all`, or one part: `throughput` (the a/b/c rounds only), `tracing`,
-    /// `isolation`, `epoch`, `deploy` or `windows`.
+    /// `isolation`, `epoch`, `deploy`, `windows` or `languages`.
     only: String,
 }
 
@@ -68,7 +72,7 @@ fn options() -> Result<Options> {
             "--latency-secs" => options.latency_secs = value.parse()?,
             "--only" => options.only = value.clone(),
             other => anyhow::bail!(
-                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|throughput|tracing|isolation|epoch|deploy|windows"
+                "unknown option {other}; use --events N --rounds N --rate N --latency-secs N --only all|throughput|tracing|isolation|epoch|deploy|windows|languages"
             ),
         }
         i += 2;
@@ -127,6 +131,18 @@ async fn run(
         "isolation" => return isolation(options, nats, js, url, artifacts).await,
         "epoch" => return epoch_cost(options, artifacts),
         "deploy" => return deploy_latency(nats, js, url, artifacts).await,
+        "languages" => {
+            return languages::run(
+                nats,
+                js,
+                url,
+                &pool,
+                artifacts,
+                options.events,
+                options.rounds,
+            )
+            .await;
+        }
         "windows" => {
             return nexmark::run(
                 nats,
@@ -888,8 +904,40 @@ async fn weir_fraud(
     round: usize,
     events: usize,
 ) -> Result<(f64, f64)> {
-    let input = format!("FRAUD_IN_{round}");
-    let subject = format!("fraud.{round}.in");
+    let module = component("fraud-velocity")?;
+    let run = FraudRun {
+        tag: &round.to_string(),
+        module,
+        events,
+    };
+    weir_fraud_with(nats, js, url, pool, artifacts, run).await
+}
+
+/// One run of the fraud workload: its streams and function are named by
+/// `tag`, and `module` is the `fraud-velocity` build it runs.
+struct FraudRun<'a> {
+    tag: &'a str,
+    module: std::path::PathBuf,
+    events: usize,
+}
+
+/// Events/s and the host's CPU-µs per event of `run`, from a backlog
+/// published beforehand until its last event is applied.
+async fn weir_fraud_with(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    url: &str,
+    pool: &sqlx::PgPool,
+    artifacts: &std::path::Path,
+    run: FraudRun<'_>,
+) -> Result<(f64, f64)> {
+    let FraudRun {
+        tag,
+        module,
+        events,
+    } = run;
+    let input = format!("FRAUD_IN_{}", tag.replace('-', "_"));
+    let subject = format!("fraud.{tag}.in");
     fresh_stream(js, &input, &subject).await?;
     ensure_stream(js, "BENCH_ALERTS", &["alerts.velocity"]).await?;
     let base = 1_700_000_000_000i64;
@@ -903,7 +951,7 @@ async fn weir_fraud(
         .collect();
     let sequences = publish_all(js, &subject, payloads).await?;
     let last = *sequences.last().unwrap_or(&0) as i64;
-    let name = format!("fraud-{round}");
+    let name = format!("fraud-{tag}");
     let mut config = host_config(nats, url, artifacts);
     config.functions = vec![FunctionSpec {
         event_time: TimeSource::JsonPointer("/ts".into()),
@@ -911,7 +959,7 @@ async fn weir_fraud(
         batch_size: BATCH,
         ..FunctionSpec::new(
             name.clone(),
-            component("fraud-velocity")?,
+            module,
             input,
             subject,
             KeySource::JsonPointer("/card".into()),

@@ -114,7 +114,12 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     let output = out_dir.join(format!("{name}.wasm"));
     let stamp = out_dir.join(format!("{name}.inputs"));
     let mut hasher = DefaultHasher::new();
-    hasher.write(language.toolchain.as_bytes());
+    field(&mut hasher, language.toolchain.as_bytes());
+    // What else decides the output: another venv or WIT directory.
+    for variable in ["WEIR_PYTHON_GUESTS", "WEIR_WIT"] {
+        let value = std::env::var(variable).unwrap_or_default();
+        field(&mut hasher, value.as_bytes());
+    }
     for dir in [&project, &sdk, &root.join("wit")] {
         hash_tree(dir, &mut hasher)?;
     }
@@ -145,6 +150,13 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     Ok(())
 }
 
+/// Hashes `bytes` with its length first, so that no two sequences of
+/// fields hash the same bytes.
+fn field(hasher: &mut DefaultHasher, bytes: &[u8]) {
+    hasher.write_u64(bytes.len() as u64);
+    hasher.write(bytes);
+}
+
 /// Hashes the paths and contents of the sources under `dir`, in order,
 /// skipping installed packages, build outputs and caches.
 fn hash_tree(dir: &Path, hasher: &mut DefaultHasher) -> Result<()> {
@@ -165,11 +177,13 @@ fn hash_tree(dir: &Path, hasher: &mut DefaultHasher) -> Result<()> {
             continue;
         }
         let path = entry.path();
-        hasher.write(name.as_bytes());
+        field(hasher, name.as_bytes());
         if entry.file_type()?.is_dir() {
+            field(hasher, b"dir");
             hash_tree(&path, hasher)?;
+            field(hasher, b"end");
         } else {
-            hasher.write(&std::fs::read(&path)?);
+            field(hasher, &std::fs::read(&path)?);
         }
     }
     Ok(())

@@ -98,6 +98,8 @@ fn main() -> Result<()> {
         Some("bench") => {
             ensure_services()?;
             build_components()?;
+            guests::ensure_toolchains(&root)?;
+            guests::build_components(&root, &target_dir(&root))?;
             run(cargo().args(["build", "--release", "-p", "weir-host", "--bin", "weir"]))?;
             run(cargo()
                 .env("WEIR_BIN", target_dir(&root).join("release/weir"))

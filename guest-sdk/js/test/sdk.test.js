@@ -68,6 +68,36 @@ describe('Harness', () => {
     expect(failure.reason).toContain('"bad"');
   });
 
+  it('fails a call at a refused state name whatever the handler throws after', () => {
+    const h = new Harness();
+    const failure = h.call(() => {
+      try {
+        state.set('a\u0000b', '');
+      } catch {
+        log.info('after the refusal');
+        throw new Retry('db');
+      }
+    }, event('in', 'k', ''));
+    expect(failure).toBeInstanceOf(Reject);
+    expect(failure.reason).toContain('state limit');
+    expect(h.logs).toEqual([]);
+  });
+
+  it('hands out a copy of stored bytes, as the host does', () => {
+    const h = new Harness().withState('k', 'c', new Uint8Array([1]));
+    const failure = h.call(() => {
+      state.get('c')[0] = 9;
+      throw new Retry('no');
+    }, event('in', 'k', ''));
+    expect(failure).toBeInstanceOf(Retry);
+    expect([...h.state('k', 'c')]).toEqual([1]);
+  });
+
+  it('makes every reason a string', () => {
+    expect(new Reject(42).reason).toBe('42');
+    expect(new Retry().reason).toBe('');
+  });
+
   it('refuses a Promise: handlers are synchronous', () => {
     const h = new Harness();
     const failure = h.call(async () => state.set('x', '1'), event('in', 'k', ''));
@@ -113,6 +143,7 @@ describe('Event', () => {
     const ev = new Event({ subject: 's', key: 'k', payload: '{"a":1}', eventTimeMs: 5n, sequence: 9n, headers: [['Content-Type', 'x']] });
     expect([ev.eventTimeMs, ev.sequence, ev.json(), ev.header('content-type'), ev.header('other')]).toEqual([5, 9, { a: 1 }, 'x', undefined]);
     expect(() => new Event({ subject: 's', key: 'k', payload: '', sequence: 2n ** 60n })).toThrow(Reject);
+    expect(() => event('in', 'k', '', { sequence: 2 ** 60 })).toThrow(Reject);
     expect(() => event('in', 'k', '{').json()).toThrow(/not valid JSON/);
     expect(() => event('in', 'k', new Uint8Array([0xff])).text()).toThrow(/not UTF-8/);
   });

@@ -127,3 +127,43 @@ def test_one_handler_per_component():
             handler(lambda ev: None)
     finally:
         weir_sdk._handler = saved
+
+
+def test_a_refused_state_name_fails_the_call_whatever_the_handler_raises_after():
+    def retrying(ev: Event) -> None:
+        try:
+            state.set("a\0b", b"")
+        except Exception:
+            log.info("after the refusal")
+            raise Retry("db")
+
+    h = Harness()
+    failure = h.call(retrying, event("in", "k", b""))
+    assert isinstance(failure, Reject) and "state limit" in failure.reason
+    assert h.logs == []
+
+
+def test_an_async_handler_is_rejected_not_taken_for_success():
+    async def handle(ev: Event) -> None:
+        state.set("x", b"1")
+
+    h = Harness()
+    failure = h.call(handle, event("in", "k", b""))
+    assert isinstance(failure, Reject) and "synchronous" in failure.reason
+    assert h.state("k", "x") is None
+
+
+def test_json_is_compact_utf8_and_refuses_nan():
+    h = Harness()
+    assert h.call(lambda ev: emit.publish_json("out", {"name": "Zoë ☃"}), event("in", "k", b"")) is None
+    assert h.emitted[0].payload == '{"name":"Zoë ☃"}'.encode()
+    failure = h.call(lambda ev: state.set_json("x", float("nan")), event("in", "k", b""))
+    assert isinstance(failure, Reject) and "cannot encode" in failure.reason
+
+
+def test_reasons_are_strings():
+    def odd(ev: Event) -> None:
+        raise Reject(42)  # type: ignore[arg-type]
+
+    failure = Harness().call(odd, event("in", "k", b""))
+    assert isinstance(failure, Reject) and failure.reason == "42"

@@ -14,7 +14,7 @@ from componentize_py_types import Err  # type: ignore[import-not-found]
 from wit_world.imports import emit, log, state, trace, types  # type: ignore[import-not-found]
 
 from . import _host, registered_handler
-from .errors import failure_of
+from .errors import failure_of, returned_failure
 from .event import Event
 
 _LEVELS = {
@@ -59,7 +59,7 @@ class WitWorld:
     def handle(self, event: "types.Event") -> None:
         handle = registered_handler()
         try:
-            handle(
+            returned = handle(
                 Event(
                     subject=event.subject,
                     key=event.key,
@@ -69,6 +69,9 @@ class WitWorld:
                     sequence=event.sequence,
                 )
             )
+            refused = returned_failure(returned)
+            if refused is not None:
+                raise refused
         except Exception as e:  # every failure reaches the host as retry or reject
             failure = failure_of(e)
             if failure.kind == "reject":

@@ -26,7 +26,7 @@ def publish(
 def publish_json(subject: str, value: Any) -> None:
     """Publishes `value` as compact JSON, with `content-type: application/json`."""
     try:
-        encoded = json.dumps(value, separators=(",", ":"))
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise Reject(f"cannot encode the record for {subject!r} as JSON: {e}") from None
     publish(subject, encoded.encode("utf-8"), JSON_HEADERS)

@@ -8,6 +8,8 @@ Either way none of the call's state writes or outputs are applied.
 
 from __future__ import annotations
 
+import inspect
+
 
 class HandlerError(Exception):
     """A handler's failure with a reason the host records."""
@@ -15,8 +17,10 @@ class HandlerError(Exception):
     kind = "retry"
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+        # The WIT reason is a string: anything else would trap when lowered.
+        text = str(reason)
+        super().__init__(text)
+        self.reason = text
 
 
 class Retry(HandlerError):
@@ -29,6 +33,18 @@ class Reject(HandlerError):
     """This event can never succeed: dead-letter it now with the reason."""
 
     kind = "reject"
+
+
+def returned_failure(result: object) -> "HandlerError | None":
+    """What the host is told for what a handler returned: a coroutine (an
+    `async def` handler) would never run, so it is rejected, not taken for
+    success."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()
+        return Reject("a handler is synchronous: it returned an awaitable (async def?)")
+    return None
 
 
 def failure_of(error: BaseException) -> HandlerError:

@@ -43,7 +43,7 @@ def get_json(name: str) -> Any:
 def set_json(name: str, value: Any) -> None:
     """Stores `value` as compact JSON under `name`."""
     try:
-        encoded = json.dumps(value, separators=(",", ":"))
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise Reject(f"cannot encode state entry {name!r} as JSON: {e}") from None
     set(name, encoded.encode("utf-8"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _host
-from .errors import HandlerError, Reject, failure_of
+from .errors import HandlerError, Reject, failure_of, returned_failure
 from .event import Event
 
 #: The host's limit on a state entry's name, in UTF-8 bytes.
@@ -79,6 +79,8 @@ class _Call:
     open: List[int] = field(default_factory=list)
     logs: List[Tuple[str, str]] = field(default_factory=list)
     refused: Optional[str] = None
+    #: How many log lines there were at the refused write.
+    logs_at_refusal: int = 0
 
     # The Host protocol.
     def state_get(self, name: str) -> Optional[bytes]:
@@ -87,7 +89,8 @@ class _Call:
     def state_set(self, name: str, value: bytes) -> None:
         problem = _name_problem(name)
         if problem:
-            self.refused = problem
+            if self.refused is None:
+                self.refused, self.logs_at_refusal = problem, len(self.logs)
             raise _StateLimit(problem)
         self.state[name] = bytes(value)
 
@@ -143,11 +146,11 @@ class Harness:
     def with_json_state(self, key: str, name: str, value: Any) -> "Harness":
         return self.with_state(key, name, json.dumps(value).encode("utf-8"))
 
-    def call(self, handle: Callable[[Event], None], ev: Event) -> Optional[HandlerError]:
+    def call(self, handle: Callable[[Event], object], ev: Event) -> Optional[HandlerError]:
         """Runs `handle(ev)` as one host call scoped to `ev.key`."""
         return self.call_as(ev.key, lambda: handle(ev))
 
-    def call_as(self, key: str, run: Callable[[], None]) -> Optional[HandlerError]:
+    def call_as(self, key: str, run: Callable[[], object]) -> Optional[HandlerError]:
         """Runs `run` as one host call scoped to `key`."""
         context = _Call(state=dict(self._state.get(key, {})))
         previous = _host.install(context)
@@ -156,7 +159,7 @@ class Harness:
             raise HarnessMisuse("Harness.call cannot be nested inside another handler call")
         failure: Optional[HandlerError] = None
         try:
-            run()
+            failure = returned_failure(run())
         except HarnessMisuse:
             raise
         except _StateLimit as e:
@@ -165,9 +168,11 @@ class Harness:
             failure = failure_of(e)
         finally:
             _host.install(None)
-        if context.refused is not None and failure is None:
-            # The handler swallowed the refusal; the host fails the event anyway.
+        if context.refused is not None:
+            # The host ends the call at the refused write (a trap the guest
+            # cannot catch): whatever the handler did after it does not count.
             failure = Reject(f"state limit: {context.refused}")
+            del context.logs[context.logs_at_refusal :]
         self.logs.extend(context.logs)
         offset = len(self.spans)
         for span in context.spans:

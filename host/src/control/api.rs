@@ -147,6 +147,11 @@ impl From<ModuleError> for ApiError {
                     "compiling the component failed inside the host; see the host log",
                 )
             }
+            ModuleError::Compile(super::compile_job::CompileError::Stalled(_)) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{error}; try again"),
+            ),
             ModuleError::QuotaExceeded(_) => {
                 Self::new(StatusCode::CONFLICT, "quota_exceeded", error.to_string())
             }

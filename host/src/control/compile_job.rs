@@ -5,13 +5,14 @@
 //! wasmtime compile has no cancellation point) and its memory was the
 //! host's. In a child process it has a memory limit of its own
 //! (`RLIMIT_DATA`) and a budget of CPU time (`RLIMIT_CPU`, all its threads
-//! together), and it holds its slot until it is gone.
+//! together: the timeout times the cores, what the job could use in that
+//! time on an idle machine), and it holds its slot until it is gone.
 //!
 //! The budget is CPU time, not wall-clock time, so that a compile on a
 //! loaded machine, which gets a share of the cores and takes longer for it,
 //! is not refused for the load: what it costs is the same. A wall-clock
-//! guard of [`WALL_CLOCK_FACTOR`] times the budget stops a job that makes no
-//! progress at all. Its artifact is written beside the cache under a job name and
+//! guard of [`WALL_CLOCK_FACTOR`] times the timeout stops a job that makes
+//! no progress at all. Its artifact is written beside the cache under a job name and
 //! moved into the cache only when the job succeeded, so a killed or failed
 //! compile leaves nothing behind to be loaded later.
 //!
@@ -56,9 +57,10 @@ const STDERR_LIMIT: u64 = 16 * 1024;
 pub enum CompileError {
     #[error("{0}")]
     Invalid(String),
-    #[error("compiling the component took longer than {} s of CPU time; it was stopped", .0.as_secs())]
-    Timeout(Duration),
-    #[error("compiling the component made too little progress in {} s; it was stopped", .0.as_secs())]
+    #[error("compiling the component took longer than {} s (used up its {cpu_secs} CPU-seconds); it was stopped", .timeout.as_secs())]
+    Timeout { timeout: Duration, cpu_secs: u64 },
+    /// Not the module's fault: the machine did not run the job.
+    #[error("compiling the component made too little progress in {} s on a busy host; it was stopped", .0.as_secs())]
     Stalled(Duration),
     #[error("compiling the component needed more than {} MiB of memory; it was stopped", .0 / (1024 * 1024))]
     OutOfMemory(u64),
@@ -169,12 +171,16 @@ impl Compiler {
         if status.success() {
             return Ok(());
         }
-        // RLIMIT_CPU: SIGXCPU at the budget, SIGKILL a second later if the
-        // first was caught. Nobody else kills a job while it is waited on.
+        // RLIMIT_CPU sends SIGXCPU at the budget (the job does not catch
+        // it). Another SIGKILL is not ours to explain (the kernel's OOM
+        // killer, an operator): a host error, below, not the module's.
         {
             use std::os::unix::process::ExitStatusExt;
-            if matches!(status.signal(), Some(libc::SIGXCPU | libc::SIGKILL)) {
-                return Err(CompileError::Timeout(self.timeout));
+            if status.signal() == Some(libc::SIGXCPU) {
+                return Err(CompileError::Timeout {
+                    timeout: self.timeout,
+                    cpu_secs: self.cpu_limit_secs(),
+                });
             }
         }
         let stderr = stderr.trim().to_string();
@@ -192,9 +198,11 @@ impl Compiler {
 }
 
 impl Compiler {
-    /// CPU seconds a job may use, all its threads together.
+    /// CPU seconds a job may use, all its threads together: the timeout on
+    /// every core (Cranelift compiles a component's functions in parallel).
     fn cpu_limit_secs(&self) -> u64 {
-        self.timeout.as_secs().max(1)
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        self.timeout.as_secs().max(1).saturating_mul(cores)
     }
 }
 
@@ -314,10 +322,14 @@ pub struct ChildArgs {
 /// The child's side: limits its own memory, compiles, writes the artifact.
 /// Returns the process exit code.
 pub fn run_child(args: &ChildArgs) -> i32 {
-    let limited = limit(libc::RLIMIT_DATA, args.memory_limit, args.memory_limit).and_then(|()| {
-        let seconds = args.cpu_limit_secs;
-        limit(libc::RLIMIT_CPU, seconds, seconds.saturating_add(1))
-    });
+    // No core file when the CPU limit ends the job: it would be as large
+    // as the compile's memory.
+    let limited = limit(libc::RLIMIT_DATA, args.memory_limit, args.memory_limit)
+        .and_then(|()| limit(libc::RLIMIT_CORE, 0, 0))
+        .and_then(|()| {
+            let seconds = args.cpu_limit_secs;
+            limit(libc::RLIMIT_CPU, seconds, seconds.saturating_add(1))
+        });
     if let Err(error) = limited {
         eprintln!("cannot limit the compile job: {error}");
         return 1;

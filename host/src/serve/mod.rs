@@ -257,7 +257,16 @@ async fn run<S: FunctionSource>(
     };
     let tracker = TaskTracker::new();
     let static_names: HashSet<String> = functions.iter().map(|f| f.name.clone()).collect();
-    if !startup::start_configured(functions, &sandbox, &env, &tracker, &shutdown).await? {
+    if !startup::start_configured(
+        functions,
+        config.api.concurrent_compiles,
+        &sandbox,
+        &env,
+        &tracker,
+        &shutdown,
+    )
+    .await?
+    {
         return Ok(());
     }
     tracker.close();

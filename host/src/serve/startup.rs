@@ -1,13 +1,18 @@
-//! Starting the config file's functions: all their modules load at once
-//! (compiles run in parallel as the cores allow, each on a blocking thread
-//! of its own), and each function starts serving as soon as its own module
-//! is ready. A small function does not wait behind a 15 MB interpreted one,
-//! and `/readyz` and the log say which functions are still loading.
+//! Starting the config file's functions: their modules load in parallel,
+//! at most `api.concurrent_compiles` at once (a compile's memory peak is
+//! large, and Cranelift already uses every core for one module), and each
+//! function starts serving as soon as its own module is ready. A small
+//! function does not wait behind a 15 MB interpreted one, and `/readyz` and
+//! the log say which functions are still loading. Functions that share a
+//! module file load one after another, so it is compiled once and the
+//! others find it in the artifact cache.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,15 +27,25 @@ use crate::sandbox::Sandbox;
 /// load (the host does not start half-configured).
 pub(super) async fn start_configured(
     functions: Vec<FunctionSpec>,
+    concurrent_loads: usize,
     sandbox: &Arc<Sandbox>,
     env: &WorkerEnv,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<bool, ServeError> {
-    let mut loading: FuturesUnordered<_> = functions
-        .into_iter()
-        .map(|spec| load_configured(spec, sandbox, env, shutdown))
-        .collect();
+    let slots = Semaphore::new(concurrent_loads.max(1));
+    let mut by_module: BTreeMap<PathBuf, Vec<FunctionSpec>> = BTreeMap::new();
+    for spec in functions {
+        by_module.entry(spec.module.clone()).or_default().push(spec);
+    }
+    // One stream per module file: its functions load in turn, each
+    // reported as soon as it is loaded.
+    let mut loading = futures::stream::select_all(by_module.into_values().map(|specs| {
+        let slots = &slots;
+        futures::stream::iter(specs)
+            .then(move |spec| load_configured(spec, slots, sandbox, env, shutdown))
+            .boxed()
+    }));
     while let Some(loaded) = loading.next().await {
         let Some((spec, stable)) = loaded? else {
             return Ok(false);
@@ -45,6 +60,7 @@ pub(super) async fn start_configured(
 /// Checks one function's streams and loads its module; `None` on shutdown.
 async fn load_configured(
     spec: FunctionSpec,
+    slots: &Semaphore,
     sandbox: &Arc<Sandbox>,
     env: &WorkerEnv,
     shutdown: &CancellationToken,
@@ -55,6 +71,9 @@ async fn load_configured(
     if checked.await?.is_none() {
         return Ok(None);
     }
+    let Ok(_slot) = slots.acquire().await else {
+        return Ok(None);
+    };
     let module_bytes = std::fs::metadata(&spec.module).map_or(0, |m| m.len());
     env.readiness.function_loading(&spec.name, module_bytes);
     tracing::info!(function = %spec.name, module_bytes, "loading the function's module");

@@ -103,6 +103,24 @@ fn built_from() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `text` as a quoted string that is valid both in JSON and as a TOML basic
+/// string: `"` and `\\` escaped, control characters (DEL too, which TOML
+/// refuses raw) as `\\uXXXX`.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -139,10 +157,15 @@ pub fn new(args: NewArgs) -> Result<()> {
     let weir_text = weir
         .to_str()
         .context("the Weir checkout's path is not UTF-8")?;
-    let substitute = |text: &str| {
+    // Inside a JSON or TOML string the path is escaped (both take JSON's
+    // escapes for `"`, `\\` and control characters).
+    let weir_quoted = quoted(weir_text);
+    let weir_escaped = &weir_quoted[1..weir_quoted.len() - 1];
+    let substitute = |path: &str, text: &str| {
+        let in_string = path.contains(".json") || path.contains(".toml");
         text.replace("{{name}}", &args.name)
             .replace("{{crate}}", &args.name.replace('-', "_"))
-            .replace("{{weir}}", weir_text)
+            .replace("{{weir}}", if in_string { weir_escaped } else { weir_text })
     };
     for (path, text) in template(args.lang) {
         let relative = path.split_once('/').map_or(*path, |(_, rest)| rest);
@@ -156,14 +179,14 @@ pub fn new(args: NewArgs) -> Result<()> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&target, substitute(text))
+        std::fs::write(&target, substitute(path, text))
             .with_context(|| format!("writing {}", target.display()))?;
     }
     let manifest = format!(
-        "# Written by `weir new`; read by `weir build` and `weir test`.\nname = {:?}\nlang = {:?}\nweir = {:?}\n",
-        args.name,
-        args.lang.as_str(),
-        weir_text
+        "# Written by `weir new`; read by `weir build` and `weir test`.\nname = {}\nlang = {}\nweir = {}\n",
+        quoted(&args.name),
+        quoted(args.lang.as_str()),
+        weir_quoted
     );
     std::fs::write(dir.join("weir.toml"), manifest)?;
     if args.lang == Lang::Rust {
@@ -215,8 +238,10 @@ pub fn build(args: ProjectArgs) -> Result<()> {
                 "wasm32-wasip2",
                 "--release",
             ]))?;
+            // Where cargo put it: CARGO_TARGET_DIR (relative to the
+            // project, as cargo reads it there), or the project's target/.
             let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| args.dir.join("target"), PathBuf::from);
+                .map_or_else(|| args.dir.join("target"), |dir| args.dir.join(dir));
             let built = target
                 .join("wasm32-wasip2/release")
                 .join(format!("{}.wasm", project.name.replace('-', "_")));
@@ -288,4 +313,36 @@ fn python(project: &Project, dir: &Path) -> Result<Command> {
         .env("PYTHONPATH", project.weir.join("guest-sdk/python"))
         .env("PYTHONDONTWRITEBYTECODE", "1");
     Ok(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_reads_back_whatever_the_checkout_path_holds() {
+        let path = "/tmp/we\"ir\\x\u{301}\u{7f}\ty";
+        let text = format!(
+            "name = {}\nlang = {}\nweir = {}\n",
+            quoted("my-fn"),
+            quoted(Lang::Ts.as_str()),
+            quoted(path)
+        );
+        let project: Project = Figment::from(Toml::string(&text))
+            .extract()
+            .expect("valid TOML");
+        assert_eq!(project.weir, PathBuf::from(path));
+        assert_eq!(project.lang, Lang::Ts);
+        let json: serde_json::Value =
+            serde_json::from_str(&format!("{{\"dep\": {}}}", quoted(path))).expect("valid JSON");
+        assert_eq!(json["dep"], path);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("fraud-2"));
+        for bad in ["", "2fraud", "Fraud", "a_b", "a/b", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
 }
