@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Makes sure a machine can build and test guests in languages other than
 # Rust: Node.js >= 18 with npm (the TypeScript/JavaScript SDK and examples
-# install their own packages with `npm ci`), and a Python venv holding
+# install their own packages with `npm ci`), a Python venv holding
 # componentize-py and pytest under /opt/weir-tools (override with
-# WEIR_PYTHON_GUESTS). Installs with apt-get and pip when something is
+# WEIR_PYTHON_GUESTS), and clang-19 with lld-19, wasi-libc and the wasm32
+# compiler runtime for C, plus a native cc for C's unit tests. Installs with apt-get and pip when something is
 # missing; idempotent; prints what it did.
 set -euo pipefail
 
@@ -19,6 +20,16 @@ node_major() { node --version 2>/dev/null | sed -n 's/^v\([0-9]*\).*/\1/p'; }
 if [ -z "$(node_major)" ] || [ "$(node_major)" -lt 18 ] || ! command -v npm >/dev/null; then
   say "installing Node.js and npm (apt)"
   apt_install nodejs npm
+fi
+
+c_ok() {
+  command -v cc >/dev/null && command -v clang-19 >/dev/null && command -v wasm-ld-19 >/dev/null \
+    && [ -e /usr/include/wasm32-wasi/stdio.h ] \
+    && ls /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1
+}
+if ! c_ok; then
+  say "installing clang-19, lld-19, wasi-libc and libclang-rt-19-dev-wasm32 (apt)"
+  apt_install gcc clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32
 fi
 
 COMPONENTIZE_PY_VERSION=0.25.1

@@ -1,4 +1,4 @@
-//! `fraud-velocity` written in Rust, TypeScript and Python, measured side by
+//! `fraud-velocity` written in Rust, TypeScript, Python and C, measured side by
 //! side in one run: the component's size, its compile time (what an upload's
 //! compile job does), the time to instantiate it from the compiled
 //! artifact, and the fraud workload's events/s and host CPU-µs per event
@@ -37,6 +37,10 @@ fn languages() -> Result<Vec<Language>> {
         Language {
             label: "python",
             module: language_component("python", "fraud-velocity")?,
+        },
+        Language {
+            label: "c",
+            module: language_component("c", "fraud-velocity")?,
         },
     ])
 }

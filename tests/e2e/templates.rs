@@ -134,3 +134,11 @@ async fn a_new_python_project_builds_deploys_and_counts(
 ) -> Result<()> {
     new_build_deploy_and_count(&db, "python").await
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_new_c_project_builds_deploys_and_counts(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    new_build_deploy_and_count(&db, "c").await
+}

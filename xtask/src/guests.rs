@@ -3,8 +3,9 @@
 //!
 //! `scripts/ensure-guest-toolchains.sh` installs the toolchains (cached
 //! under `/opt/weir-tools`); the JavaScript/TypeScript SDK and examples are
-//! one npm workspace at the repository root (`npm ci`), and the Python ones
-//! run on a venv holding componentize-py and pytest. Components go to
+//! one npm workspace at the repository root (`npm ci`), the Python ones
+//! run on a venv holding componentize-py and pytest, and the C ones build
+//! and test with `weir build` / `weir test` (clang-19 and wasi-libc). Components go to
 //! `<target>/guest-components/<lang>/<name>.wasm`, rebuilt only when a
 //! hash of their sources, the SDK, the WIT and the toolchain changes: an
 //! interpreted component takes 10–20 s of CPU to build.
@@ -34,6 +35,10 @@ pub const TYPESCRIPT: Language = Language {
 pub const PYTHON: Language = Language {
     dir: "python",
     toolchain: "componentize-py 0.25.1",
+};
+pub const C: Language = Language {
+    dir: "c",
+    toolchain: "clang-19, wasi-libc, wit-bindgen-c 0.61.1, reactor adapter 48.0.8",
 };
 
 /// The examples built in every language.
@@ -73,8 +78,17 @@ fn npm(dir: &Path) -> Command {
     command
 }
 
+/// `weir`, built from this checkout if it is not.
+fn weir_command(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(root)
+        .args(["run", "--quiet", "-p", "weir-host", "--bin", "weir", "--"]);
+    command
+}
+
 /// Each SDK's and each example's native unit tests, under the language's
-/// own runner: Vitest (with tsc) and pytest.
+/// own runner: Vitest (with tsc), pytest, and `weir test` for C.
 pub fn test_natively(root: &Path) -> Result<()> {
     run(npm(root).args(["test", "--workspaces", "--if-present"]))?;
     let sdk = root.join("guest-sdk/python");
@@ -91,12 +105,16 @@ pub fn test_natively(root: &Path) -> Result<()> {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]))?;
     }
+    for name in EXAMPLES {
+        let project = root.join("examples/c").join(name);
+        run(weir_command(root).arg("test").arg("--dir").arg(project))?;
+    }
     Ok(())
 }
 
 /// Builds every example in every language to `<target>/guest-components`.
 pub fn build_components(root: &Path, target: &Path) -> Result<()> {
-    for language in [&TYPESCRIPT, &PYTHON] {
+    for language in [&TYPESCRIPT, &PYTHON, &C] {
         for name in EXAMPLES {
             build_component(root, target, language, name)?;
         }
@@ -109,6 +127,8 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     let sdk = root
         .join("guest-sdk")
         .join(language.dir.replace("ts", "js"));
+    // The C build is `weir build`'s own code.
+    let weir = root.join("host/src/bin/weir");
     let out_dir = target.join("guest-components").join(language.dir);
     std::fs::create_dir_all(&out_dir)?;
     let output = out_dir.join(format!("{name}.wasm"));
@@ -122,6 +142,9 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     }
     for dir in [&project, &sdk, &root.join("wit")] {
         hash_tree(dir, &mut hasher)?;
+    }
+    if language.dir == "c" {
+        hash_tree(&weir, &mut hasher)?;
     }
     let digest = format!("{:016x}", hasher.finish());
     if output.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&digest) {
@@ -143,9 +166,17 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
                 .arg(&output);
             c
         }
+        "c" => {
+            let mut c = weir_command(root);
+            c.arg("build").arg("--dir").arg(&project);
+            c
+        }
         other => bail!("no build for language {other}"),
     };
     run(&mut command)?;
+    if language.dir == "c" {
+        std::fs::rename(project.join(format!("{name}.wasm")), &output)?;
+    }
     std::fs::write(&stamp, digest)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! `new`, `build` and `test` make a function's project in Rust, TypeScript or
 //! Python.
 
+mod cbuild;
 mod client;
 mod dev;
 mod logs;

@@ -1,11 +1,12 @@
 //! `weir new`, `weir build` and `weir test`: a function's project in Rust,
-//! TypeScript or Python, from a template to a component.
+//! TypeScript, Python or C, from a template to a component.
 //!
 //! `weir new` writes a template from `templates/<lang>` (compiled into the
 //! binary) and a `weir.toml` saying the project's language, its name and the
 //! Weir checkout whose SDKs and `wit/` it builds against. `weir build` and
 //! `weir test` read that file and run the language's own toolchain: cargo;
-//! npm with esbuild, componentize-js and Vitest; componentize-py and pytest.
+//! npm with esbuild, componentize-js and Vitest; componentize-py and pytest;
+//! clang with wasi-libc and a native test runner (`cbuild.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,7 @@ pub enum Lang {
     Rust,
     Ts,
     Python,
+    C,
 }
 
 impl Lang {
@@ -31,6 +33,7 @@ impl Lang {
             Lang::Rust => "rust",
             Lang::Ts => "ts",
             Lang::Python => "python",
+            Lang::C => "c",
         }
     }
 }
@@ -88,6 +91,12 @@ fn template(lang: Lang) -> &'static [(&'static str, &'static str)] {
             "ts/src/handler.test.ts",
             "ts/README.md.tmpl",
             "ts/gitignore.tmpl",
+        ],
+        Lang::C => files![
+            "c/src/handler.c",
+            "c/tests/test_handler.c",
+            "c/README.md.tmpl",
+            "c/gitignore.tmpl",
         ],
         Lang::Python => files![
             "python/handler.py",
@@ -212,12 +221,15 @@ fn load(dir: &Path) -> Result<Project> {
         "no weir.toml in {}: is this a project `weir new` wrote?",
         dir.display()
     );
-    Figment::from(Toml::file_exact(&manifest))
+    let mut project: Project = Figment::from(Toml::file_exact(&manifest))
         .extract()
-        .with_context(|| format!("reading {}", manifest.display()))
+        .with_context(|| format!("reading {}", manifest.display()))?;
+    // A relative checkout path is relative to the project.
+    project.weir = dir.join(&project.weir);
+    Ok(project)
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     eprintln!("+ {command:?}");
     let status = command
         .status()
@@ -257,6 +269,7 @@ pub fn build(args: ProjectArgs) -> Result<()> {
         Lang::Python => run(python(&project, &args.dir)?
             .args(["-m", "weir_sdk.build", "handler", "-o"])
             .arg(format!("{}.wasm", project.name)))?,
+        Lang::C => crate::cbuild::build(&project.weir, &args.dir, &output)?,
     }
     ensure!(output.exists(), "the build wrote no {}", output.display());
     println!("built {}", output.display());
@@ -273,6 +286,7 @@ pub fn test(args: ProjectArgs) -> Result<()> {
             run(Command::new("npm").current_dir(&args.dir).arg("test"))
         }
         Lang::Python => run(python(&project, &args.dir)?.args(["-m", "pytest", "-q"])),
+        Lang::C => crate::cbuild::test(&project.weir, &args.dir),
     }
 }
 
