@@ -3,8 +3,9 @@
 # Rust: Node.js >= 18 with npm (the TypeScript/JavaScript SDK and examples
 # install their own packages with `npm ci`), a Python venv holding
 # componentize-py and pytest under /opt/weir-tools (override with
-# WEIR_PYTHON_GUESTS), and clang-19 with lld-19, wasi-libc and the wasm32
-# compiler runtime for C, plus a native cc for C's unit tests. Installs with apt-get and pip when something is
+# WEIR_PYTHON_GUESTS), and clang-19 with lld-19, wasi-libc, the wasm32
+# compiler runtime and libc++ for C and C++, plus a native cc and c++ for
+# their unit tests. Installs with apt-get and pip when something is
 # missing; idempotent; prints what it did.
 set -euo pipefail
 
@@ -23,13 +24,16 @@ if [ -z "$(node_major)" ] || [ "$(node_major)" -lt 18 ] || ! command -v npm >/de
 fi
 
 c_ok() {
-  command -v cc >/dev/null && command -v clang-19 >/dev/null && command -v wasm-ld-19 >/dev/null \
+  command -v cc >/dev/null && command -v c++ >/dev/null && command -v clang-19 >/dev/null \
+    && command -v clang++-19 >/dev/null && command -v wasm-ld-19 >/dev/null \
     && [ -e /usr/include/wasm32-wasi/stdio.h ] \
+    && ls /usr/lib/wasm32-wasi/libc++.a >/dev/null 2>&1 \
     && ls /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1
 }
 if ! c_ok; then
-  say "installing clang-19, lld-19, wasi-libc and libclang-rt-19-dev-wasm32 (apt)"
-  apt_install gcc clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32
+  say "installing clang-19, lld-19, wasi-libc, libclang-rt-19-dev-wasm32 and libc++-19-dev-wasm32 (apt)"
+  apt_install gcc g++ clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32 \
+    libc++-19-dev-wasm32 libc++abi-19-dev-wasm32
 fi
 
 COMPONENTIZE_PY_VERSION=0.25.1

@@ -21,7 +21,8 @@ static inline bool weir_state_get(const char *name, weir_buffer *value) {
   event_handler_string_t n = weir__string(name);
   event_handler_list_u8_t got;
   if (!weir_function_state_get(&n, &got)) return false;
-  value->ptr = got.ptr;
+  /* An empty list comes as a dangling non-null pointer: not free()'s. */
+  value->ptr = got.len ? got.ptr : NULL;
   value->len = got.len;
   return true;
 }

@@ -32,6 +32,22 @@ static inline bool weir__json_hex(uint8_t c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
 }
 
+/* Skips one UTF-8 sequence whose lead byte `c` was just read; false if it
+ * is not well-formed (overlong, surrogate, beyond U+10FFFF, cut short). */
+static inline bool weir__json_utf8(weir_json *j, uint8_t c) {
+  int more;
+  uint32_t min, cp;
+  if (c >= 0xC2 && c <= 0xDF) more = 1, min = 0x80, cp = c & 0x1F;
+  else if (c >= 0xE0 && c <= 0xEF) more = 2, min = 0x800, cp = c & 0x0F;
+  else if (c >= 0xF0 && c <= 0xF4) more = 3, min = 0x10000, cp = c & 0x07;
+  else return false;
+  for (int i = 0; i < more; i++) {
+    if (j->p >= j->end || (*j->p & 0xC0) != 0x80) return false;
+    cp = (cp << 6) | (*j->p++ & 0x3F);
+  }
+  return cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+}
+
 static inline bool weir__json_string(weir_json *j) {
   if (j->p >= j->end || *j->p != '"') return false;
   j->p++;
@@ -39,6 +55,7 @@ static inline bool weir__json_string(weir_json *j) {
     uint8_t c = *j->p++;
     if (c == '"') return true;
     if (c < 0x20) return false;
+    if (c >= 0x80 && !weir__json_utf8(j, c)) return false;
     if (c == '\\') {
       if (j->p >= j->end) return false;
       uint8_t e = *j->p++;
@@ -179,27 +196,92 @@ static inline uint8_t weir_json_kind(weir_bytes value) {
   return value.len ? value.ptr[0] : 0;
 }
 
-/* Does the JSON string `quoted` (as written, quotes included) equal `text`
- * once unescaped? Escapes other than \" \\ \/ are never equal here: the
- * keys compared are ASCII names. */
+static inline int weir__json_hex_value(uint8_t c) {
+  return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* Does the JSON string `quoted` (as written, quotes included, valid) equal
+ * the UTF-8 `text` once unescaped (every escape, surrogate pairs too)? */
 static inline bool weir_json_string_is(weir_bytes quoted, const char *text) {
   if (quoted.len < 2 || quoted.ptr[0] != '"') return false;
-  size_t i = 1, n = 0, want = strlen(text);
+  const uint8_t *want = (const uint8_t *)text, *want_end = want + strlen(text);
+  size_t i = 1;
   while (i + 1 < quoted.len) {
     uint8_t c = quoted.ptr[i++];
-    if (c == '\\') {
-      uint8_t e = quoted.ptr[i++];
-      if (e != '"' && e != '\\' && e != '/') return false;
-      c = e;
+    if (c != '\\') {
+      if (want >= want_end || *want++ != c) return false;
+      continue;
     }
-    if (n >= want || (uint8_t)text[n] != c) return false;
-    n++;
+    uint8_t e = quoted.ptr[i++];
+    uint32_t cp;
+    switch (e) {
+      case 'b': cp = '\b'; break;
+      case 'f': cp = '\f'; break;
+      case 'n': cp = '\n'; break;
+      case 'r': cp = '\r'; break;
+      case 't': cp = '\t'; break;
+      case 'u': {
+        cp = 0;
+        for (int k = 0; k < 4; k++) cp = cp * 16 + (uint32_t)weir__json_hex_value(quoted.ptr[i++]);
+        if (cp >= 0xD800 && cp <= 0xDBFF && i + 6 <= quoted.len - 1 && quoted.ptr[i] == '\\' &&
+            quoted.ptr[i + 1] == 'u') {
+          uint32_t low = 0;
+          for (int k = 0; k < 4; k++) low = low * 16 + (uint32_t)weir__json_hex_value(quoted.ptr[i + 2 + k]);
+          if (low >= 0xDC00 && low <= 0xDFFF) {
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+            i += 6;
+          }
+        }
+        if (cp >= 0xD800 && cp <= 0xDFFF) return false; /* a lone surrogate equals no UTF-8 text */
+        break;
+      }
+      default: cp = e; break; /* \" \\ \/ */
+    }
+    uint8_t utf8[4];
+    size_t n;
+    if (cp < 0x80) utf8[0] = (uint8_t)cp, n = 1;
+    else if (cp < 0x800) utf8[0] = (uint8_t)(0xC0 | cp >> 6), utf8[1] = (uint8_t)(0x80 | (cp & 0x3F)), n = 2;
+    else if (cp < 0x10000)
+      utf8[0] = (uint8_t)(0xE0 | cp >> 12), utf8[1] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F)),
+      utf8[2] = (uint8_t)(0x80 | (cp & 0x3F)), n = 3;
+    else
+      utf8[0] = (uint8_t)(0xF0 | cp >> 18), utf8[1] = (uint8_t)(0x80 | ((cp >> 12) & 0x3F)),
+      utf8[2] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F)), utf8[3] = (uint8_t)(0x80 | (cp & 0x3F)), n = 4;
+    if ((size_t)(want_end - want) < n || memcmp(want, utf8, n) != 0) return false;
+    want += n;
   }
-  return n == want;
+  return want == want_end;
+}
+
+/* The last member called `name` of the JSON object `object` (as serde and
+ * JSON pointers read duplicate keys); false if there is none. */
+static inline bool weir_json_member(weir_bytes object, const char *name, weir_bytes *value) {
+  weir_json walk;
+  weir_bytes key, v;
+  bool found = false;
+  if (!weir_json_enter(object, '{', &walk)) return false;
+  while (weir_json_next_member(&walk, &key, &v)) {
+    if (weir_json_string_is(key, name)) {
+      *value = v;
+      found = true;
+    }
+  }
+  return found;
+}
+
+/* `value` without the JSON white space around it. */
+static inline weir_bytes weir_json_trim(weir_bytes value) {
+  weir_json j = {value.ptr, value.ptr + value.len};
+  weir__json_ws(&j);
+  const uint8_t *end = j.end;
+  while (end > j.p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r')) end--;
+  weir_bytes out = {j.p, (size_t)(end - j.p)};
+  return out;
 }
 
 /* `value` as an exact unsigned integer no larger than `max`. */
 static inline bool weir_json_uint(weir_bytes value, uint64_t max, uint64_t *out) {
+  value = weir_json_trim(value);
   if (value.len == 0 || value.len > 20) return false;
   if (value.len > 1 && value.ptr[0] == '0') return false;
   uint64_t n = 0;
@@ -216,6 +298,7 @@ static inline bool weir_json_uint(weir_bytes value, uint64_t max, uint64_t *out)
 
 /* `value` as an exact signed 64-bit integer. */
 static inline bool weir_json_int(weir_bytes value, int64_t *out) {
+  value = weir_json_trim(value);
   bool negative = value.len && value.ptr[0] == '-';
   weir_bytes digits = {value.ptr + negative, value.len - negative};
   uint64_t magnitude;

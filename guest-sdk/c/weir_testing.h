@@ -38,7 +38,7 @@ typedef struct weir_test_log {
   do {                                                                                \
     if ((v).len == (v).cap) {                                                         \
       (v).cap = (v).cap ? (v).cap * 2 : 8;                                            \
-      (v).items = realloc((v).items, (v).cap * sizeof *(v).items);                    \
+      (v).items = (__typeof__((v).items))realloc((v).items, (v).cap * sizeof *(v).items); \
       if ((v).items == NULL) abort();                                                 \
     }                                                                                 \
     (v).items[(v).len++] = (x);                                                       \
@@ -181,6 +181,12 @@ static inline weir_event weir_test_event(const char *subject, const char *key, c
   return e;
 }
 
+static inline void weir__output_free(weir_test_output *o) {
+  free(o->subject);
+  weir_buffer_free(&o->payload);
+  for (size_t h = 0; h < o->header_count; h++) free(o->header_names[h]), free(o->header_values[h]);
+}
+
 /* Runs `handler` on `event` as one host call; the result's reason is the
  * caller's to free (weir_result_free). */
 static inline weir_result weir_test_call(weir_result (*handler)(const weir_event *),
@@ -218,12 +224,7 @@ static inline weir_result weir_test_call(weir_result (*handler)(const weir_event
     for (size_t i = 0; i < weir__h.call_emitted.len; i++) WEIR__PUSH(weir__h.emitted, weir__h.call_emitted.items[i]);
   } else {
     for (size_t i = 0; i < weir__h.call_state.len; i++) weir__entry_free(&weir__h.call_state.items[i]);
-    for (size_t i = 0; i < weir__h.call_emitted.len; i++) {
-      weir_test_output *o = &weir__h.call_emitted.items[i];
-      free(o->subject);
-      weir_buffer_free(&o->payload);
-      for (size_t h = 0; h < o->header_count; h++) free(o->header_names[h]), free(o->header_values[h]);
-    }
+    for (size_t i = 0; i < weir__h.call_emitted.len; i++) weir__output_free(&weir__h.call_emitted.items[i]);
   }
   weir__h.call_state.len = 0;
   weir__h.call_emitted.len = 0;
@@ -246,6 +247,8 @@ static inline const weir_test_log *weir_test_log_line(size_t i) {
 /* Clears state, outputs and logs: each test starts from nothing. */
 static inline void weir_test_reset(void) {
   for (size_t i = 0; i < weir__h.state.len; i++) weir__entry_free(&weir__h.state.items[i]);
+  for (size_t i = 0; i < weir__h.emitted.len; i++) weir__output_free(&weir__h.emitted.items[i]);
+  for (size_t i = 0; i < weir__h.logs.len; i++) free(weir__h.logs.items[i].text);
   weir__h.state.len = 0;
   weir__h.emitted.len = 0;
   weir__h.logs.len = 0;

@@ -1,4 +1,4 @@
-//! `fraud-velocity` written in Rust, TypeScript, Python and C, measured side by
+//! `fraud-velocity` written in Rust, TypeScript, Python, C and C++, measured side by
 //! side in one run: the component's size, its compile time (what an upload's
 //! compile job does), the time to instantiate it from the compiled
 //! artifact, and the fraud workload's events/s and host CPU-µs per event
@@ -41,6 +41,10 @@ fn languages() -> Result<Vec<Language>> {
         Language {
             label: "c",
             module: language_component("c", "fraud-velocity")?,
+        },
+        Language {
+            label: "c++",
+            module: language_component("cpp", "fraud-velocity")?,
         },
     ])
 }
@@ -100,6 +104,9 @@ pub async fn run(
     rounds: usize,
 ) -> Result<()> {
     let languages = languages()?;
+    // The schema, which the first host would make; the runs below poll it
+    // from their start.
+    weir_host::state::StateStore::open(pool.clone(), 1 << 20).await?;
     let scratch = tempdir::TempDir::new("weir-bench-compiles")?;
     println!("fraud-velocity per language: {events} events per run, {rounds} rounds");
     for language in &languages {

@@ -25,7 +25,7 @@
 //! and natively, side by side (`nexmark.rs`).
 //!
 //! `--only languages` (not part of `all`): `fraud-velocity` in Rust,
-//! TypeScript, Python and C side by side (`languages.rs`).
+//! TypeScript, Python, C and C++ side by side (`languages.rs`).
 
 mod languages;
 mod nexmark;

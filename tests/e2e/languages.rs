@@ -1,4 +1,4 @@
-//! The example functions written in TypeScript, Python and C, each deployed
+//! The example functions written in TypeScript, Python, C and C++, each deployed
 //! through the API the way a user would (upload, binding, version), must
 //! give exactly what the Rust ones give: `fraud-velocity`'s per-card counts
 //! and alerts, and `enrich`'s outputs and dead letters, each exactly once.
@@ -146,4 +146,17 @@ async fn enrich_in_c_is_exact_and_dead_letters_bad_orders(
     db: PgConnectOptions,
 ) -> Result<()> {
     enrich_is_exact(&db, "c").await
+}
+
+#[sqlx::test(migrations = false)]
+async fn fraud_velocity_in_cpp_is_exact(_pool: PgPoolOptions, db: PgConnectOptions) -> Result<()> {
+    fraud_velocity_is_exact(&db, "cpp").await
+}
+
+#[sqlx::test(migrations = false)]
+async fn enrich_in_cpp_is_exact_and_dead_letters_bad_orders(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    enrich_is_exact(&db, "cpp").await
 }

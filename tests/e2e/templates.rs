@@ -142,3 +142,11 @@ async fn a_new_c_project_builds_deploys_and_counts(
 ) -> Result<()> {
     new_build_deploy_and_count(&db, "c").await
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_new_cpp_project_builds_deploys_and_counts(
+    _pool: PgPoolOptions,
+    db: PgConnectOptions,
+) -> Result<()> {
+    new_build_deploy_and_count(&db, "cpp").await
+}

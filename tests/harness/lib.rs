@@ -225,7 +225,7 @@ pub fn component(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The component of example `name` written in `language` (`ts`, `python`, `c`),
+/// The component of example `name` written in `language` (`ts`, `python`, `c`, `cpp`),
 /// as `cargo xtask build-guests` builds it.
 pub fn language_component(language: &str, name: &str) -> Result<PathBuf> {
     let path = target_dir().join(format!("guest-components/{language}/{name}.wasm"));

@@ -5,7 +5,7 @@
 //! under `/opt/weir-tools`); the JavaScript/TypeScript SDK and examples are
 //! one npm workspace at the repository root (`npm ci`), the Python ones
 //! run on a venv holding componentize-py and pytest, and the C ones build
-//! and test with `weir build` / `weir test` (clang-19 and wasi-libc). Components go to
+//! and C++ ones with `weir build` / `weir test` (clang-19 and wasi-libc). Components go to
 //! `<target>/guest-components/<lang>/<name>.wasm`, rebuilt only when a
 //! hash of their sources, the SDK, the WIT and the toolchain changes: an
 //! interpreted component takes 10–20 s of CPU to build.
@@ -40,6 +40,15 @@ pub const C: Language = Language {
     dir: "c",
     toolchain: "clang-19, wasi-libc, wit-bindgen-c 0.61.1, reactor adapter 48.0.8",
 };
+pub const CPP: Language = Language {
+    dir: "cpp",
+    toolchain: "clang++-19, libc++, wasi-libc, wit-bindgen-c 0.61.1, reactor adapter 48.0.8",
+};
+
+/// Languages built by `weir build` itself (C and C++ share its SDK).
+fn built_by_weir(language: &Language) -> bool {
+    matches!(language.dir, "c" | "cpp")
+}
 
 /// The examples built in every language.
 pub const EXAMPLES: &[&str] = &["fraud-velocity", "enrich"];
@@ -88,7 +97,7 @@ fn weir_command(root: &Path) -> Command {
 }
 
 /// Each SDK's and each example's native unit tests, under the language's
-/// own runner: Vitest (with tsc), pytest, and `weir test` for C.
+/// own runner: Vitest (with tsc), pytest, and `weir test` for C and C++.
 pub fn test_natively(root: &Path) -> Result<()> {
     run(npm(root).args(["test", "--workspaces", "--if-present"]))?;
     let sdk = root.join("guest-sdk/python");
@@ -105,16 +114,18 @@ pub fn test_natively(root: &Path) -> Result<()> {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]))?;
     }
-    for name in EXAMPLES {
-        let project = root.join("examples/c").join(name);
-        run(weir_command(root).arg("test").arg("--dir").arg(project))?;
+    for language in ["c", "cpp"] {
+        for name in EXAMPLES {
+            let project = root.join("examples").join(language).join(name);
+            run(weir_command(root).arg("test").arg("--dir").arg(project))?;
+        }
     }
     Ok(())
 }
 
 /// Builds every example in every language to `<target>/guest-components`.
 pub fn build_components(root: &Path, target: &Path) -> Result<()> {
-    for language in [&TYPESCRIPT, &PYTHON, &C] {
+    for language in [&TYPESCRIPT, &PYTHON, &C, &CPP] {
         for name in EXAMPLES {
             build_component(root, target, language, name)?;
         }
@@ -124,9 +135,11 @@ pub fn build_components(root: &Path, target: &Path) -> Result<()> {
 
 fn build_component(root: &Path, target: &Path, language: &Language, name: &str) -> Result<()> {
     let project = root.join("examples").join(language.dir).join(name);
-    let sdk = root
-        .join("guest-sdk")
-        .join(language.dir.replace("ts", "js"));
+    let sdk = root.join("guest-sdk").join(match language.dir {
+        "ts" => "js",
+        "cpp" => "c",
+        other => other,
+    });
     // The C build is `weir build`'s own code.
     let weir = root.join("host/src/bin/weir");
     let out_dir = target.join("guest-components").join(language.dir);
@@ -143,7 +156,7 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     for dir in [&project, &sdk, &root.join("wit")] {
         hash_tree(dir, &mut hasher)?;
     }
-    if language.dir == "c" {
+    if built_by_weir(language) {
         hash_tree(&weir, &mut hasher)?;
     }
     let digest = format!("{:016x}", hasher.finish());
@@ -166,7 +179,7 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
                 .arg(&output);
             c
         }
-        "c" => {
+        "c" | "cpp" => {
             let mut c = weir_command(root);
             c.arg("build").arg("--dir").arg(&project);
             c
@@ -174,7 +187,7 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
         other => bail!("no build for language {other}"),
     };
     run(&mut command)?;
-    if language.dir == "c" {
+    if built_by_weir(language) {
         std::fs::rename(project.join(format!("{name}.wasm")), &output)?;
     }
     std::fs::write(&stamp, digest)?;

@@ -23,6 +23,24 @@ static bool state_text(const char *name, weir_buffer *out) {
   return weir_state_get(name, out);
 }
 
+/* a - b, held at the ends of int64_t as Rust's saturating_sub is. */
+static int64_t sat_sub(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_sub_overflow(a, b, &r)) return b > 0 ? INT64_MIN : INT64_MAX;
+  return r;
+}
+
+/* Reads an unsigned integer entry; a missing one is 0. */
+static weir_result read_count(const char *name, uint64_t *out) {
+  weir_buffer raw;
+  *out = 0;
+  if (!state_text(name, &raw)) return weir_ok();
+  weir_bytes text = {raw.ptr, raw.len};
+  bool ok = weir_json_uint(text, UINT64_MAX, out);
+  weir_buffer_free(&raw);
+  return ok ? weir_ok() : weir_reject("state entry \"%s\" is not valid JSON for a u64", name);
+}
+
 /* Reads an integer entry; a missing one is `fallback`. */
 static weir_result read_int(const char *name, int64_t fallback, int64_t *out) {
   weir_buffer raw;
@@ -92,8 +110,9 @@ static void write_times(const char *name, const times *xs) {
 static weir_result handle(const weir_event *event) {
   /* The binding extracted card and time; only the JSON itself is checked. */
   if (!weir_json_valid(event->payload)) return weir_reject("payload is not valid JSON");
-  int64_t t = event->event_time_ms, count, max_ts;
-  weir_result r = read_int("count", 0, &count);
+  int64_t t = event->event_time_ms, max_ts;
+  uint64_t count;
+  weir_result r = read_count("count", &count);
   if (r.outcome != WEIR_OK) return r;
   r = read_int("max_ts", t, &max_ts);
   if (r.outcome != WEIR_OK) return r;
@@ -108,11 +127,13 @@ static weir_result handle(const weir_event *event) {
   memmove(recent.items + at + 1, recent.items + at, (recent.len - at) * sizeof *recent.items);
   recent.items[at] = t;
   recent.len++;
-  size_t expired = upper_bound(&recent, max_ts - WINDOW_MS);
+  size_t expired = upper_bound(&recent, sat_sub(max_ts, WINDOW_MS));
   memmove(recent.items, recent.items + expired, (recent.len - expired) * sizeof *recent.items);
   recent.len -= expired;
-  size_t in_window = upper_bound(&recent, t) - upper_bound(&recent, t - WINDOW_MS);
-  write_int("count", count + 1);
+  size_t in_window = upper_bound(&recent, t) - upper_bound(&recent, sat_sub(t, WINDOW_MS));
+  char *count_text = weir_format("%llu", (unsigned long long)(count == UINT64_MAX ? count : count + 1));
+  weir_state_set("count", count_text, strlen(count_text));
+  free(count_text);
   write_int("max_ts", max_ts);
   write_times("recent", &recent);
   free(recent.items);

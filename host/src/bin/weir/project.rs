@@ -1,5 +1,5 @@
 //! `weir new`, `weir build` and `weir test`: a function's project in Rust,
-//! TypeScript, Python or C, from a template to a component.
+//! TypeScript, Python, C or C++, from a template to a component.
 //!
 //! `weir new` writes a template from `templates/<lang>` (compiled into the
 //! binary) and a `weir.toml` saying the project's language, its name and the
@@ -16,6 +16,8 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::cbuild::Dialect;
+
 /// The languages `weir new` has a template for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +26,7 @@ pub enum Lang {
     Ts,
     Python,
     C,
+    Cpp,
 }
 
 impl Lang {
@@ -34,6 +37,7 @@ impl Lang {
             Lang::Ts => "ts",
             Lang::Python => "python",
             Lang::C => "c",
+            Lang::Cpp => "cpp",
         }
     }
 }
@@ -96,6 +100,12 @@ fn template(lang: Lang) -> &'static [(&'static str, &'static str)] {
             "c/src/handler.c",
             "c/tests/test_handler.c",
             "c/README.md.tmpl",
+            "c/gitignore.tmpl",
+        ],
+        Lang::Cpp => files![
+            "cpp/src/handler.cpp",
+            "cpp/tests/test_handler.cpp",
+            "cpp/README.md.tmpl",
             "c/gitignore.tmpl",
         ],
         Lang::Python => files![
@@ -269,7 +279,8 @@ pub fn build(args: ProjectArgs) -> Result<()> {
         Lang::Python => run(python(&project, &args.dir)?
             .args(["-m", "weir_sdk.build", "handler", "-o"])
             .arg(format!("{}.wasm", project.name)))?,
-        Lang::C => crate::cbuild::build(&project.weir, &args.dir, &output)?,
+        Lang::C => crate::cbuild::build(Dialect::C, &project.weir, &args.dir, &output)?,
+        Lang::Cpp => crate::cbuild::build(Dialect::Cpp, &project.weir, &args.dir, &output)?,
     }
     ensure!(output.exists(), "the build wrote no {}", output.display());
     println!("built {}", output.display());
@@ -286,7 +297,8 @@ pub fn test(args: ProjectArgs) -> Result<()> {
             run(Command::new("npm").current_dir(&args.dir).arg("test"))
         }
         Lang::Python => run(python(&project, &args.dir)?.args(["-m", "pytest", "-q"])),
-        Lang::C => crate::cbuild::test(&project.weir, &args.dir),
+        Lang::C => crate::cbuild::test(Dialect::C, &project.weir, &args.dir),
+        Lang::Cpp => crate::cbuild::test(Dialect::Cpp, &project.weir, &args.dir),
     }
 }
 

@@ -1,0 +1,4 @@
+// fraud-velocity's unit tests, natively (c++ -DWEIR_TESTING), no Wasm: the C
+// example's cases, against this handler.
+#include "../src/handler.cpp"
+#include "../../../c/fraud-velocity/tests/cases.inc"
