@@ -252,14 +252,18 @@ async fn a_small_function_serves_while_a_large_one_still_compiles(
         let (status, body) = http_get(health, "/readyz").await?;
         anyhow::Ok((status, serde_json::from_str::<serde_json::Value>(&body)?))
     };
-    // The host makes the streams as it starts.
-    eventually(Duration::from_secs(30), "the input stream", || async {
+    // The host makes the streams as it starts, before it loads modules.
+    eventually(Duration::from_secs(30), "the host's streams", || async {
         host.check()?;
-        Ok(publish_all(&stack.js, "in", [br#"{"key": "k1"}"#.to_vec()])
-            .await
-            .is_ok())
+        for name in ["ORDERS", "ENRICHED", "IN", "OUT"] {
+            if stream_len(&stack.js, name).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })
     .await?;
+    publish_all(&stack.js, "in", [br#"{"key": "k1"}"#.to_vec()]).await?;
     eventually(
         Duration::from_secs(60),
         "the small function's output",
