@@ -6,8 +6,9 @@
  * and checks with WEIR_CHECK(cond); this header supplies main(). Like the
  * host, weir_test_call scopes state to the event's key and keeps a call's
  * state writes and outputs only if it returns weir_ok(); log lines are kept
- * either way, and a state name the host would refuse (over 256 bytes, or
- * holding U+0000) fails the call whatever the handler returns. */
+ * either way, as are spans (with their parents and attributes), and a
+ * state name the host would refuse (over 256 bytes) fails the call
+ * whatever the handler returns. */
 #ifndef WEIR_TESTING_H
 #define WEIR_TESTING_H
 
@@ -33,6 +34,17 @@ typedef struct weir_test_log {
   char *text;
 } weir_test_log;
 
+/* A span a call opened (failed calls' too), in the order opened. */
+typedef struct weir_test_span {
+  char *name;
+  /* Index in the harness's spans of the enclosing span, or -1. */
+  long parent;
+  char *attribute_keys[8];
+  char *attribute_values[8];
+  size_t attribute_count;
+  bool closed;
+} weir_test_span;
+
 #define WEIR__VEC(T) struct { T *items; size_t len, cap; }
 #define WEIR__PUSH(v, x)                                                              \
   do {                                                                                \
@@ -48,13 +60,15 @@ static struct {
   WEIR__VEC(weir_test_entry) state; /* committed, every key */
   WEIR__VEC(weir_test_output) emitted;
   WEIR__VEC(weir_test_log) logs;
+  WEIR__VEC(weir_test_span) spans;
+  /* The spans of the call in progress still open, innermost last. */
+  WEIR__VEC(size_t) open;
   /* The call in progress. */
   bool in_call;
   const char *key;
   WEIR__VEC(weir_test_entry) call_state;
   WEIR__VEC(weir_test_output) call_emitted;
   const char *refused;
-  uint32_t spans;
 } weir__h;
 
 static inline char *weir__dup(const char *s) {
@@ -139,17 +153,36 @@ static inline void weir_log_text(weir_level level, const char *message) {
 }
 
 static inline uint32_t weir_span_enter(const char *name) {
-  (void)name;
   weir__in_call();
-  return ++weir__h.spans;
+  long parent = weir__h.open.len ? (long)weir__h.open.items[weir__h.open.len - 1] : -1;
+  weir_test_span span = {weir__dup(name), parent, {0}, {0}, 0, false};
+  WEIR__PUSH(weir__h.spans, span);
+  WEIR__PUSH(weir__h.open, weir__h.spans.len - 1);
+  return (uint32_t)weir__h.spans.len; /* handles start at 1; 0 is the inert handle */
+}
+
+/* Where `span` is among the open spans, or the count of them. */
+static inline size_t weir__open_at(uint32_t span) {
+  size_t at = 0;
+  while (at < weir__h.open.len && weir__h.open.items[at] != (size_t)span - 1) at++;
+  return at;
 }
 
 static inline void weir_span_set(uint32_t span, const char *key, const char *value) {
-  (void)span, (void)key, (void)value;
+  if (span == 0 || weir__open_at(span) == weir__h.open.len) return;
+  weir_test_span *s = &weir__h.spans.items[span - 1];
+  if (s->attribute_count < 8) {
+    s->attribute_keys[s->attribute_count] = weir__dup(key);
+    s->attribute_values[s->attribute_count++] = weir__dup(value);
+  }
 }
 
+/* Closes `span` and every span opened inside it that is still open. */
 static inline void weir_span_exit(uint32_t span) {
-  (void)span;
+  size_t at = weir__open_at(span);
+  if (span == 0 || at == weir__h.open.len) return;
+  for (size_t i = at; i < weir__h.open.len; i++) weir__h.spans.items[weir__h.open.items[i]].closed = true;
+  weir__h.open.len = at;
 }
 
 /* Stores `value` under (`key`, `name`) before a test's calls. */
@@ -207,6 +240,9 @@ static inline weir_result weir_test_call(weir_result (*handler)(const weir_event
   }
   weir_result result = handler(event);
   weir__h.in_call = false;
+  /* Spans left open close when the invocation returns. */
+  for (size_t i = 0; i < weir__h.open.len; i++) weir__h.spans.items[weir__h.open.items[i]].closed = true;
+  weir__h.open.len = 0;
   if (weir__h.refused != NULL) {
     weir_result_free(&result);
     result = weir_reject("state limit: %s", weir__h.refused);
@@ -240,6 +276,12 @@ static inline const weir_test_output *weir_test_emitted(size_t i) {
 
 static inline size_t weir_test_log_count(void) { return weir__h.logs.len; }
 
+static inline size_t weir_test_span_count(void) { return weir__h.spans.len; }
+
+static inline const weir_test_span *weir_test_span_at(size_t i) {
+  return i < weir__h.spans.len ? &weir__h.spans.items[i] : NULL;
+}
+
 static inline const weir_test_log *weir_test_log_line(size_t i) {
   return i < weir__h.logs.len ? &weir__h.logs.items[i] : NULL;
 }
@@ -249,10 +291,15 @@ static inline void weir_test_reset(void) {
   for (size_t i = 0; i < weir__h.state.len; i++) weir__entry_free(&weir__h.state.items[i]);
   for (size_t i = 0; i < weir__h.emitted.len; i++) weir__output_free(&weir__h.emitted.items[i]);
   for (size_t i = 0; i < weir__h.logs.len; i++) free(weir__h.logs.items[i].text);
+  for (size_t i = 0; i < weir__h.spans.len; i++) {
+    weir_test_span *span = &weir__h.spans.items[i];
+    free(span->name);
+    for (size_t a = 0; a < span->attribute_count; a++) free(span->attribute_keys[a]), free(span->attribute_values[a]);
+  }
   weir__h.state.len = 0;
   weir__h.emitted.len = 0;
   weir__h.logs.len = 0;
-  weir__h.spans = 0;
+  weir__h.spans.len = 0;
 }
 
 /* In testing builds the handler is only named: tests call it through

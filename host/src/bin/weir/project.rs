@@ -149,12 +149,92 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// Why the language's own tools would refuse `name` as a project's name.
+fn toolchain_problem(lang: Lang, name: &str) -> Option<&'static str> {
+    const RUST_RESERVED: &[&str] = &[
+        "abstract",
+        "alloc",
+        "as",
+        "async",
+        "await",
+        "become",
+        "box",
+        "break",
+        "const",
+        "continue",
+        "core",
+        "crate",
+        "do",
+        "dyn",
+        "else",
+        "enum",
+        "extern",
+        "false",
+        "final",
+        "fn",
+        "for",
+        "gen",
+        "if",
+        "impl",
+        "in",
+        "let",
+        "loop",
+        "macro",
+        "match",
+        "mod",
+        "move",
+        "mut",
+        "override",
+        "priv",
+        "proc-macro",
+        "pub",
+        "ref",
+        "return",
+        "self",
+        "static",
+        "std",
+        "struct",
+        "super",
+        "test",
+        "trait",
+        "true",
+        "try",
+        "type",
+        "typeof",
+        "unsafe",
+        "unsized",
+        "use",
+        "virtual",
+        "where",
+        "while",
+        "yield",
+    ];
+    // npm refuses a package that depends on a package of its own name.
+    const NPM_DEPENDENCIES: &[&str] = &["esbuild", "typescript", "vitest"];
+    match lang {
+        Lang::Rust if RUST_RESERVED.contains(&name) => {
+            Some("cargo refuses it as a crate name (a Rust keyword or a built-in crate)")
+        }
+        Lang::Ts if NPM_DEPENDENCIES.contains(&name) => {
+            Some("npm refuses a package named like one of its dependencies")
+        }
+        _ => None,
+    }
+}
+
 pub fn new(args: NewArgs) -> Result<()> {
     ensure!(
         valid_name(&args.name),
         "a function's name is 1 to 63 lowercase letters, digits and `-`, starting with a letter: {:?}",
         args.name
     );
+    if let Some(problem) = toolchain_problem(args.lang, &args.name) {
+        bail!(
+            "{:?} cannot name a {} project: {problem}",
+            args.name,
+            args.lang.as_str()
+        );
+    }
     let weir = args.weir_dir.unwrap_or_else(built_from);
     let weir = weir.canonicalize().with_context(|| {
         format!(
@@ -370,5 +450,10 @@ mod tests {
         for bad in ["", "2fraud", "Fraud", "a_b", "a/b", &"a".repeat(64)] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+        assert!(toolchain_problem(Lang::Rust, "match").is_some());
+        assert!(toolchain_problem(Lang::Rust, "test").is_some());
+        assert!(toolchain_problem(Lang::Ts, "esbuild").is_some());
+        assert!(toolchain_problem(Lang::Python, "match").is_none());
+        assert!(toolchain_problem(Lang::Rust, "my-match").is_none());
     }
 }
