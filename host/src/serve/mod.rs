@@ -272,10 +272,12 @@ async fn run<S: FunctionSource>(
     tracker.close();
     tracing::info!("weir is running");
     let deployed = Deployed {
-        control: ControlStore::new(pool.clone()),
-        sandbox,
-        compiler,
-        env,
+        loader: loader::Loader {
+            control: ControlStore::new(pool.clone()),
+            sandbox,
+            compiler,
+            env,
+        },
         static_names,
         running: HashMap::new(),
     };
@@ -313,11 +315,9 @@ struct DeployedWorker {
 /// tables say: started, replaced (after the in-flight batch) and stopped
 /// within moments of a change, announced on [`CONTROL_CHANNEL`].
 struct Deployed {
-    control: ControlStore,
-    sandbox: Arc<Sandbox>,
-    /// Compiles a deployed module whose artifact this host lacks.
-    compiler: crate::control::compile_job::Compiler,
-    env: WorkerEnv,
+    /// The control store, sandbox, compiler and worker environment, which
+    /// the loads of a reconcile each get a clone of.
+    loader: loader::Loader,
     /// Functions of the config file; a deployment may not take their names.
     static_names: HashSet<String>,
     running: HashMap<String, DeployedWorker>,
@@ -378,7 +378,7 @@ impl Deployed {
 
     /// Brings the running workers in line with the deployments.
     async fn reconcile(&mut self) {
-        let deployments = match self.control.deployments().await {
+        let deployments = match self.loader.control.deployments().await {
             Ok(deployments) => deployments,
             Err(error) => {
                 tracing::warn!(%error, "cannot read deployments; keeping what runs");
@@ -428,7 +428,7 @@ impl Deployed {
         // Load the new versions first, all at once: one that cannot load
         // leaves the running one serving, and each starts as soon as its
         // own module is ready, not after the others' compiles.
-        let loader = self.loader();
+        let loader = &self.loader;
         let mut preparing: FuturesUnordered<_> = changed
             .into_iter()
             .map(|(name, deployment, fingerprint)| {
@@ -484,20 +484,10 @@ impl Deployed {
         for spec in specs {
             // Deleted: its consumer goes too, so a function made again under
             // the name starts from the stream's beginning.
-            if let Err(error) = Ingest::remove_consumer(&self.env.js, &spec).await {
+            if let Err(error) = Ingest::remove_consumer(&self.loader.env.js, &spec).await {
                 tracing::warn!(function = %spec.name, %error, "cannot remove the deleted function's consumer");
             }
             tracing::info!(function = %spec.name, "deployed function stopped");
-        }
-    }
-
-    /// What loads this host's deployed versions, for tasks of their own.
-    fn loader(&self) -> loader::Loader {
-        loader::Loader {
-            control: self.control.clone(),
-            sandbox: self.sandbox.clone(),
-            compiler: self.compiler.clone(),
-            env: self.env.clone(),
         }
     }
 
@@ -511,7 +501,7 @@ impl Deployed {
     ) -> Result<Option<String>, ()> {
         let namespace = &deployment.namespace;
         if !owned.contains_key(namespace) {
-            match self.control.namespace_resources(namespace).await {
+            match self.loader.control.namespace_resources(namespace).await {
                 Ok(resources) => {
                     owned.insert(namespace.clone(), resources);
                 }
@@ -559,9 +549,10 @@ impl Deployed {
         // Consumer first, then state: a crash in between repeats the
         // replay from the start (the version is not marked yet) instead of
         // resuming the old position on cleared state.
-        Ingest::remove_consumer(&self.env.js, spec).await?;
-        Ingest::bind_at(&self.env.js, spec, start).await?;
-        self.control
+        Ingest::remove_consumer(&self.loader.env.js, spec).await?;
+        Ingest::bind_at(&self.loader.env.js, spec, start).await?;
+        self.loader
+            .control
             .reset_for_replay(
                 &deployment.namespace,
                 &deployment.name,
@@ -569,7 +560,7 @@ impl Deployed {
             )
             .await
             .map_err(|e| failed(e.to_string()))?;
-        self.env.state.forget_cached();
+        self.loader.env.state.forget_cached();
         tracing::info!(function = %spec.name, ?from, version = deployment.stable.version, "replaying: state cleared, reading the stream again");
         Ok(())
     }
@@ -588,12 +579,12 @@ impl Deployed {
             self.start_replay(deployment, &spec, from).await?;
         }
         let link = DeploymentLink {
-            store: self.control.clone(),
+            store: self.loader.control.clone(),
             namespace: deployment.namespace.clone(),
             name: deployment.name.clone(),
             rollout: deployment.rollout.clone(),
         };
-        let worker = FunctionWorker::new(spec, stable, canary, Some(link), &self.env);
+        let worker = FunctionWorker::new(spec, stable, canary, Some(link), &self.loader.env);
         let stop = CancellationToken::new();
         let task = tokio::spawn(worker.run(stop.clone()));
         Ok(DeployedWorker {

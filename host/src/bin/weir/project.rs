@@ -140,13 +140,11 @@ fn quoted(text: &str) -> String {
     out
 }
 
+/// A name the API takes for a function that also starts with a letter, as
+/// crate and package names must.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
+    weir_host::control::api::is_namespace_name(name)
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Why the language's own tools would refuse `name` as a project's name.
