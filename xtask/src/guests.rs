@@ -3,19 +3,20 @@
 //!
 //! `scripts/ensure-guest-toolchains.sh` installs the toolchains (cached
 //! under `/opt/weir-tools`); the JavaScript/TypeScript SDK and examples are
-//! one npm workspace at the repository root (`npm ci`), the Python ones
-//! run on a venv holding componentize-py and pytest, and the C ones build
-//! and C++ ones with `weir build` / `weir test` (clang-19 and wasi-libc). Components go to
-//! `<target>/guest-components/<lang>/<name>.wasm`, rebuilt only when a
-//! hash of their sources, the SDK, the WIT and the toolchain changes: an
-//! interpreted component takes 10–20 s of CPU to build.
+//! one npm workspace at the repository root (`npm ci`), and Python runs on a
+//! venv holding componentize-py and pytest. Every example is a project with
+//! a `weir.toml`, tested and built with `weir test` and `weir build` as a
+//! user's would be. Components go to
+//! `<target>/guest-components/<lang>/<name>.wasm`, rebuilt only when a hash
+//! of their sources, the SDK, the WIT, `weir build`'s code and the toolchain
+//! changes: an interpreted component takes 10–20 s of CPU to build.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::run;
 
@@ -44,11 +45,6 @@ pub const CPP: Language = Language {
     dir: "cpp",
     toolchain: "clang++-19, libc++, wasi-libc, wit-bindgen-c 0.61.1, reactor adapter 48.0.8",
 };
-
-/// Languages built by `weir build` itself (C and C++ share its SDK).
-fn built_by_weir(language: &Language) -> bool {
-    matches!(language.dir, "c" | "cpp")
-}
 
 /// The examples built in every language.
 pub const EXAMPLES: &[&str] = &["fraud-velocity", "enrich"];
@@ -87,36 +83,31 @@ fn npm(dir: &Path) -> Command {
     command
 }
 
-/// `weir`, built from this checkout if it is not.
+/// `weir`, built from this checkout if it is not, with the guest
+/// toolchain's Python.
 fn weir_command(root: &Path) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
         .current_dir(root)
+        .env("WEIR_PYTHON", python())
         .args(["run", "--quiet", "-p", "weir-host", "--bin", "weir", "--"]);
     command
 }
 
 /// Each SDK's and each example's native unit tests, under the language's
-/// own runner: Vitest (with tsc), pytest, and `weir test` for C and C++.
+/// own runner (Vitest with tsc, pytest, the C/C++ runner): the SDKs' with
+/// npm and pytest, the examples' with `weir test`, as a user runs them.
 pub fn test_natively(root: &Path) -> Result<()> {
-    run(npm(root).args(["test", "--workspaces", "--if-present"]))?;
+    run(npm(root).args(["test", "--workspace", "guest-sdk/js"]))?;
     let sdk = root.join("guest-sdk/python");
-    let mut projects = vec![sdk.clone()];
-    projects.extend(
-        EXAMPLES
-            .iter()
-            .map(|name| root.join("examples/python").join(name)),
-    );
-    for project in projects {
-        run(Command::new(python())
-            .current_dir(&project)
-            .env("PYTHONPATH", &sdk)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]))?;
-    }
-    for language in ["c", "cpp"] {
+    run(Command::new(python())
+        .current_dir(&sdk)
+        .env("PYTHONPATH", &sdk)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]))?;
+    for language in [&TYPESCRIPT, &PYTHON, &C, &CPP] {
         for name in EXAMPLES {
-            let project = root.join("examples").join(language).join(name);
+            let project = root.join("examples").join(language.dir).join(name);
             run(weir_command(root).arg("test").arg("--dir").arg(project))?;
         }
     }
@@ -140,7 +131,7 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
         "cpp" => "c",
         other => other,
     });
-    // The C build is `weir build`'s own code.
+    // `weir build`'s own code (all of the C build's).
     let weir = root.join("host/src/bin/weir");
     let out_dir = target.join("guest-components").join(language.dir);
     std::fs::create_dir_all(&out_dir)?;
@@ -156,40 +147,16 @@ fn build_component(root: &Path, target: &Path, language: &Language, name: &str) 
     for dir in [&project, &sdk, &root.join("wit")] {
         hash_tree(dir, &mut hasher)?;
     }
-    if built_by_weir(language) {
-        hash_tree(&weir, &mut hasher)?;
-    }
+    hash_tree(&weir, &mut hasher)?;
     let digest = format!("{:016x}", hasher.finish());
     if output.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&digest) {
         eprintln!("{} is up to date", output.display());
         return Ok(());
     }
-    let mut command = match language.dir {
-        "ts" => {
-            let mut c = npm(&project);
-            c.args(["run", "build", "--", "-o"]).arg(&output);
-            c
-        }
-        "python" => {
-            let mut c = Command::new(python());
-            c.current_dir(&project)
-                .env("PYTHONPATH", &sdk)
-                .env("PYTHONDONTWRITEBYTECODE", "1")
-                .args(["-m", "weir_sdk.build", "handler", "-o"])
-                .arg(&output);
-            c
-        }
-        "c" | "cpp" => {
-            let mut c = weir_command(root);
-            c.arg("build").arg("--dir").arg(&project);
-            c
-        }
-        other => bail!("no build for language {other}"),
-    };
-    run(&mut command)?;
-    if built_by_weir(language) {
-        std::fs::rename(project.join(format!("{name}.wasm")), &output)?;
-    }
+    // `weir build`, as a user builds the project; it writes `<name>.wasm`
+    // beside the sources.
+    run(weir_command(root).arg("build").arg("--dir").arg(&project))?;
+    std::fs::rename(project.join(format!("{name}.wasm")), &output)?;
     std::fs::write(&stamp, digest)?;
     Ok(())
 }

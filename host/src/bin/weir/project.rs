@@ -312,8 +312,12 @@ fn load(dir: &Path) -> Result<Project> {
     let mut project: Project = Figment::from(Toml::file_exact(&manifest))
         .extract()
         .with_context(|| format!("reading {}", manifest.display()))?;
-    // A relative checkout path is relative to the project.
-    project.weir = dir.join(&project.weir);
+    // A relative checkout path is relative to the project; made absolute,
+    // because the tools run in other directories.
+    let weir = dir.join(&project.weir);
+    project.weir = weir
+        .canonicalize()
+        .with_context(|| format!("the Weir checkout {} (weir.toml)", weir.display()))?;
     Ok(project)
 }
 
@@ -384,8 +388,14 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// Runs `npm install` unless the project's packages are installed, here or
+/// in an enclosing npm workspace (where node resolves them from too).
 fn npm_install_once(dir: &Path) -> Result<()> {
-    if dir.join("node_modules").is_dir() {
+    let absolute = dir.canonicalize()?;
+    if absolute
+        .ancestors()
+        .any(|d| d.join("node_modules/.bin/weir-build").exists())
+    {
         return Ok(());
     }
     run(Command::new("npm")
